@@ -1,0 +1,54 @@
+# Two commands do everything on a fresh machine:
+#   make figures   set up, regenerate every figure and data file, build the executed chapters
+#   make test      set up, run every test (unit, property, chapters, browser)
+# make lab opens JupyterLab on notebooks/.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PY      = $(BIN)/python
+# GPU users: TORCH_SPEC="torch==2.13.0" with the CUDA index of their choice in PIP_EXTRA_INDEX_URL.
+TORCH_SPEC ?= torch==2.13.0
+STAMP   = $(VENV)/.installed
+
+.PHONY: env figures notebooks benchmarks test lab lint browser-deps clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and alone, so that no later dependency pulls a CUDA build
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (PEFT companion)" >/dev/null
+	touch $(STAMP)
+
+figures: env
+	$(PY) -m survey_utils figures --out figures
+	$(MAKE) notebooks
+
+notebooks: env
+	$(PY) -m survey_utils build-notebooks --out _build/notebooks
+
+benchmarks: env
+	$(PY) benchmarks/run_all.py
+
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium for the browser test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: env browser-deps
+	$(BIN)/ruff check survey_utils tests notebooks benchmarks
+	$(BIN)/pytest -n 2 --dist loadgroup
+
+lab: env
+	$(BIN)/jupyter lab notebooks/
+
+lint: env
+	$(BIN)/ruff check survey_utils tests notebooks benchmarks
+
+clean:
+	rm -rf $(VENV) _build .pytest_cache .hypothesis

@@ -1,0 +1,342 @@
+"""Every module of a transformer, with its exact parameter shapes, derived from the config alone.
+
+This is what makes parameter counts closed-form: the layout of a 405B model is a list of a few thousand
+:class:`ModuleSpec` rows computed by arithmetic on its config, in milliseconds, with no model built. The
+module names are the ones transformers gives the built model, so the same target-matching rule selects
+the same modules here and in the built model, and tests check the layout against ``named_parameters()``
+for every model of the zoo. Chapter 00 explains where the parameters of a transformer go.
+
+Supported families: Llama-like decoders (llama, mistral, qwen2), GPT-2, BERT and RoBERTa, T5, OPT, BLOOM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from transformers import PretrainedConfig
+
+from survey_utils.errors import SurveyError
+
+COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head", "method")
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One module that owns parameters.
+
+    ``kind`` is ``linear`` (nn.Linear), ``conv1d`` (GPT-2's transposed Conv1D), ``embedding``, ``norm``
+    or ``bias`` (a bare parameter such as a tied decoder's bias). ``params`` maps each parameter's
+    name to its number of elements; a tied module (``tied_to`` set) owns no parameters of its own.
+    """
+
+    name: str
+    kind: str
+    component: str
+    params: tuple[tuple[str, int], ...]
+    in_features: int = 0
+    out_features: int = 0
+    layer: int | None = None
+    tied_to: str | None = None
+
+    @property
+    def has_bias(self) -> bool:
+        return any(p == "bias" for p, _ in self.params)
+
+    @property
+    def numel(self) -> int:
+        return 0 if self.tied_to else sum(n for _, n in self.params)
+
+    @property
+    def short_name(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The modules of a model and the facts about its shape that methods need."""
+
+    family: str
+    modules: tuple[ModuleSpec, ...]
+    hidden_size: int
+    num_layers: int  # transformer blocks in total (encoder + decoder for T5)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    intermediate_size: int
+    max_positions: int | None
+    is_encoder_decoder: bool = False
+    default_lora_targets: tuple[str, ...] = field(default=())
+
+    def linear_modules(self) -> list[ModuleSpec]:
+        return [m for m in self.modules if m.kind in ("linear", "conv1d")]
+
+    def linear_names(self) -> list[str]:
+        """Distinct short names of the linear modules inside transformer blocks, in model order."""
+        seen: dict[str, None] = {}
+        for module in self.linear_modules():
+            if module.layer is not None:
+                seen.setdefault(module.short_name, None)
+        return list(seen)
+
+
+def total_params(config: PretrainedConfig) -> int:
+    """Exact number of parameters of the model built from ``config`` (tied weights counted once)."""
+    return sum(m.numel for m in layout(config).modules)
+
+
+def params_by_component(config: PretrainedConfig) -> dict[str, int]:
+    """Parameters per component (embeddings, attention, mlp, norms, head), from the config alone."""
+    totals = dict.fromkeys(COMPONENTS[:-1], 0)
+    for module in layout(config).modules:
+        totals[module.component] += module.numel
+    return totals
+
+
+def layout(config: PretrainedConfig) -> Layout:
+    """The :class:`Layout` of the model the config describes."""
+    builder = _BUILDERS.get(config.model_type)
+    if builder is None:
+        raise SurveyError(
+            f"model type '{config.model_type}' has no layout yet; supported: {', '.join(sorted(_BUILDERS))}"
+        )
+    # Configs are mutable and unhashable, so the cache is keyed on their content.
+    key = config.to_json_string(use_diff=False)
+    if key not in _CACHE:
+        if len(_CACHE) >= 256:
+            _CACHE.clear()
+        _CACHE[key] = builder(config)
+    return _CACHE[key]
+
+
+_CACHE: dict[str, Layout] = {}
+
+
+def _linear(name: str, fan_in: int, fan_out: int, bias: bool, component: str, layer: int | None,
+            kind: str = "linear", tied_to: str | None = None) -> ModuleSpec:
+    params = [("weight", fan_in * fan_out)] + ([("bias", fan_out)] if bias else [])
+    return ModuleSpec(name, kind, component, tuple(params), fan_in, fan_out, layer, tied_to)
+
+
+def _norm(name: str, width: int, bias: bool, layer: int | None = None, affine: bool = True) -> ModuleSpec:
+    params = ([("weight", width)] + ([("bias", width)] if bias else [])) if affine else []
+    return ModuleSpec(name, "norm", "norms", tuple(params), width, width, layer)
+
+
+def _embedding(name: str, rows: int, width: int, tied_to: str | None = None) -> ModuleSpec:
+    return ModuleSpec(name, "embedding", "embeddings", (("weight", rows * width),), rows, width, None, tied_to)
+
+
+def _llama_like(config: PretrainedConfig) -> Layout:
+    h, n_layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    inter = config.intermediate_size
+    qkv_bias = config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    o_bias = config.model_type != "qwen2" and bool(getattr(config, "attention_bias", False))
+    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    def modules() -> Iterator[ModuleSpec]:
+        yield _embedding("model.embed_tokens", config.vocab_size, h)
+        for i in range(n_layers):
+            p = f"model.layers.{i}"
+            yield _linear(f"{p}.self_attn.q_proj", h, heads * head_dim, qkv_bias, "attention", i)
+            yield _linear(f"{p}.self_attn.k_proj", h, kv_heads * head_dim, qkv_bias, "attention", i)
+            yield _linear(f"{p}.self_attn.v_proj", h, kv_heads * head_dim, qkv_bias, "attention", i)
+            yield _linear(f"{p}.self_attn.o_proj", heads * head_dim, h, o_bias, "attention", i)
+            yield _linear(f"{p}.mlp.gate_proj", h, inter, mlp_bias, "mlp", i)
+            yield _linear(f"{p}.mlp.up_proj", h, inter, mlp_bias, "mlp", i)
+            yield _linear(f"{p}.mlp.down_proj", inter, h, mlp_bias, "mlp", i)
+            yield _norm(f"{p}.input_layernorm", h, bias=False, layer=i)
+            yield _norm(f"{p}.post_attention_layernorm", h, bias=False, layer=i)
+        yield _norm("model.norm", h, bias=False)
+        yield _linear("lm_head", h, config.vocab_size, False, "head", None,
+                      tied_to="model.embed_tokens" if tied else None)
+
+    return Layout(config.model_type, tuple(modules()), h, n_layers, heads, kv_heads, head_dim,
+                  config.vocab_size, inter, getattr(config, "max_position_embeddings", None),
+                  default_lora_targets=("q_proj", "v_proj"))
+
+
+def _gpt2(config: PretrainedConfig) -> Layout:
+    h, n_layers, heads = config.n_embd, config.n_layer, config.n_head
+    inner = config.n_inner or 4 * h
+
+    def modules() -> Iterator[ModuleSpec]:
+        yield _embedding("transformer.wte", config.vocab_size, h)
+        yield _embedding("transformer.wpe", config.n_positions, h)
+        for i in range(n_layers):
+            p = f"transformer.h.{i}"
+            yield _norm(f"{p}.ln_1", h, bias=True, layer=i)
+            yield _linear(f"{p}.attn.c_attn", h, 3 * h, True, "attention", i, kind="conv1d")
+            yield _linear(f"{p}.attn.c_proj", h, h, True, "attention", i, kind="conv1d")
+            yield _norm(f"{p}.ln_2", h, bias=True, layer=i)
+            yield _linear(f"{p}.mlp.c_fc", h, inner, True, "mlp", i, kind="conv1d")
+            yield _linear(f"{p}.mlp.c_proj", inner, h, True, "mlp", i, kind="conv1d")
+        yield _norm("transformer.ln_f", h, bias=True)
+        yield _linear("lm_head", h, config.vocab_size, False, "head", None, tied_to="transformer.wte")
+
+    return Layout("gpt2", tuple(modules()), h, n_layers, heads, heads, h // heads, config.vocab_size,
+                  inner, config.n_positions, default_lora_targets=("c_attn",))
+
+
+def _bert_like(config: PretrainedConfig) -> Layout:
+    h, n_layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+    inter = config.intermediate_size
+    base = "roberta" if config.model_type == "roberta" else "bert"
+    arch = (config.architectures or [""])[0]
+    masked_lm = arch.endswith("ForMaskedLM")
+
+    def modules() -> Iterator[ModuleSpec]:
+        e = f"{base}.embeddings"
+        yield _embedding(f"{e}.word_embeddings", config.vocab_size, h)
+        yield _embedding(f"{e}.position_embeddings", config.max_position_embeddings, h)
+        yield _embedding(f"{e}.token_type_embeddings", config.type_vocab_size, h)
+        yield _norm(f"{e}.LayerNorm", h, bias=True)
+        for i in range(n_layers):
+            p = f"{base}.encoder.layer.{i}"
+            for name in ("query", "key", "value"):
+                yield _linear(f"{p}.attention.self.{name}", h, h, True, "attention", i)
+            yield _linear(f"{p}.attention.output.dense", h, h, True, "attention", i)
+            yield _norm(f"{p}.attention.output.LayerNorm", h, bias=True, layer=i)
+            yield _linear(f"{p}.intermediate.dense", h, inter, True, "mlp", i)
+            yield _linear(f"{p}.output.dense", inter, h, True, "mlp", i)
+            yield _norm(f"{p}.output.LayerNorm", h, bias=True, layer=i)
+        if not masked_lm:
+            yield _linear(f"{base}.pooler.dense", h, h, True, "head", None)
+            return
+        head = "cls.predictions" if base == "bert" else "lm_head"
+        transform = f"{head}.transform" if base == "bert" else head
+        yield _linear(f"{transform}.dense", h, h, True, "head", None)
+        yield _norm(f"{transform}.{'LayerNorm' if base == 'bert' else 'layer_norm'}", h, bias=True)
+        yield ModuleSpec(head, "bias", "head", (("bias", config.vocab_size),))
+        yield _linear(f"{head}.decoder", h, config.vocab_size, False, "head", None,
+                      tied_to=f"{e}.word_embeddings")
+
+    return Layout(config.model_type, tuple(modules()), h, n_layers, heads, heads, h // heads,
+                  config.vocab_size, inter, config.max_position_embeddings,
+                  default_lora_targets=("query", "value"))
+
+
+def _t5(config: PretrainedConfig) -> Layout:
+    d, inner = config.d_model, config.num_heads * config.d_kv
+    ff, heads = config.d_ff, config.num_heads
+    n_enc = config.num_layers
+    n_dec = getattr(config, "num_decoder_layers", None) or n_enc
+    gated = bool(getattr(config, "is_gated_act", False))
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+
+    def attention(prefix: str, layer: int, relative_bias: bool) -> Iterator[ModuleSpec]:
+        for name in ("q", "k", "v"):
+            yield _linear(f"{prefix}.{name}", d, inner, False, "attention", layer)
+        yield _linear(f"{prefix}.o", inner, d, False, "attention", layer)
+        if relative_bias:
+            yield ModuleSpec(f"{prefix}.relative_attention_bias", "embedding", "attention",
+                             (("weight", config.relative_attention_num_buckets * heads),),
+                             config.relative_attention_num_buckets, heads, layer)
+
+    def feed_forward(prefix: str, layer: int) -> Iterator[ModuleSpec]:
+        if gated:
+            yield _linear(f"{prefix}.wi_0", d, ff, False, "mlp", layer)
+            yield _linear(f"{prefix}.wi_1", d, ff, False, "mlp", layer)
+        else:
+            yield _linear(f"{prefix}.wi", d, ff, False, "mlp", layer)
+        yield _linear(f"{prefix}.wo", ff, d, False, "mlp", layer)
+
+    def modules() -> Iterator[ModuleSpec]:
+        yield _embedding("shared", config.vocab_size, d)
+        yield _embedding("encoder.embed_tokens", config.vocab_size, d, tied_to="shared")
+        for i in range(n_enc):
+            p = f"encoder.block.{i}.layer"
+            yield from attention(f"{p}.0.SelfAttention", i, relative_bias=i == 0)
+            yield _norm(f"{p}.0.layer_norm", d, bias=False, layer=i)
+            yield from feed_forward(f"{p}.1.DenseReluDense", i)
+            yield _norm(f"{p}.1.layer_norm", d, bias=False, layer=i)
+        yield _norm("encoder.final_layer_norm", d, bias=False)
+        yield _embedding("decoder.embed_tokens", config.vocab_size, d, tied_to="shared")
+        for j in range(n_dec):
+            i = n_enc + j
+            p = f"decoder.block.{j}.layer"
+            yield from attention(f"{p}.0.SelfAttention", i, relative_bias=j == 0)
+            yield _norm(f"{p}.0.layer_norm", d, bias=False, layer=i)
+            yield from attention(f"{p}.1.EncDecAttention", i, relative_bias=False)
+            yield _norm(f"{p}.1.layer_norm", d, bias=False, layer=i)
+            yield from feed_forward(f"{p}.2.DenseReluDense", i)
+            yield _norm(f"{p}.2.layer_norm", d, bias=False, layer=i)
+        yield _norm("decoder.final_layer_norm", d, bias=False)
+        yield _linear("lm_head", d, config.vocab_size, False, "head", None, tied_to="shared" if tied else None)
+
+    return Layout("t5", tuple(modules()), d, n_enc + n_dec, heads, heads, config.d_kv, config.vocab_size,
+                  ff, getattr(config, "n_positions", None), is_encoder_decoder=True,
+                  default_lora_targets=("q", "v"))
+
+
+def _opt(config: PretrainedConfig) -> Layout:
+    h, n_layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+    proj = config.word_embed_proj_dim
+    bias = bool(getattr(config, "enable_bias", True))
+    affine = bool(getattr(config, "layer_norm_elementwise_affine", True))
+    final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+
+    def modules() -> Iterator[ModuleSpec]:
+        p = "model.decoder"
+        yield _embedding(f"{p}.embed_tokens", config.vocab_size, proj)
+        yield _embedding(f"{p}.embed_positions", config.max_position_embeddings + 2, h)
+        if proj != h:
+            yield _linear(f"{p}.project_out", h, proj, False, "head", None)
+            yield _linear(f"{p}.project_in", proj, h, False, "embeddings", None)
+        if final_norm:
+            yield _norm(f"{p}.final_layer_norm", h, bias=True, affine=affine)
+        for i in range(n_layers):
+            q = f"{p}.layers.{i}"
+            for name in ("k_proj", "v_proj", "q_proj", "out_proj"):
+                yield _linear(f"{q}.self_attn.{name}", h, h, bias, "attention", i)
+            yield _norm(f"{q}.self_attn_layer_norm", h, bias=True, layer=i, affine=affine)
+            yield _linear(f"{q}.fc1", h, config.ffn_dim, bias, "mlp", i)
+            yield _linear(f"{q}.fc2", config.ffn_dim, h, bias, "mlp", i)
+            yield _norm(f"{q}.final_layer_norm", h, bias=True, layer=i, affine=affine)
+        yield _linear("lm_head", proj, config.vocab_size, False, "head", None,
+                      tied_to=f"{p}.embed_tokens" if tied else None)
+
+    return Layout("opt", tuple(modules()), h, n_layers, heads, heads, h // heads, config.vocab_size,
+                  config.ffn_dim, config.max_position_embeddings, default_lora_targets=("q_proj", "v_proj"))
+
+
+def _bloom(config: PretrainedConfig) -> Layout:
+    h, n_layers, heads = config.hidden_size, config.n_layer, config.n_head
+
+    def modules() -> Iterator[ModuleSpec]:
+        yield _embedding("transformer.word_embeddings", config.vocab_size, h)
+        yield _norm("transformer.word_embeddings_layernorm", h, bias=True)
+        for i in range(n_layers):
+            p = f"transformer.h.{i}"
+            yield _norm(f"{p}.input_layernorm", h, bias=True, layer=i)
+            yield _linear(f"{p}.self_attention.query_key_value", h, 3 * h, True, "attention", i)
+            yield _linear(f"{p}.self_attention.dense", h, h, True, "attention", i)
+            yield _norm(f"{p}.post_attention_layernorm", h, bias=True, layer=i)
+            yield _linear(f"{p}.mlp.dense_h_to_4h", h, 4 * h, True, "mlp", i)
+            yield _linear(f"{p}.mlp.dense_4h_to_h", 4 * h, h, True, "mlp", i)
+        yield _norm("transformer.ln_f", h, bias=True)
+        yield _linear("lm_head", h, config.vocab_size, False, "head", None,
+                      tied_to="transformer.word_embeddings")
+
+    # BLOOM uses ALiBi: no position table, so no maximum length is fixed by the weights.
+    return Layout("bloom", tuple(modules()), h, n_layers, heads, heads, h // heads, config.vocab_size,
+                  4 * h, getattr(config, "seq_length", None), default_lora_targets=("query_key_value",))
+
+
+_BUILDERS = {
+    "llama": _llama_like,
+    "mistral": _llama_like,
+    "qwen2": _llama_like,
+    "gpt2": _gpt2,
+    "bert": _bert_like,
+    "roberta": _bert_like,
+    "t5": _t5,
+    "opt": _opt,
+    "bloom": _bloom,
+}

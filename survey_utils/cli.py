@@ -1,0 +1,155 @@
+"""``python -m survey_utils``: count, memory, models, methods, figures, build-notebooks.
+
+Bad input prints one line, ``error: ...`` naming the bad value, on stderr and exits 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from survey_utils.errors import SurveyError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (argparse prints the whole usage by default)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_model_method(parser: argparse.ArgumentParser, default_method: str = "lora") -> None:
+    parser.add_argument("--model", required=True, help="zoo name (see `models`) or a path to a config.json")
+    parser.add_argument("--method", default=default_method, help="registered method (see `methods`)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="hyper-parameter, repeatable; lists are comma-separated (target_modules=q_proj,v_proj)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m survey_utils", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    count = commands.add_parser("count", help="trainable and total parameters of a model under a method")
+    _add_model_method(count)
+    count.add_argument("--implementation", default="formula", choices=("formula", "scratch", "peft"),
+                       help="closed form (default), our from-scratch method on a meta model, or HF peft")
+
+    memory = commands.add_parser("memory", help="peak memory of one training step, term by term")
+    _add_model_method(memory)
+    memory.add_argument("--batch-size", type=int, default=1)
+    memory.add_argument("--seq-len", type=int, default=512)
+    memory.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
+    memory.add_argument("--adapter-dtype", default=None, choices=("fp32", "bf16", "fp16"))
+    memory.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "sgd", "adafactor"))
+    memory.add_argument("--gradient-checkpointing", action="store_true")
+    memory.add_argument("--quantization", default=None, choices=("nf4", "int8"))
+    memory.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"))
+    memory.add_argument("--simulate", action="store_true", help="also run the step on fake tensors")
+
+    models = commands.add_parser("models", help="list the model zoo")
+    models.add_argument("--json", action="store_true")
+    methods = commands.add_parser("methods", help="list the registered methods")
+    methods.add_argument("--json", action="store_true")
+
+    figures = commands.add_parser("figures", help="regenerate the survey figures")
+    figures.add_argument("--out", default="figures")
+    figures.add_argument("--only", nargs="+", default=None, metavar="NAME")
+    figures.add_argument("--list", action="store_true", help="list the figures and exit")
+
+    notebooks = commands.add_parser("build-notebooks", help="execute every chapter into .ipynb files")
+    notebooks.add_argument("--out", default="_build/notebooks")
+    notebooks.add_argument("--only", nargs="+", default=None, metavar="CHAPTER")
+    return parser
+
+
+def _cmd_count(args: argparse.Namespace) -> int:
+    from survey_utils.counting import count
+    from survey_utils.methods import get_method
+
+    method = get_method(args.method)
+    overrides = method.parse_settings(args.settings)
+    result = count(args.model, method, args.implementation, **overrides)
+    if args.json:
+        print(json.dumps({"trainable": result.trainable, "total": result.total,
+                          "trainable_percent": result.trainable_percent}))
+    else:
+        print(f"model {args.model}  method {method.name}  ({args.implementation})")
+        print(f"trainable  {result.trainable:>18,}")
+        print(f"total      {result.total:>18,}")
+        print(f"trainable% {result.trainable_percent:>18.4f}")
+    return 0
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from survey_utils.memory import cli_memory
+
+    return cli_memory(args)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from survey_utils.architecture import layout, total_params
+    from survey_utils.zoo import list_models, load_config
+
+    rows = []
+    for name in list_models():
+        config = load_config(name)
+        shape = layout(config)
+        rows.append({"name": name, "model_type": config.model_type, "architecture": config.architectures[0],
+                     "total": total_params(config), "layers": shape.num_layers, "hidden": shape.hidden_size})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(f"{row['name']:<16} {row['architecture']:<28} {row['total']:>16,}  "
+                  f"{row['layers']:>3} blocks  hidden {row['hidden']}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from survey_utils.methods import list_methods
+
+    rows = [{"name": m.name, "title": m.title, "family": m.family, "arxiv": m.arxiv_id, "chapter": m.chapter,
+             "peft": m.peft_config is not None,
+             "hyperparams": {hp.name: hp.default for hp in m.hyperparams}} for m in list_methods()]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(f"{row['name']:<18} {row['family']:<16} peft={'yes' if row['peft'] else 'no ':<3}  {row['title']}")
+    return 0
+
+
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from survey_utils.figures import cli_figures
+
+    return cli_figures(args)
+
+
+def _cmd_build_notebooks(args: argparse.Namespace) -> int:
+    from survey_utils.notebooks import build_all
+
+    build_all(args.out, only=args.only)
+    return 0
+
+
+_COMMANDS: dict[str, Any] = {
+    "count": _cmd_count, "memory": _cmd_memory, "models": _cmd_models, "methods": _cmd_methods,
+    "figures": _cmd_figures, "build-notebooks": _cmd_build_notebooks,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except SurveyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

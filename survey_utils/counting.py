@@ -1,0 +1,139 @@
+"""Exact parameter counts, three ways: the closed form, the built model, and HF peft (chapter 00).
+
+``count_parameters(model)`` counts a built model, tied weights once, and splits the count by component
+(embeddings, attention, mlp, norms, head, and the method's own parameters). ``count(...)`` answers for a
+zoo model and a registered method with one of three implementations:
+
+- ``formula``: arithmetic on the config's layout; milliseconds for a 405B model;
+- ``scratch``: build the model on ``meta``, apply our from-scratch method, count ``named_parameters()``;
+- ``peft``: build it on ``meta``, wrap it with ``peft.get_peft_model``, take ``get_nb_trainable_parameters()``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from survey_utils.architecture import COMPONENTS, layout, params_by_component, total_params
+from survey_utils.errors import SurveyError
+from survey_utils.methods.registry import Method, get_method
+from survey_utils.zoo import build_model, load_config
+
+IMPLEMENTATIONS = ("formula", "scratch", "peft")
+
+# Wrappers insert these path segments; removing them recovers the base model's parameter names.
+_WRAPPER_SEGMENTS = (".base_layer", "base_model.model.")
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Trainable and total parameters, with ``(trainable, total)`` for each component."""
+
+    trainable: int
+    total: int
+    by_component: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trainable": self.trainable, "total": self.total,
+                "trainable_percent": self.trainable_percent,
+                "by_component": {k: {"trainable": t, "total": n} for k, (t, n) in self.by_component.items()}}
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the unwrapped base model (drops peft's and our wrapper segments)."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    return name.replace(".base_layer.", ".")
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Count a built model's parameters (shared tensors once), split by component.
+
+    A parameter whose name is in the config's layout belongs to that layout component; any other (the
+    method's own modules, or a model without a known layout) is counted under ``method``.
+    """
+    component_of: dict[str, str] = {}
+    config = getattr(model, "config", None)
+    if config is None and hasattr(model, "base_model"):
+        config = getattr(model.base_model, "config", None)
+    if config is not None:
+        try:
+            for module in layout(config).modules:
+                for param, _ in module.params:
+                    component_of[f"{module.name}.{param}"] = module.component
+        except SurveyError:
+            component_of = {}
+    trainable = total = 0
+    split = {c: [0, 0] for c in COMPONENTS}
+    for name, parameter in model.named_parameters():  # named_parameters() yields a shared tensor once
+        n = parameter.numel()
+        component = component_of.get(base_name(name), "method")
+        split[component][1] += n
+        total += n
+        if parameter.requires_grad:
+            split[component][0] += n
+            trainable += n
+    return ParameterCount(trainable, total, {c: (t, n) for c, (t, n) in split.items() if n})
+
+
+def closed_form(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method = "full",
+                **overrides: Any) -> ParameterCount:
+    """Trainable and total parameters from the config alone (no model is built)."""
+    config = load_config(model)
+    method = get_method(method) if isinstance(method, str) else method
+    hp = method.resolve(config, **overrides)
+    trainable = method.trainable_params(config, **hp)
+    added = method.added_params(config, **hp)
+    base = params_by_component(config)
+    split = {c: (0, n) for c, n in base.items() if n}
+    if method.name == "full":
+        split = {c: (n, n) for c, n in base.items() if n}
+    elif added:
+        split["method"] = (trainable, added)
+    return ParameterCount(trainable, total_params(config) + added, split)
+
+
+def apply_method(model: nn.Module, method: str | Method, **overrides: Any) -> nn.Module:
+    """Apply a registered method from scratch to a built model (hyper-parameters resolved and checked)."""
+    method = get_method(method) if isinstance(method, str) else method
+    hp = method.resolve(model.config, **overrides)
+    return method.apply(model, **hp)
+
+
+def peft_model(model: nn.Module, method: str | Method, **overrides: Any) -> nn.Module:
+    """Wrap a built model with HF peft's implementation of the method."""
+    import peft
+
+    method = get_method(method) if isinstance(method, str) else method
+    if method.peft_config is None:
+        raise SurveyError(f"HF peft has no implementation of method '{method.name}'")
+    hp = method.resolve(model.config, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about meta tensors and fan_in_fan_out; neither matters here
+        return peft.get_peft_model(model, method.peft_config(model.config, **hp))
+
+
+def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method = "full",
+          implementation: str = "formula", **overrides: Any) -> ParameterCount:
+    """Trainable and total parameters of ``model`` under ``method``, by one of :data:`IMPLEMENTATIONS`."""
+    if implementation not in IMPLEMENTATIONS:
+        raise SurveyError(f"implementation '{implementation}' is not one of {', '.join(IMPLEMENTATIONS)}")
+    config = load_config(model)
+    if implementation == "formula":
+        return closed_form(config, method, **overrides)
+    built = build_model(config, device="meta")
+    if implementation == "scratch":
+        return count_parameters(apply_method(built, method, **overrides))
+    wrapped = peft_model(built, method, **overrides)
+    trainable, total = wrapped.get_nb_trainable_parameters()
+    split = count_parameters(wrapped).by_component
+    return ParameterCount(trainable, total, split)

@@ -1,0 +1,241 @@
+"""The method registry: the one place a PEFT method joins the project.
+
+A family module (``methods/<family>.py``) defines a method's from-scratch ``apply``, its closed-form
+``trainable_params`` and, where HF peft has the method, a ``peft_config`` builder, then calls
+:func:`register` once. Everything else (the CLI, the counting tests, the memory model, widgets and
+figures) finds methods here, so a new method appears everywhere with no other change.
+
+Contract of the callables (``hp`` is the resolved hyper-parameter dict, defaults filled in and validated):
+
+- ``apply(model, **hp) -> model``: add the method's modules in place, freeze every other parameter,
+  return the model. New parameters are created on the base weight's device and dtype (never moved with
+  ``.to()``), so the same code builds on ``cpu``, on ``meta`` and under ``FakeTensorMode``.
+- ``trainable_params(config, **hp) -> int``: the exact count, by arithmetic on the config's layout.
+- ``peft_config(config, **hp) -> peft.PeftConfig``: the equivalent peft configuration.
+- ``extra_positions(config, **hp) -> int``: sequence positions the method adds (soft prompts); default 0.
+- ``validate(config, **hp)``: raise :class:`SurveyError` for values that are wrong for this model.
+- ``frozen_added_params(config, **hp) -> int``: frozen parameters the method adds (e.g. shared random
+  projections stored as parameters); default 0.
+
+``selective=True`` marks methods that train existing weights and add none (full fine-tuning, BitFit), so
+the model's total is unchanged; otherwise the total grows by the trainable (and frozen added) parameters.
+``param_prefixes`` are the name fragments of the method's own parameters (``lora_``), used to attribute
+parameters to the ``method`` component when counting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from survey_utils.errors import SurveyError, closest
+
+HP_TYPES = ("int", "float", "bool", "str", "str_list", "int_list", "targets")
+
+
+@dataclass(frozen=True)
+class HyperParam:
+    """One hyper-parameter: peft's field name where peft has the method, a default, and its bounds.
+
+    ``type`` is one of ``int``, ``float``, ``bool``, ``str``, ``str_list``, ``int_list`` or ``targets``
+    (a list of module names, or one string taken as a regular expression, as peft's ``target_modules``).
+    ``None`` is accepted when ``nullable`` (peft's "use the default for this architecture").
+    """
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in HP_TYPES:
+            raise ValueError(f"hyper-parameter {self.name}: type '{self.type}' is not one of {HP_TYPES}")
+
+    def parse(self, text: str) -> Any:
+        """Parse a command-line value (``--set name=text``); lists are comma-separated."""
+        text = text.strip()
+        if self.nullable and text.lower() in ("none", "null", ""):
+            return None
+        try:
+            if self.type == "int":
+                return int(text)
+            if self.type == "float":
+                return float(text)
+            if self.type == "bool":
+                if text.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if text.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            if self.type == "int_list":
+                return [int(part) for part in text.split(",") if part.strip()]
+            if self.type in ("str_list", "targets"):
+                return [part.strip() for part in text.split(",") if part.strip()]
+            return text
+        except ValueError:
+            raise SurveyError(f"{self.name}={text!r} is not a valid {self.type.replace('_', ' ')}") from None
+
+    def check(self, value: Any) -> Any:
+        """Validate a value (already of Python type); return it normalised."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise SurveyError(f"{self.name} must be set")
+        if self.type == "int":
+            if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+                raise SurveyError(f"{self.name}={value!r} must be an integer")
+            value = int(value)
+        elif self.type == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise SurveyError(f"{self.name}={value!r} must be a finite number")
+            value = float(value)
+        elif self.type == "bool":
+            if not isinstance(value, bool):
+                raise SurveyError(f"{self.name}={value!r} must be true or false")
+        elif self.type in ("str_list", "targets", "int_list"):
+            if isinstance(value, str) and self.type == "targets":
+                return value
+            if isinstance(value, str | int):
+                value = [value]
+            value = list(value)
+            kind = int if self.type == "int_list" else str
+            if not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+                raise SurveyError(f"{self.name}={value!r} must be a list of {kind.__name__}")
+        if self.minimum is not None and isinstance(value, int | float) and value < self.minimum:
+            raise SurveyError(f"{self.name}={value} is below its minimum {self.minimum:g}")
+        if self.maximum is not None and isinstance(value, int | float) and value > self.maximum:
+            raise SurveyError(f"{self.name}={value} is above its maximum {self.maximum:g}")
+        if self.choices is not None and value not in self.choices:
+            raise SurveyError(f"{self.name}={value!r} is not one of {', '.join(map(str, self.choices))}")
+        return value
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """Where the method sits in each survey: Xu et al. 2023, Wang et al. 2024, Lialin et al. 2023.
+
+    Values follow ``data/catalogue.csv`` (family / sub-group; Lialin's Venn region as ``A``, ``S``,
+    ``R`` joined by ``+``).
+    """
+
+    xu: str
+    wang: str
+    lialin: str
+
+
+@dataclass(frozen=True)
+class Method:
+    """A PEFT method, as registered. See the module docstring for the callables' contract."""
+
+    name: str
+    title: str
+    paper: str
+    arxiv_id: str | None
+    taxonomy: Taxonomy
+    chapter: str
+    hyperparams: tuple[HyperParam, ...]
+    apply: Callable[..., Any]
+    trainable_params: Callable[..., int]
+    peft_config: Callable[..., Any] | None = None
+    validate: Callable[..., None] | None = None
+    extra_positions: Callable[..., int] | None = None
+    param_prefixes: tuple[str, ...] = ()
+    selective: bool = False
+    frozen_added_params: Callable[..., int] | None = None
+    mergeable: bool = False
+    backprop_through_backbone: bool = True
+    notes: str = ""
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """The file of ``survey_utils.methods`` that defines the method."""
+        return self.apply.__module__.rsplit(".", 1)[-1]
+
+    def hyperparam(self, name: str) -> HyperParam:
+        for hp in self.hyperparams:
+            if hp.name == name:
+                return hp
+        raise SurveyError(
+            f"method '{self.name}' has no hyper-parameter '{name}'; it has: "
+            f"{closest(name, [h.name for h in self.hyperparams])}"
+        )
+
+    def defaults(self) -> dict[str, Any]:
+        return {hp.name: hp.default for hp in self.hyperparams}
+
+    def resolve(self, config: PretrainedConfig | None = None, **overrides: Any) -> dict[str, Any]:
+        """Defaults updated with ``overrides``, each checked; then the method's own checks for ``config``."""
+        values = self.defaults()
+        for name, value in overrides.items():
+            hp = self.hyperparam(name)
+            values[name] = hp.parse(value) if isinstance(value, str) and hp.type not in ("str", "targets") else value
+        resolved = {hp.name: hp.check(values[hp.name]) for hp in self.hyperparams}
+        if config is not None and self.validate is not None:
+            self.validate(config, **resolved)
+        return resolved
+
+    def parse_settings(self, settings: Sequence[str]) -> dict[str, Any]:
+        """Turn ``["r=8", "target_modules=q_proj,v_proj"]`` into typed overrides."""
+        overrides: dict[str, Any] = {}
+        for item in settings:
+            if "=" not in item:
+                raise SurveyError(f"--set {item!r} must look like name=value")
+            name, text = item.split("=", 1)
+            overrides[name.strip()] = self.hyperparam(name.strip()).parse(text)
+        return overrides
+
+    def count(self, config: PretrainedConfig, **overrides: Any) -> int:
+        """Closed-form trainable parameters for ``config`` with these hyper-parameters."""
+        return self.trainable_params(config, **self.resolve(config, **overrides))
+
+    def added_params(self, config: PretrainedConfig, **hp: Any) -> int:
+        """Parameters the method adds to the model (``hp`` resolved): the closed form of total - base."""
+        if self.selective:
+            return 0
+        frozen = self.frozen_added_params(config, **hp) if self.frozen_added_params else 0
+        return self.trainable_params(config, **hp) + frozen
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry; every lookup (CLI, tests, widgets, figures) then finds it."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"method '{method.name}' is registered twice")
+    names = [hp.name for hp in method.hyperparams]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method '{method.name}' repeats a hyper-parameter name: {names}")
+    for hp in method.hyperparams:
+        hp.check(hp.default)
+    if not method.paper:
+        raise ValueError(f"method '{method.name}' must cite its paper")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``."""
+    _load_families()
+    if name not in _REGISTRY:
+        raise SurveyError(f"unknown method '{name}'; choose one of: {closest(name, list(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def list_methods(family: str | None = None) -> list[Method]:
+    """Registered methods in registration order, optionally of one family file."""
+    _load_families()
+    return [m for m in _REGISTRY.values() if family is None or m.family == family]
+
+
+def _load_families() -> None:
+    import survey_utils.methods  # noqa: F401 - importing the package registers every family

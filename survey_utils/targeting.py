@@ -1,0 +1,109 @@
+"""Which modules a method adapts: peft's matching rule, applied to a layout or to a built model.
+
+``target_modules`` is a list of names, each matching a module whose qualified name equals it or ends in
+``.name``, or one string taken as a regular expression that must match the whole qualified name.
+``layers_to_transform`` keeps only modules whose first numbered path segment (``layers.3``, ``h.3``,
+``block.3``) is in the list; ``layers_pattern`` names that segment. This is the rule of
+``peft.tuners.tuners_utils.check_target_module_exists``; a property test checks the two agree.
+Chapter 04 explains target selection.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from survey_utils.architecture import Layout, ModuleSpec
+from survey_utils.errors import SurveyError, closest
+
+Targets = str | Sequence[str]
+
+
+def layer_index(name: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
+    """The block index peft reads from a qualified module name, or None outside the blocks."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def matches(
+    name: str,
+    target_modules: Targets,
+    layers_to_transform: Sequence[int] | int | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+) -> bool:
+    """Whether the module called ``name`` is a target (peft's rule)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    found = name in target_modules or any(name.endswith(f".{t}") for t in target_modules)
+    if not found or layers_to_transform is None or layers_to_transform == []:
+        return found
+    index = layer_index(name, layers_pattern)
+    if index is None:
+        return False
+    if isinstance(layers_to_transform, int):
+        return index == layers_to_transform
+    return index in layers_to_transform
+
+
+def num_blocks(layout: Layout) -> int:
+    """How many block indices ``layers_to_transform`` can name (T5's encoder and decoder share them)."""
+    indices = [layer_index(m.name) for m in layout.modules]
+    return max((i for i in indices if i is not None), default=-1) + 1
+
+
+def select(
+    layout: Layout,
+    target_modules: Targets | None,
+    layers_to_transform: Sequence[int] | int | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    kinds: tuple[str, ...] = ("linear", "conv1d"),
+    model_name: str = "the model",
+    method: str = "this method",
+) -> list[ModuleSpec]:
+    """The modules of ``layout`` that a method with these settings adapts, validated.
+
+    ``target_modules=None`` takes the architecture's default (the query and value projections, as peft's
+    defaults do). Every named target must exist, every layer index must be in range, and every match must
+    be a module of one of ``kinds``; otherwise a one-line :class:`SurveyError` names the bad value.
+    """
+    if target_modules is None:
+        target_modules = list(layout.default_lora_targets)
+    if not isinstance(target_modules, str) and len(target_modules) == 0:
+        raise SurveyError(f"target_modules is empty: {method} needs at least one module of {model_name}")
+    _check_layers(layout, layers_to_transform, model_name)
+    if not isinstance(target_modules, str):
+        known = {m.short_name for m in layout.modules} | {m.name for m in layout.modules}
+        for target in target_modules:
+            if target not in known and not any(m.name.endswith(f".{target}") for m in layout.modules):
+                raise SurveyError(
+                    f"target module '{target}' not found in {model_name}; its linear modules are: "
+                    f"{closest(target, layout.linear_names())}"
+                )
+    chosen = [m for m in layout.modules if matches(m.name, target_modules, layers_to_transform, layers_pattern)]
+    if not chosen:
+        raise SurveyError(f"target_modules={target_modules!r} matches no module of {model_name}")
+    wrong = [m for m in chosen if m.kind not in kinds]
+    if wrong:
+        raise SurveyError(
+            f"{method} adapts {'/'.join(kinds)} modules; target '{wrong[0].name}' of {model_name} is a {wrong[0].kind}"
+        )
+    return chosen
+
+
+def _check_layers(layout: Layout, layers: Sequence[int] | int | None, model_name: str) -> None:
+    if layers is None:
+        return
+    blocks = num_blocks(layout)
+    for index in [layers] if isinstance(layers, int) else layers:
+        if not 0 <= int(index) < blocks:
+            raise SurveyError(
+                f"layer {index} out of range: {model_name} has {blocks} blocks (0-{blocks - 1})"
+            )

@@ -1,0 +1,25 @@
+"""Shared fixtures: the zoo, one representative model per architecture family, and strategies."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# One model per architecture family: where peft parity and real-tensor checks run.
+REPRESENTATIVES = ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5", "roberta-base", "opt-350m",
+                   "bloom-560m", "qwen2.5-0.5b", "llama-2-7b"]
+TINY = ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5"]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    import torch
+
+    torch.manual_seed(0)
+    yield

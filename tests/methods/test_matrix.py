@@ -1,0 +1,123 @@
+"""The registry's test matrix: every registered method, over the zoo, counted three ways.
+
+A method joins by registering; nothing here names a method. For each (method, model) the closed form must
+equal counting the model built on ``meta`` with our from-scratch ``apply``, and, where peft has the method,
+peft's ``get_nb_trainable_parameters``. Random hyper-parameters come from hypothesis, drawn from each
+method's own HyperParam specs.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from survey_utils.architecture import layout
+from survey_utils.counting import closed_form, count, count_parameters, peft_model
+from survey_utils.errors import SurveyError
+from survey_utils.methods import list_methods
+from survey_utils.methods.registry import HyperParam, Method
+from survey_utils.targeting import num_blocks
+from survey_utils.zoo import build_model, list_models, load_config
+from tests.conftest import REPRESENTATIVES, TINY
+
+METHODS = list_methods()
+PEFT_METHODS = [m for m in METHODS if m.peft_config is not None]
+
+
+def _ids(methods: list[Method]) -> list[str]:
+    return [m.name for m in methods]
+
+
+def _scratch(model: str, method: Method, **hp):
+    built = build_model(model, device="meta")
+    method.apply(built, **method.resolve(built.config, **hp))
+    return count_parameters(built)
+
+
+@pytest.mark.parametrize("model", list_models())
+@pytest.mark.parametrize("method", METHODS, ids=_ids(METHODS))
+def test_closed_form_equals_built_model(method: Method, model: str) -> None:
+    try:
+        formula = closed_form(model, method)
+    except SurveyError:
+        with pytest.raises(SurveyError):
+            _scratch(model, method)
+        return
+    built = _scratch(model, method)
+    assert (formula.trainable, formula.total) == (built.trainable, built.total)
+    assert formula.by_component == built.by_component
+
+
+@pytest.mark.parametrize("model", REPRESENTATIVES)
+@pytest.mark.parametrize("method", PEFT_METHODS, ids=_ids(PEFT_METHODS))
+def test_closed_form_equals_peft(method: Method, model: str) -> None:
+    try:
+        formula = closed_form(model, method)
+    except SurveyError:
+        return
+    peft_count = count(model, method, implementation="peft")
+    assert (formula.trainable, formula.total) == (peft_count.trainable, peft_count.total)
+
+
+def test_every_method_applies_somewhere() -> None:
+    """The matrix above tolerates a method refusing a model; no method may refuse all of them."""
+    for method in METHODS:
+        assert any(_succeeds(method, model) for model in list_models()), method.name
+
+
+def _succeeds(method: Method, model: str) -> bool:
+    try:
+        closed_form(model, method)
+        return True
+    except SurveyError:
+        return False
+
+
+def hyperparam_strategy(hp: HyperParam, model: str) -> st.SearchStrategy:
+    """Values a user could plausibly pick, from the hyper-parameter's own spec and the model's shape."""
+    shape = layout(load_config(model))
+    if hp.choices is not None:
+        base: st.SearchStrategy = st.sampled_from(hp.choices)
+    elif hp.type == "int":
+        low = int(hp.minimum if hp.minimum is not None else 0)
+        high = int(hp.maximum) if hp.maximum is not None else low + 64
+        base = st.integers(low, high)
+    elif hp.type == "float":
+        low = hp.minimum if hp.minimum is not None else 0.0
+        high = hp.maximum if hp.maximum is not None else 64.0
+        base = st.floats(low, high, allow_nan=False)
+    elif hp.type == "bool":
+        base = st.booleans()
+    elif hp.type == "targets":
+        base = st.lists(st.sampled_from(shape.linear_names()), min_size=1, unique=True)
+    elif hp.type == "int_list":
+        base = st.lists(st.integers(0, num_blocks(shape) - 1), min_size=1, max_size=4, unique=True)
+    else:
+        return st.just(hp.default)
+    return st.one_of(st.just(None), base) if hp.nullable else base
+
+
+@st.composite
+def method_settings(draw, method: Method, model: str) -> dict:
+    return {hp.name: draw(hyperparam_strategy(hp, model)) for hp in method.hyperparams
+            if hp.name != "layers_pattern"}
+
+
+@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("method", METHODS, ids=_ids(METHODS))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_three_way_random_hyperparameters(method: Method, model: str, data) -> None:
+    hp = data.draw(method_settings(method, model))
+    try:
+        formula = closed_form(model, method, **hp)
+    except SurveyError:
+        with pytest.raises(SurveyError):
+            _scratch(model, method, **hp)
+        return
+    built = _scratch(model, method, **hp)
+    assert (formula.trainable, formula.total) == (built.trainable, built.total)
+    if method.peft_config is not None:
+        wrapped = peft_model(build_model(model, device="meta"), method, **hp)
+        assert (formula.trainable, formula.total) == wrapped.get_nb_trainable_parameters()
