@@ -119,7 +119,11 @@ def peft_model(model: nn.Module, method: str | Method, **overrides: Any) -> nn.M
     hp = method.resolve(model.config, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns about meta tensors and fan_in_fan_out; neither matters here
-        return peft.get_peft_model(model, method.peft_config(model.config, **hp))
+        wrapped = peft.get_peft_model(model, method.peft_config(model.config, **hp))
+    fixup = method.extras.get("peft_fixup")  # undoes an artifact of building peft's model on meta, if any
+    if fixup is not None:
+        fixup(wrapped)
+    return wrapped
 
 
 def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method = "full",
@@ -137,3 +141,33 @@ def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method
     trainable, total = wrapped.get_nb_trainable_parameters()
     split = count_parameters(wrapped).by_component
     return ParameterCount(trainable, total, split)
+
+
+def three_way(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method = "lora",
+              **overrides: Any) -> dict[str, Any]:
+    """Trainable parameters by the formula, by counting our built model, and by peft, with ``match``.
+
+    ``peft`` is None for methods peft does not have. Every chapter prints this table.
+    """
+    method = get_method(method) if isinstance(method, str) else method
+    formula = count(model, method, "formula", **overrides)
+    scratch = count(model, method, "scratch", **overrides)
+    row: dict[str, Any] = {"model": str(model), "method": method.name, "formula": formula.trainable,
+                           "scratch": scratch.trainable, "peft": None, "total": formula.total}
+    counts = {formula.trainable, scratch.trainable}
+    if method.peft_config is not None:
+        row["peft"] = count(model, method, "peft", **overrides).trainable
+        counts.add(row["peft"])
+    row["match"] = len(counts) == 1 and formula.total == scratch.total
+    return row
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width table of :func:`three_way` rows for printing in a chapter."""
+    head = f"{'model':<16}{'method':<16}{'formula':>16}{'built (ours)':>16}{'peft':>16}{'total':>18}  match"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        peft_text = f"{r['peft']:>16,}" if r["peft"] is not None else f"{'n/a':>16}"
+        lines.append(f"{r['model']:<16}{r['method']:<16}{r['formula']:>16,}{r['scratch']:>16,}{peft_text}"
+                     f"{r['total']:>18,}  {'match' if r['match'] else 'MISMATCH'}")
+    return "\n".join(lines)

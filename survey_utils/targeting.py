@@ -74,6 +74,29 @@ def select(
     defaults do). Every named target must exist, every layer index must be in range, and every match must
     be a module of one of ``kinds``; otherwise a one-line :class:`SurveyError` names the bad value.
     """
+    key = (id(layout), _freeze(target_modules), _freeze(layers_to_transform), _freeze(layers_pattern), kinds,
+           model_name, method)
+    hit = _SELECTED.get(key)
+    if hit is not None and hit[0] is layout:
+        return list(hit[1])
+    chosen = _select(layout, target_modules, layers_to_transform, layers_pattern, kinds, model_name, method)
+    if len(_SELECTED) > 4096:
+        _SELECTED.clear()
+    _SELECTED[key] = (layout, tuple(chosen))
+    return chosen
+
+
+# Widgets sweep a hyper-parameter over the same targets many times; selection is cached per layout object.
+_SELECTED: dict[tuple, tuple[Layout, tuple[ModuleSpec, ...]]] = {}
+
+
+def _freeze(value: object) -> object:
+    return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def _select(layout: Layout, target_modules: Targets | None, layers_to_transform: Sequence[int] | int | None,
+            layers_pattern: str | Sequence[str] | None, kinds: tuple[str, ...], model_name: str,
+            method: str) -> list[ModuleSpec]:
     if target_modules is None:
         target_modules = list(layout.default_lora_targets)
     if not isinstance(target_modules, str) and len(target_modules) == 0:
@@ -93,7 +116,7 @@ def select(
     wrong = [m for m in chosen if m.kind not in kinds]
     if wrong:
         raise SurveyError(
-            f"{method} adapts {'/'.join(kinds)} modules; target '{wrong[0].name}' of {model_name} is a {wrong[0].kind}"
+            f"{method} adapts {'/'.join(kinds)} modules; target '{wrong[0].name}' of {model_name} is of kind '{wrong[0].kind}'"
         )
     return chosen
 

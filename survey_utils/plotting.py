@@ -1,0 +1,70 @@
+"""Plot style and deterministic figure files.
+
+Every figure of the project goes through :func:`save_figure`, which writes PNG and SVG with no timestamp,
+no software tag and a fixed SVG id salt, so regenerating a figure gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib as mpl
+from matplotlib.figure import Figure
+
+# One palette for the families, so a method has the same colour in every chapter and figure.
+FAMILY_COLOURS = {
+    "baseline": "#4d4d4d",
+    "adapters": "#1b9e77",
+    "soft_prompts": "#d95f02",
+    "selective": "#7570b3",
+    "reparameterized": "#e7298a",
+    "hybrid": "#66a61e",
+    "quantized": "#e6ab02",
+}
+
+_METADATA = {
+    "png": {"Software": None},
+    "svg": {"Date": None, "Creator": None},
+    "pdf": {"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None},
+}
+
+
+def apply_style() -> None:
+    """The project's plot style: seaborn's whitegrid, a fixed font and a fixed SVG hash salt."""
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    mpl.rcParams["svg.hashsalt"] = "peft-survey-companion"
+    mpl.rcParams["svg.fonttype"] = "path"
+    mpl.rcParams["font.family"] = "DejaVu Sans"
+    mpl.rcParams["figure.dpi"] = 100
+
+
+def save_figure(fig: Figure, out_dir: str | Path, name: str, formats: tuple[str, ...] = ("png", "svg"),
+                dpi: int = 150) -> list[Path]:
+    """Write ``fig`` as ``out_dir/name.<format>`` for each format, deterministically; return the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with mpl.rc_context({"svg.hashsalt": "peft-survey-companion"}):
+        for fmt in formats:
+            path = out / f"{name}.{fmt}"
+            fig.savefig(path, format=fmt, dpi=dpi, metadata=_METADATA.get(fmt, {}), bbox_inches="tight")
+            paths.append(path)
+    return paths
+
+
+def human(n: float) -> str:
+    """``6742609920 -> '6.74B'``: counts and bytes for axis labels."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def human_bytes(n: float) -> str:
+    """``2**30 -> '1.00 GiB'``."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"

@@ -1,0 +1,256 @@
+"""The trainable-parameter explorer used by every method chapter (chapter 04 introduces it).
+
+Controls are generated from the chosen method's :class:`HyperParam` specs: integers become sliders,
+booleans checkboxes, choices dropdowns, ``target_modules`` one checkbox per linear module of the chosen
+model, ``layers_to_transform`` a block-range slider. Two live panels, computed by the closed form:
+
+- left: trainable parameters (absolute, and % of the model on the right axis) as the method's first
+  integer hyper-parameter (rank, prompt length, reduction factor) sweeps its range, the current value marked;
+- right: trainable % of every method of the explorer on the same model, with the settings they share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ipywidgets as W
+import numpy as np
+from matplotlib.figure import Figure
+
+from survey_utils.architecture import layout
+from survey_utils.counting import closed_form
+from survey_utils.errors import SurveyError
+from survey_utils.methods.registry import HyperParam, Method, get_method
+from survey_utils.plotting import human
+from survey_utils.targeting import num_blocks
+from survey_utils.widgets.base import Explorer
+from survey_utils.zoo import list_models, load_config
+
+_STYLE = {"description_width": "initial"}
+
+
+@dataclass
+class ParamsView:
+    """What the panels show; tests read it to check that a control change changed the plot."""
+
+    model: str
+    method: str
+    trainable: int
+    total: int
+    sweep_name: str | None
+    sweep_x: list[int] = field(default_factory=list)
+    sweep_y: list[float] = field(default_factory=list)
+    current_x: int | None = None
+    comparison: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+
+def slider_range(hp: HyperParam) -> tuple[float, float]:
+    """The range a slider offers: the spec's bounds, else up to 128 or 8x the default."""
+    low = hp.minimum if hp.minimum is not None else 0
+    default = hp.default if isinstance(hp.default, int | float) else 1
+    high = hp.maximum if hp.maximum is not None else max(128, 8 * default)
+    return low, high
+
+
+def sweep_values(hp: HyperParam) -> list[int]:
+    low, high = slider_range(hp)
+    low = max(1, int(low))
+    return sorted({int(round(v)) for v in np.geomspace(low, int(high), 14)})
+
+
+class _TargetBoxes(W.VBox):
+    """One checkbox per linear module name; ``value`` is the list of checked names."""
+
+    value = W.widgets.trait_types.traitlets.List().tag(sync=False)
+
+    def __init__(self, names: Sequence[str], checked: Sequence[str]) -> None:
+        self.boxes = [W.Checkbox(value=name in checked, description=name, indent=False,
+                                 layout=W.Layout(width="auto")) for name in names]
+        super().__init__([W.HTML("target_modules"), W.HBox(self.boxes, layout=W.Layout(flex_flow="row wrap"))])
+        self.value = [b.description for b in self.boxes if b.value]
+        for box in self.boxes:
+            box.observe(self._sync, names="value")
+
+    def _sync(self, _change: Any) -> None:
+        self.value = [b.description for b in self.boxes if b.value]
+
+
+def hyperparam_widget(hp: HyperParam, model: str, current: Any = None) -> W.Widget | None:
+    """A control for one hyper-parameter on ``model``, keeping ``current`` when it is still valid."""
+    shape = layout(load_config(model))
+    if hp.type == "targets":
+        names = shape.linear_names()
+        chosen = current if isinstance(current, list) else (hp.default or list(shape.default_lora_targets))
+        return _TargetBoxes(names, [c for c in chosen if c in names] or list(shape.default_lora_targets))
+    if hp.type == "int_list":
+        blocks = num_blocks(shape)
+        low, high = (min(current), max(current)) if current else (0, blocks - 1)
+        return W.IntRangeSlider(value=(min(low, blocks - 1), min(high, blocks - 1)), min=0, max=blocks - 1,
+                                description=hp.name, continuous_update=False, style=_STYLE)
+    if hp.choices is not None:
+        return W.Dropdown(options=list(hp.choices), value=current if current in hp.choices else hp.default,
+                          description=hp.name, style=_STYLE)
+    value = hp.default if current is None else current
+    if hp.type == "int":
+        low, high = slider_range(hp)
+        return W.IntSlider(value=int(value), min=int(low), max=int(high), description=hp.name,
+                           continuous_update=False, style=_STYLE)
+    if hp.type == "float":
+        low, high = slider_range(hp)
+        step = 0.01 if high <= 1 else 0.5
+        return W.FloatSlider(value=float(value), min=float(low), max=float(high), step=step,
+                             description=hp.name, continuous_update=False, style=_STYLE)
+    if hp.type == "bool":
+        return W.Checkbox(value=bool(value), description=hp.name, indent=False)
+    return None  # free-text settings (layers_pattern) keep their default in the widget
+
+
+def widget_value(hp: HyperParam, control: W.Widget, model: str) -> Any:
+    """The hyper-parameter value a control stands for."""
+    if hp.type == "int_list":
+        low, high = control.value
+        if low == 0 and high == num_blocks(layout(load_config(model))) - 1:
+            return None
+        return list(range(low, high + 1))
+    return control.value
+
+
+class MethodExplorer(Explorer):
+    """Model, method and its hyper-parameters -> live trainable-parameter panels.
+
+    >>> explorer = MethodExplorer(["lora"], model="llama-2-7b")   # doctest: +SKIP
+    >>> explorer.hp_controls["r"].value = 16                        # the plot redraws
+    """
+
+    def __init__(self, methods: Sequence[str], models: Sequence[str] | None = None,
+                 model: str = "llama-2-7b", method: str | None = None, title: str = "",
+                 figsize: tuple[float, float] = (10, 3.8)) -> None:
+        self.methods: list[Method] = [get_method(m) for m in methods]
+        models = list(models or list_models())
+        if model not in models:
+            raise SurveyError(f"model '{model}' is not among the explorer's models")
+        self.model_control = W.Dropdown(options=models, value=model, description="model", style=_STYLE)
+        names = [m.name for m in self.methods]
+        self.method_control = W.Dropdown(options=names, value=method or names[0], description="method",
+                                         style=_STYLE)
+        self.hp_controls: dict[str, W.Widget] = {}
+        self._hp_specs: dict[str, HyperParam] = {}
+        self._building = False
+        self._rebuild_hp_controls()
+        super().__init__({"model": self.model_control, "method": self.method_control}, figsize, title)
+
+    # The model and method controls rebuild the hyper-parameter controls before the redraw.
+    def _on_change(self, change: Any = None) -> None:
+        if change is not None and change.get("owner") in (self.model_control, self.method_control):
+            self._rebuild_hp_controls()
+            self._layout_controls()
+        if not self._building:
+            self.update()
+
+    def _rebuild_hp_controls(self) -> None:
+        self._building = True
+        previous = {name: widget_value(self._hp_specs[name], c, self._previous_model)
+                    for name, c in self.hp_controls.items()} if self.hp_controls else {}
+        method = get_method(self.method_control.value)
+        model = self.model_control.value
+        self.hp_controls, self._hp_specs = {}, {}
+        for hp in method.hyperparams:
+            current = previous.get(hp.name)
+            try:
+                control = hyperparam_widget(hp, model, current)
+            except SurveyError:
+                control = None
+            if control is not None:
+                self.hp_controls[hp.name] = control
+                self._hp_specs[hp.name] = hp
+                control.observe(self._on_change, names="value")
+        self._previous_model = model
+        self._building = False
+
+    def _layout_controls(self) -> None:
+        rows = [W.HBox([self.model_control, self.method_control])]
+        simple = [c for c in self.hp_controls.values() if not isinstance(c, _TargetBoxes)]
+        rows += [W.HBox(simple[i:i + 3]) for i in range(0, len(simple), 3)]
+        rows += [c for c in self.hp_controls.values() if isinstance(c, _TargetBoxes)]
+        if hasattr(self, "controls_box"):
+            self.controls_box.children = rows
+
+    @property
+    def state(self) -> dict[str, Any]:
+        model = self.model_control.value
+        return {"model": model, "method": self.method_control.value,
+                "hp": {name: widget_value(self._hp_specs[name], c, model) for name, c in self.hp_controls.items()}}
+
+    # --- the panels -------------------------------------------------------------------------------------
+    def setup(self, fig: Figure) -> None:
+        self.ax_sweep, self.ax_compare = fig.subplots(1, 2, width_ratios=(1.25, 1))
+        (self.sweep_line,) = self.ax_sweep.plot([], [], "o-", color="#e7298a", ms=3, lw=1.5)
+        (self.current_point,) = self.ax_sweep.plot([], [], "o", color="black", ms=8, zorder=3)
+        self.ax_sweep.set_yscale("log")
+        self._total = 1.0
+        self.ax_sweep.secondary_yaxis("right", functions=(lambda y: 100 * y / self._total,
+                                                          lambda p: p * self._total / 100)).set_ylabel(
+            "% of the model")
+        self.ax_sweep.set_ylabel("trainable parameters")
+        names = [m.name for m in self.methods]
+        self.bars = self.ax_compare.barh(names, [1e-6] * len(names), color="#7570b3")
+        self.ax_compare.set_xscale("log")
+        self.ax_compare.invert_yaxis()
+        self.ax_compare.set_xlabel("trainable % of the model")
+        self.bar_labels = [self.ax_compare.text(0, i, "", va="center", fontsize=8) for i in range(len(names))]
+
+    def compute(self, model: str, method: str, hp: dict[str, Any]) -> ParamsView:
+        config = load_config(model)
+        chosen = get_method(method)
+        current = closed_form(config, chosen, **hp)
+        sweep = next((h for h in chosen.hyperparams if h.type == "int" and h.name in hp), None)
+        view = ParamsView(model, method, current.trainable, current.total, sweep.name if sweep else None)
+        if sweep is not None:
+            view.current_x = hp[sweep.name]
+            for value in sweep_values(sweep):
+                try:
+                    view.sweep_y.append(closed_form(config, chosen, **{**hp, sweep.name: value}).trainable)
+                    view.sweep_x.append(value)
+                except SurveyError:
+                    continue
+        for other in self.methods:
+            shared = {k: v for k, v in hp.items() if k in {h.name for h in other.hyperparams}}
+            try:
+                count = closed_form(config, other, **shared)
+                view.comparison.append((other.name, count.trainable_percent))
+            except SurveyError:
+                view.comparison.append((other.name, math.nan))
+        return view
+
+    def draw(self, view: ParamsView) -> None:
+        self._total = float(view.total)
+        self.sweep_line.set_data(view.sweep_x, view.sweep_y)
+        if view.current_x is not None:
+            self.current_point.set_data([view.current_x], [view.trainable])
+        else:
+            self.current_point.set_data([], [])
+        ax = self.ax_sweep
+        if view.sweep_x:
+            ax.set_xscale("log", base=2)
+            ax.set_xlim(min(view.sweep_x) / 1.3, max(view.sweep_x) * 1.3)
+            ys = [y for y in view.sweep_y if y > 0] or [1]
+            ax.set_ylim(min(ys) / 2, max(ys) * 2)
+        ax.set_xlabel(view.sweep_name or "")
+        ax.set_title(f"{view.method} on {view.model}: {human(view.trainable)} trainable "
+                     f"= {view.percent:.4g}% of {human(view.total)}", fontsize=10)
+        finite = [p for _, p in view.comparison if math.isfinite(p) and p > 0] or [1.0]
+        for bar, label, (name, percent) in zip(self.bars, self.bar_labels, view.comparison, strict=True):
+            ok = math.isfinite(percent) and percent > 0
+            bar.set_width(percent if ok else min(finite) / 10)
+            bar.set_alpha(1.0 if ok else 0.15)
+            bar.set_color("#e7298a" if name == view.method else "#7570b3")
+            label.set_position((percent if ok else min(finite) / 10, label.get_position()[1]))
+            label.set_text(f" {percent:.3g}%" if ok else " n/a for this model")
+        self.ax_compare.set_xlim(min(finite) / 20, max(finite) * 30)

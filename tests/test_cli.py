@@ -1,0 +1,72 @@
+"""The CLI: reference output, JSON keys, listing commands, and one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from survey_utils.cli import main
+
+REFERENCE = ["count", "--model", "llama-2-7b", "--method", "lora", "--set", "r=8",
+             "--set", "target_modules=q_proj,v_proj", "--json"]
+
+
+@pytest.mark.parametrize("implementation", ["formula", "scratch", "peft"])
+def test_count_reference_json(capsys, implementation: str) -> None:
+    assert main([*REFERENCE, "--implementation", implementation]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["trainable"] == 4_194_304 and result["total"] == 6_742_609_920
+    assert set(result) == {"trainable", "total", "trainable_percent"}
+
+
+def test_count_as_a_subprocess_exactly_as_documented() -> None:
+    out = subprocess.run([sys.executable, "-m", "survey_utils", *REFERENCE], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out)["trainable"] == 4_194_304
+
+
+def test_models_and_methods_list(capsys) -> None:
+    assert main(["models", "--json"]) == 0
+    models = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert models["llama-2-7b"]["total"] == 6_738_415_616
+    assert main(["methods", "--json"]) == 0
+    assert {"lora", "full"} <= {row["name"] for row in json.loads(capsys.readouterr().out)}
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["count", "--model", "llama-9b"], "unknown model 'llama-9b'"),
+    (["count", "--model", "gpt2", "--method", "nope"], "unknown method 'nope'"),
+    (["count", "--model", "gpt2", "--set", "r=0"], "r=0 is below its minimum 1"),
+    (["count", "--model", "gpt2", "--set", "r=-3"], "r=-3 is below its minimum 1"),
+    (["count", "--model", "gpt2", "--set", "r=eight"], "r='eight' is not a valid int"),
+    (["count", "--model", "gpt2", "--set", "target_modules=q_proj"], "target module 'q_proj' not found in gpt2"),
+    (["count", "--model", "gpt2", "--set", "rank=4"], "has no hyper-parameter 'rank'"),
+    (["count", "--model", "gpt2", "--set", "r"], "must look like name=value"),
+    (["count"], "required: --model"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv: list[str], fragment: str) -> None:
+    with pytest.raises(SystemExit) if argv[0] == "frobnicate" or argv == ["count"] else _no_exit():
+        code = main(argv)
+        assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err and "Traceback" not in err
+
+
+def test_corrupt_config_file_is_one_line(capsys, tmp_path) -> None:
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "llama", ')
+    assert main(["count", "--model", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: corrupt config file") and err.count("\n") == 1
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,56 @@
+"""Our target matching is peft's: a property test against peft's own check_target_module_exists."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft.tuners.tuners_utils import check_target_module_exists
+
+from survey_utils.architecture import layout
+from survey_utils.errors import SurveyError
+from survey_utils.targeting import matches, num_blocks, select
+from survey_utils.zoo import load_config
+
+MODELS = ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5", "opt-350m", "bloom-560m"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), model=st.sampled_from(MODELS))
+def test_matching_agrees_with_peft(data, model: str) -> None:
+    shape = layout(load_config(model))
+    names = [m.name for m in shape.modules]
+    short = sorted({m.short_name for m in shape.modules})
+    targets = data.draw(st.lists(st.sampled_from(short + ["self_attn", "nope"]), min_size=1, max_size=4))
+    layers = data.draw(st.one_of(st.none(), st.lists(st.integers(0, num_blocks(shape)), max_size=3)))
+    name = data.draw(st.sampled_from(names))
+    config = SimpleNamespace(target_modules=targets, layers_to_transform=layers, layers_pattern=None,
+                             exclude_modules=None, modules_to_save=None, target_parameters=None)
+    assert matches(name, targets, layers) == bool(check_target_module_exists(config, name))
+
+
+def test_regex_targets_match_the_whole_name() -> None:
+    assert matches("model.layers.3.self_attn.q_proj", r".*\.3\.self_attn\.(q|v)_proj")
+    assert not matches("model.layers.13.self_attn.q_proj", r".*\.3\.self_attn\.(q|v)_proj")
+
+
+def test_t5_layer_indices_cover_encoder_and_decoder() -> None:
+    chosen = select(layout(load_config("t5-small")), ["q"], [0])
+    assert [m.name for m in chosen] == ["encoder.block.0.layer.0.SelfAttention.q",
+                                        "decoder.block.0.layer.0.SelfAttention.q",
+                                        "decoder.block.0.layer.1.EncDecAttention.q"]
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"target_modules": ["q_proj", "query"]}, "target module 'query' not found in llama-2-7b"),
+    ({"target_modules": []}, "target_modules is empty"),
+    ({"target_modules": ["q_proj"], "layers_to_transform": [32]}, "layer 32 out of range: llama-2-7b has 32 blocks"),
+    ({"target_modules": ["embed_tokens"]}, "is of kind 'embedding'"),
+    ({"target_modules": r"nothing\.matches"}, "matches no module"),
+])
+def test_bad_targets_fail_in_one_line(kwargs: dict, fragment: str) -> None:
+    shape = layout(load_config("llama-2-7b"))
+    with pytest.raises(SurveyError, match=fragment):
+        select(shape, kwargs["target_modules"], kwargs.get("layers_to_transform"), model_name="llama-2-7b")
