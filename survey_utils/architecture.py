@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from transformers import PretrainedConfig
 
@@ -69,6 +70,17 @@ class Layout:
     is_encoder_decoder: bool = False
     default_lora_targets: tuple[str, ...] = field(default=())
 
+    @cached_property
+    def total(self) -> int:
+        return sum(m.numel for m in self.modules)
+
+    @cached_property
+    def by_component(self) -> dict[str, int]:
+        totals = dict.fromkeys(COMPONENTS[:-1], 0)
+        for module in self.modules:
+            totals[module.component] += module.numel
+        return totals
+
     def linear_modules(self) -> list[ModuleSpec]:
         return [m for m in self.modules if m.kind in ("linear", "conv1d")]
 
@@ -83,15 +95,12 @@ class Layout:
 
 def total_params(config: PretrainedConfig) -> int:
     """Exact number of parameters of the model built from ``config`` (tied weights counted once)."""
-    return sum(m.numel for m in layout(config).modules)
+    return layout(config).total
 
 
 def params_by_component(config: PretrainedConfig) -> dict[str, int]:
     """Parameters per component (embeddings, attention, mlp, norms, head), from the config alone."""
-    totals = dict.fromkeys(COMPONENTS[:-1], 0)
-    for module in layout(config).modules:
-        totals[module.component] += module.numel
-    return totals
+    return dict(layout(config).by_component)
 
 
 def layout(config: PretrainedConfig) -> Layout:
@@ -101,16 +110,24 @@ def layout(config: PretrainedConfig) -> Layout:
         raise SurveyError(
             f"model type '{config.model_type}' has no layout yet; supported: {', '.join(sorted(_BUILDERS))}"
         )
-    # Configs are mutable and unhashable, so the cache is keyed on their content.
+    # Configs are unhashable; the same object (zoo configs are cached) hits the identity cache, and an
+    # equal config built elsewhere hits the content cache.
+    hit = _BY_ID.get(id(config))
+    if hit is not None and hit[0] is config:
+        return hit[1]
     key = config.to_json_string(use_diff=False)
     if key not in _CACHE:
         if len(_CACHE) >= 256:
             _CACHE.clear()
         _CACHE[key] = builder(config)
+    if len(_BY_ID) >= 256:
+        _BY_ID.clear()
+    _BY_ID[id(config)] = (config, _CACHE[key])
     return _CACHE[key]
 
 
 _CACHE: dict[str, Layout] = {}
+_BY_ID: dict[int, tuple[PretrainedConfig, Layout]] = {}
 
 
 def _linear(name: str, fan_in: int, fan_out: int, bias: bool, component: str, layer: int | None,
