@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -137,7 +138,8 @@ def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method
     built = build_model(config, device="meta")
     if implementation == "scratch":
         return count_parameters(apply_method(built, method, **overrides))
-    wrapped = peft_model(built, method, **overrides)
+    with torch.device("meta"):  # modules peft creates itself (prompt encoders) go on meta too: no memory
+        wrapped = peft_model(built, method, **overrides)
     trainable, total = wrapped.get_nb_trainable_parameters()
     split = count_parameters(wrapped).by_component
     return ParameterCount(trainable, total, split)

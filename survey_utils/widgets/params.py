@@ -159,6 +159,12 @@ class MethodExplorer(Explorer):
         previous = {name: widget_value(self._hp_specs[name], c, self._previous_model)
                     for name, c in self.hp_controls.items()} if self.hp_controls else {}
         method = get_method(self.method_control.value)
+        if getattr(self, "_previous_method", method.name) != method.name:
+            # Across methods only sizes and placement carry over (compare methods at equal rank and
+            # targets); flags and choices mean different things per method and restart at defaults.
+            previous = {name: value for name, value in previous.items()
+                        if self._hp_specs[name].type in ("int", "targets", "int_list")}
+        self._previous_method = method.name
         model = self.model_control.value
         self.hp_controls, self._hp_specs = {}, {}
         for hp in method.hyperparams:

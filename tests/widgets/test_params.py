@@ -58,3 +58,13 @@ def test_comparison_bars_cover_every_method() -> None:
     explorer = MethodExplorer(["lora", "full"], model="gpt2")
     widths = {name: bar.get_width() for name, bar in zip(["lora", "full"], explorer.bars, strict=True)}
     assert widths["full"] == 100.0 and 0 < widths["lora"] < 1
+
+
+def test_switching_method_keeps_rank_and_resets_flags() -> None:
+    explorer = MethodExplorer(["lora", "rslora", "dora"], model="tiny-llama")
+    explorer.hp_controls["r"].value = 32
+    explorer.hp_controls["use_rslora"].value = True
+    explorer.method_control.value = "dora"
+    assert explorer.hp_controls["r"].value == 32
+    assert explorer.state["hp"].get("use_rslora", False) is False
+    assert explorer.error is None

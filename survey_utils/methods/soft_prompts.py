@@ -1,0 +1,648 @@
+r"""Soft prompts: the method trains vectors that the frozen model reads as extra positions (chapter 02).
+
+Instead of changing weights, these methods add positions to the sequence the transformer sees:
+
+- **prompt tuning** and **P-tuning** prepend :math:`n` trainable vectors to the input embeddings, so the
+  sequence grows from :math:`L` to :math:`n + L` positions in every layer (queries, keys and activations);
+- **prefix tuning** and **P-tuning v2** prepend :math:`n` trainable key and value vectors to the attention
+  of every layer: queries stay at :math:`L` positions, keys and values grow to :math:`n + L`;
+- **LLaMA-Adapter** adds ``adapter_len`` key/value positions to the top layers through a separate,
+  zero-gated softmax, so the real tokens keep their positions.
+
+Xu et al. 2023 and Wang et al. 2024 put prompt and prefix tuning in the "soft prompt" group of the additive
+family; Lialin et al. 2023 in the "soft prompts" region of additive methods (``data/catalogue.csv``).
+
+Implementation: ``apply`` freezes the model, attaches the trainable module as ``model.prompt_encoder`` (the
+base model's parameter names are untouched, so counting attributes them exactly) and registers a forward
+pre-hook on the model that, on every call, prepends the prompt to ``inputs_embeds`` or passes the
+prefixes as a ``past_key_values`` cache, and extends ``attention_mask`` (and ``labels``/``token_type_ids``)
+by :math:`n` positions, as HF peft 0.21 does. Logits therefore cover the :math:`n` virtual positions too
+(peft's convention); forward passes only, not ``generate``.
+
+Conventions, where they differ from peft's defaults (chapter 02 says so and ``tests/methods/
+test_soft_prompts.py`` pins both numbers):
+
+- encoder-decoder (T5): one table of :math:`n` prompt vectors, read by the encoder. peft's
+  ``SEQ_2_SEQ_LM`` default (``num_transformer_submodules=2``) creates :math:`2n` rows and only feeds the
+  first :math:`n` to the model; our ``peft_config`` sets ``num_transformer_submodules=1``;
+- prefixes on T5 go to the decoder's self-attention only (T5's encoder stack drops any cache), one
+  key/value pair per decoder block;
+- prompt width is the input-embedding width (OPT-350m projects 512 -> 1024), prefix width is the key/value
+  width ``num_kv_heads * head_dim`` (grouped-query attention, T5-3B's 32 x 128); ``peft_config`` passes both
+  as ``token_dim`` so that peft builds the same shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig
+
+from survey_utils.architecture import layout
+from survey_utils.errors import SurveyError
+from survey_utils.methods.common import freeze, model_label, new_parameter
+from survey_utils.methods.registry import HyperParam, Method, Taxonomy, register
+
+ADAPTION_MODEL_TYPES = ("llama", "mistral")  # the llama-like decoders peft's adaption prompt implements
+
+
+# --- shapes, from the config alone ----------------------------------------------------------------------
+def embedding_width(config: PretrainedConfig) -> int:
+    """Width of the input token embeddings (the vectors a prompt must match)."""
+    shape = layout(config)
+    return next(m.out_features for m in shape.modules if m.kind == "embedding" and m.in_features == shape.vocab_size)
+
+
+def kv_width(config: PretrainedConfig) -> int:
+    """Width of one position's key (or value): ``num_kv_heads * head_dim`` (GQA-aware)."""
+    shape = layout(config)
+    return shape.num_kv_heads * shape.head_dim
+
+
+def prefix_layers(config: PretrainedConfig) -> int:
+    """Attention layers that take a key/value prefix: every block, or T5's decoder blocks."""
+    shape = layout(config)
+    if shape.is_encoder_decoder:
+        return int(getattr(config, "num_decoder_layers", None) or config.num_layers)
+    return shape.num_layers
+
+
+def check_context(config: PretrainedConfig, num_virtual_tokens: int, seq_len: int) -> None:
+    """Raise a one-line :class:`SurveyError` when ``num_virtual_tokens + seq_len`` exceeds the context."""
+    limit = layout(config).max_positions
+    if limit is not None and num_virtual_tokens + seq_len > limit:
+        raise SurveyError(
+            f"{num_virtual_tokens} virtual tokens + {seq_len} input tokens = {num_virtual_tokens + seq_len} "
+            f"positions do not fit {model_label(config)}'s context of {limit} positions"
+        )
+
+
+def peft_task_type(config: PretrainedConfig) -> str:
+    """The peft task type whose prompt-learning forward matches ours for this architecture."""
+    if layout(config).is_encoder_decoder:
+        return "SEQ_2_SEQ_LM"
+    return "FEATURE_EXTRACTION" if config.model_type in ("bert", "roberta") else "CAUSAL_LM"
+
+
+def _like(model: nn.Module) -> torch.Tensor:
+    return model.get_input_embeddings().weight
+
+
+def _factory(like: torch.Tensor) -> dict[str, Any]:
+    return {"device": like.device, "dtype": like.dtype}
+
+
+# --- prompt tuning and P-tuning: vectors prepended to the input ------------------------------------------
+class PromptEmbedding(nn.Module):
+    r"""Prompt tuning (Lester et al. 2021, arXiv:2104.08691): :math:`[P; E(x)]`, :math:`P \in \mathbb{R}^{n\times d}`.
+
+    The only trainable tensor is ``embedding.weight`` (n x d). Init (``prompt_tuning_init``): ``RANDOM``
+    draws :math:`\mathcal{U}(-0.5, 0.5)` (the paper's random init), ``SAMPLE_VOCAB`` copies n random rows
+    of the vocabulary, ``TEXT`` copies the embeddings of a tokenised text, repeated or cut to n tokens.
+    """
+
+    def __init__(self, num_virtual_tokens: int, word_embeddings: nn.Embedding, init: str = "RANDOM",
+                 token_ids: list[int] | None = None) -> None:
+        super().__init__()
+        like = word_embeddings.weight
+        self.num_virtual_tokens = num_virtual_tokens
+        self.embedding = nn.Embedding(num_virtual_tokens, like.shape[1], **_factory(like))
+        if like.device.type == "meta":
+            return
+        with torch.no_grad():
+            if init == "RANDOM":
+                nn.init.uniform_(self.embedding.weight, -0.5, 0.5)
+            else:
+                if init == "SAMPLE_VOCAB":
+                    token_ids = torch.randint(0, like.shape[0], (num_virtual_tokens,)).tolist()
+                ids = (list(token_ids or []) * num_virtual_tokens)[:num_virtual_tokens]
+                if not ids:
+                    raise SurveyError("prompt_tuning_init=TEXT needs a non-empty prompt_tuning_init_text")
+                self.embedding.weight.copy_(like[torch.tensor(ids, device=like.device)])
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.embedding.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class PromptEncoder(nn.Module):
+    r"""P-tuning (Liu et al. 2021, arXiv:2103.10385): :math:`P = \mathrm{head}(E_p)`, prepended to the input.
+
+    ``embedding`` (n x d) is re-parameterised by a prompt encoder: ``MLP`` is
+    Linear(d,e)-ReLU-Linear(e,e)-ReLU-Linear(e,d); ``LSTM`` is a bidirectional LSTM (hidden e,
+    ``encoder_num_layers`` layers) then Linear(2e,2e)-ReLU-Linear(2e,d). Default PyTorch inits; the
+    encoder can be dropped after training by storing its output (n x d), as for prompt tuning.
+    """
+
+    def __init__(self, num_virtual_tokens: int, like: torch.Tensor, encoder_reparameterization_type: str,
+                 encoder_hidden_size: int, encoder_num_layers: int, encoder_dropout: float) -> None:
+        super().__init__()
+        d, e, f = like.shape[1], encoder_hidden_size, _factory(like)
+        self.num_virtual_tokens = num_virtual_tokens
+        self.encoder_type = encoder_reparameterization_type
+        self.embedding = nn.Embedding(num_virtual_tokens, d, **f)
+        if self.encoder_type == "LSTM":
+            dropout = encoder_dropout if encoder_num_layers > 1 else 0.0  # torch applies it between layers only
+            self.lstm_head = nn.LSTM(d, e, num_layers=encoder_num_layers, dropout=dropout,
+                                     bidirectional=True, batch_first=True, **f)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * e, 2 * e, **f), nn.ReLU(), nn.Linear(2 * e, d, **f))
+        else:
+            self.mlp_head = nn.Sequential(nn.Linear(d, e, **f), nn.ReLU(), nn.Linear(e, e, **f), nn.ReLU(),
+                                          nn.Linear(e, d, **f))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        x = self.embedding.weight.unsqueeze(0)
+        if self.encoder_type == "LSTM":
+            x = self.lstm_head(x)[0]
+        return self.mlp_head(x).expand(batch_size, -1, -1)
+
+
+def _keywords(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if len(args) > 1:
+        raise SurveyError(f"pass the model's inputs by keyword with a soft prompt ({len(args)} positional given)")
+    return {**kwargs, "input_ids": args[0]} if args else dict(kwargs)
+
+
+def _prompt_pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Prepend the prompt to the (encoder) input and widen the masks by n positions."""
+    kwargs = _keywords(args, kwargs)
+    if kwargs.get("position_ids") is not None:
+        raise SurveyError("position_ids cannot be passed with a prompt: the prompt takes positions 0..n-1")
+    encoder = model.prompt_encoder
+    n = encoder.num_virtual_tokens
+    embeds = kwargs.pop("inputs_embeds", None)
+    input_ids = kwargs.pop("input_ids", None)
+    if embeds is None:
+        embeds = model.get_input_embeddings()(input_ids)
+    batch, length = embeds.shape[:2]
+    check_context(model.config, n, length)
+    kwargs["inputs_embeds"] = torch.cat([encoder(batch).to(embeds.dtype), embeds], dim=1)
+    if kwargs.get("attention_mask") is not None:
+        mask = kwargs["attention_mask"]
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+    if not getattr(model.config, "is_encoder_decoder", False):  # T5: the decoder side is untouched
+        if kwargs.get("token_type_ids") is not None:
+            types = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
+        if kwargs.get("labels") is not None:
+            labels = kwargs["labels"]
+            kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+    return (), kwargs
+
+
+def _install(model: nn.Module, encoder: nn.Module, hook: Any) -> nn.Module:
+    freeze(model)
+    if hasattr(model, "prompt_encoder"):
+        raise SurveyError("the model already has a soft prompt; apply one soft-prompt method per model")
+    model.prompt_encoder = encoder
+    model._soft_prompt_hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
+
+
+def remove_soft_prompt(model: nn.Module) -> nn.Module:
+    """Detach the prompt: the model is the base model again (its weights were never touched)."""
+    model._soft_prompt_hook.remove()
+    del model.prompt_encoder
+    del model._soft_prompt_hook
+    return model
+
+
+def apply_prompt_tuning(model: nn.Module, num_virtual_tokens: int, prompt_tuning_init: str,
+                        prompt_tuning_init_text: str | None, tokenizer_name_or_path: str | None,
+                        **_: Any) -> nn.Module:
+    """Freeze ``model`` and prepend ``num_virtual_tokens`` trainable input vectors."""
+    token_ids = None
+    if prompt_tuning_init == "TEXT" and _like(model).device.type != "meta":
+        token_ids = _tokenize(prompt_tuning_init_text, tokenizer_name_or_path)
+    encoder = PromptEmbedding(num_virtual_tokens, model.get_input_embeddings(), prompt_tuning_init, token_ids)
+    return _install(model, encoder, _prompt_pre_hook)
+
+
+def _tokenize(text: str | None, tokenizer: str | None) -> list[int]:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer)(text)["input_ids"]
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0][:120]
+        raise SurveyError(f"tokenizer_name_or_path={tokenizer!r} could not be loaded ({reason})") from None
+
+
+def apply_p_tuning(model: nn.Module, num_virtual_tokens: int, encoder_reparameterization_type: str,
+                   encoder_hidden_size: int, encoder_num_layers: int, encoder_dropout: float,
+                   **_: Any) -> nn.Module:
+    """Freeze ``model`` and prepend the output of a trainable prompt encoder."""
+    encoder = PromptEncoder(num_virtual_tokens, _like(model), encoder_reparameterization_type,
+                            encoder_hidden_size, encoder_num_layers, encoder_dropout)
+    return _install(model, encoder, _prompt_pre_hook)
+
+
+def prompt_tuning_params(config: PretrainedConfig, num_virtual_tokens: int, **_: Any) -> int:
+    r""":math:`n\,d_\text{emb}`: one table of virtual token embeddings."""
+    return num_virtual_tokens * embedding_width(config)
+
+
+def p_tuning_params(config: PretrainedConfig, num_virtual_tokens: int, encoder_reparameterization_type: str,
+                    encoder_hidden_size: int, encoder_num_layers: int, **_: Any) -> int:
+    r""":math:`n d + \text{MLP}(d{\to}e{\to}e{\to}d)`, or :math:`n d + \text{BiLSTM}_k(d, e) + \text{MLP}(2e{\to}2e{\to}d)`."""
+    d, e = embedding_width(config), encoder_hidden_size
+    if encoder_reparameterization_type == "MLP":
+        return num_virtual_tokens * d + (d * e + e) + (e * e + e) + (e * d + d)
+    lstm = sum(2 * (4 * e * ((d if layer == 0 else 2 * e) + e) + 8 * e) for layer in range(encoder_num_layers))
+    return num_virtual_tokens * d + lstm + (2 * e * 2 * e + 2 * e) + (2 * e * d + d)
+
+
+# --- prefix tuning and P-tuning v2: key/value vectors prepended in every layer --------------------------
+class PrefixEncoder(nn.Module):
+    r"""Prefix tuning (Li & Liang 2021, arXiv:2101.00190): in layer :math:`l`,
+    :math:`\mathrm{softmax}\big(q\,[P^l_K; K]^\top/\sqrt{d_h}\big)\,[P^l_V; V]`.
+
+    With ``prefix_projection`` the :math:`L\cdot 2` prefixes of width :math:`t` (the key/value width) are
+    :math:`P = \mathrm{MLP}(E)`, :math:`E \in \mathbb{R}^{n\times t}`, MLP = Linear(t,e)-tanh-Linear(e, 2Lt):
+    the reparameterisation that stabilises training. :meth:`fold` stores the MLP's output as a plain
+    (n x 2Lt) table and drops the MLP: same outputs, only the prefixes remain. Without it (P-tuning v2's deep
+    prompts), the table is trained directly. Default PyTorch inits (``nn.Embedding``: N(0, 1)).
+    """
+
+    def __init__(self, num_virtual_tokens: int, num_layers: int, num_heads: int, head_dim: int,
+                 prefix_projection: bool, encoder_hidden_size: int, like: torch.Tensor) -> None:
+        super().__init__()
+        self.num_virtual_tokens, self.num_layers = num_virtual_tokens, num_layers
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.prefix_projection = prefix_projection
+        t, f = num_heads * head_dim, _factory(like)
+        if prefix_projection:
+            self.embedding = nn.Embedding(num_virtual_tokens, t, **f)
+            self.transform = nn.Sequential(nn.Linear(t, encoder_hidden_size, **f), nn.Tanh(),
+                                           nn.Linear(encoder_hidden_size, num_layers * 2 * t, **f))
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, num_layers * 2 * t, **f)
+
+    def prefixes(self) -> torch.Tensor:
+        """All prefixes, (n, 2L t): for layer l, key at block 2l and value at block 2l + 1."""
+        weight = self.embedding.weight
+        return self.transform(weight) if self.prefix_projection else weight
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Replace embedding + MLP by the prefixes they produce (after training; outputs unchanged)."""
+        if not self.prefix_projection:
+            return
+        table = self.prefixes().detach().clone()
+        del self.transform
+        self.embedding = nn.Embedding(table.shape[0], table.shape[1], device=table.device, dtype=table.dtype)
+        self.embedding.weight.copy_(table)
+        self.prefix_projection = False
+
+    def cache_pairs(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        n, layers, heads, hd = self.num_virtual_tokens, self.num_layers, self.num_heads, self.head_dim
+        kv = self.prefixes().to(dtype).view(n, 2 * layers, heads, hd).permute(1, 2, 0, 3)  # (2L, H, n, hd)
+        kv = kv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
+
+
+def _prefix_pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Pass the prefixes as a fresh ``past_key_values`` cache; widen the masks and shift position ids."""
+    kwargs = _keywords(args, kwargs)
+    encoder = model.prompt_encoder
+    n = encoder.num_virtual_tokens
+    if kwargs.get("past_key_values") is not None:
+        raise SurveyError("past_key_values cannot be passed with prefix tuning: the prefixes are the cache")
+    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    side = ("decoder_input_ids", "decoder_inputs_embeds", "labels") if enc_dec else ("input_ids", "inputs_embeds")
+    ref = next((kwargs[k] for k in side if kwargs.get(k) is not None), None)
+    if ref is None:
+        raise SurveyError(f"prefix tuning needs one of {', '.join(side)} to size the prefixes")
+    batch, length = ref.shape[:2]
+    check_context(model.config, n, length)
+    pairs = encoder.cache_pairs(batch, _like(model).dtype)
+    if enc_dec:
+        cache: Any = EncoderDecoderCache(DynamicCache(pairs), DynamicCache())
+        mask_key = "decoder_attention_mask"
+    else:
+        cache = DynamicCache(pairs)
+        mask_key = "attention_mask"
+    kwargs["past_key_values"] = cache
+    if kwargs.get(mask_key) is not None:
+        mask = kwargs[mask_key]
+        kwargs[mask_key] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + n
+    return (), kwargs
+
+
+def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projection: bool,
+                        encoder_hidden_size: int, **_: Any) -> nn.Module:
+    """Freeze ``model`` and give every (decoder) attention layer n trainable key/value positions."""
+    shape = layout(model.config)
+    encoder = PrefixEncoder(num_virtual_tokens, prefix_layers(model.config), shape.num_kv_heads, shape.head_dim,
+                            prefix_projection, encoder_hidden_size, _like(model))
+    return _install(model, encoder, _prefix_pre_hook)
+
+
+def prefix_tuning_params(config: PretrainedConfig, num_virtual_tokens: int, prefix_projection: bool,
+                         encoder_hidden_size: int, **_: Any) -> int:
+    r""":math:`n\cdot 2Lt`; with the MLP :math:`n t + (t e + e) + (e\cdot 2Lt + 2Lt)`, :math:`t` = key/value width."""
+    t, two_l = kv_width(config), 2 * prefix_layers(config)
+    if not prefix_projection:
+        return num_virtual_tokens * two_l * t
+    e = encoder_hidden_size
+    return num_virtual_tokens * t + (t * e + e) + (e * two_l * t + two_l * t)
+
+
+# --- LLaMA-Adapter: zero-gated adaption prompts in the top layers ---------------------------------------
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _adaption_hook(attn: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    r"""Add :math:`g\,\mathrm{softmax}(q P_K^\top/\sqrt{d_h})\,P_V` (then ``o_proj``) to the attention output."""
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    out, *rest = output
+    batch, length, _ = hidden.shape
+    heads, hd = attn.config.num_attention_heads, attn.head_dim
+    prompt = attn.adaption_prompt  # (1, K, h)
+    keys = attn.k_proj(prompt).view(1, prompt.shape[1], -1, hd).transpose(1, 2)
+    values = attn.v_proj(prompt).view(1, prompt.shape[1], -1, hd).transpose(1, 2)
+    groups = heads // keys.shape[1]  # grouped-query attention: each key/value head serves `groups` queries
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    query = attn.q_proj(hidden).view(batch, length, heads, hd).transpose(1, 2)
+    cos, sin = kwargs["position_embeddings"]
+    query = query * cos.unsqueeze(1) + _rotate_half(query) * sin.unsqueeze(1)
+    scores = query @ keys.transpose(2, 3).to(query.dtype) / math.sqrt(hd)
+    probs = attn.adaption_gate * F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    mixed = (probs @ values.to(query.dtype)).transpose(1, 2).reshape(batch, length, -1)
+    return (out + attn.o_proj(mixed), *rest)
+
+
+def apply_llama_adapter(model: nn.Module, adapter_len: int, adapter_layers: int, **_: Any) -> nn.Module:
+    r"""LLaMA-Adapter (Zhang et al. 2023, arXiv:2303.16199) on the top ``adapter_layers`` blocks.
+
+    Each adapted attention gets a prompt :math:`P \in \mathbb{R}^{K\times h}` (N(0,1) init), projected by the
+    frozen ``k_proj``/``v_proj``, and a gate :math:`g` initialised at zero, so the model is unchanged at
+    init: :math:`o = \mathrm{attn}(x) + W_o\,g\,\mathrm{softmax}(q P_K^\top/\sqrt{d_h}) P_V`. One scalar gate
+    per layer (peft's choice; the paper gates per head).
+    """
+    freeze(model)
+    layers = model.model.layers
+    for block in list(layers)[len(layers) - adapter_layers:]:
+        attn = block.self_attn
+        like = attn.q_proj.weight
+        attn.adaption_prompt = new_parameter((1, adapter_len, like.shape[1]), like, nn.init.normal_)
+        attn.adaption_gate = new_parameter((1,), like, nn.init.zeros_)
+        attn.register_forward_hook(_adaption_hook, with_kwargs=True)
+    return model
+
+
+def llama_adapter_params(config: PretrainedConfig, adapter_len: int, adapter_layers: int, **_: Any) -> int:
+    r""":math:`L_a\,(K h + 1)`: a K x h prompt and one gate in each of the top :math:`L_a` layers."""
+    return adapter_layers * (adapter_len * layout(config).hidden_size + 1)
+
+
+def validate_llama_adapter(config: PretrainedConfig, adapter_len: int, adapter_layers: int, **_: Any) -> None:
+    if config.model_type not in ADAPTION_MODEL_TYPES:
+        raise SurveyError(f"llama_adapter needs a llama-like decoder ({', '.join(ADAPTION_MODEL_TYPES)}); "
+                          f"{model_label(config)} is '{config.model_type}'")
+    blocks = layout(config).num_layers
+    if adapter_layers > blocks:
+        raise SurveyError(f"adapter_layers={adapter_layers} is more than {model_label(config)}'s {blocks} layers")
+
+
+def llama_adapter_peft_config(config: PretrainedConfig, adapter_len: int, adapter_layers: int, **_: Any) -> Any:
+    from peft import AdaptionPromptConfig
+
+    return AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=adapter_len, adapter_layers=adapter_layers)
+
+
+# --- validation, positions, peft configs ----------------------------------------------------------------
+def validate_prompt(config: PretrainedConfig, num_virtual_tokens: int, **hp: Any) -> None:
+    """The prompt alone must leave room for at least one real token."""
+    check_context(config, num_virtual_tokens, 1)
+    if hp.get("prompt_tuning_init") == "TEXT" and not (hp.get("prompt_tuning_init_text")
+                                                         and hp.get("tokenizer_name_or_path")):
+        raise SurveyError("prompt_tuning_init=TEXT needs prompt_tuning_init_text and tokenizer_name_or_path")
+
+
+def virtual_positions(config: PretrainedConfig, num_virtual_tokens: int, **_: Any) -> int:
+    """Prompt methods: n more positions everywhere. Prefix methods: n more key/value positions in each
+    prefixed layer (queries unchanged), and the real tokens' positions start at n; both count n here."""
+    return num_virtual_tokens
+
+
+def _prompt_learning_common(config: PretrainedConfig, num_virtual_tokens: int) -> dict[str, Any]:
+    return {"task_type": peft_task_type(config), "num_virtual_tokens": num_virtual_tokens,
+            "num_transformer_submodules": 1}
+
+
+def prompt_tuning_peft_config(config: PretrainedConfig, num_virtual_tokens: int, prompt_tuning_init: str,
+                              prompt_tuning_init_text: str | None, tokenizer_name_or_path: str | None,
+                              **_: Any) -> Any:
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig(**_prompt_learning_common(config, num_virtual_tokens),
+                              token_dim=embedding_width(config), prompt_tuning_init=prompt_tuning_init,
+                              prompt_tuning_init_text=prompt_tuning_init_text,
+                              tokenizer_name_or_path=tokenizer_name_or_path)
+
+
+def p_tuning_peft_config(config: PretrainedConfig, num_virtual_tokens: int, encoder_reparameterization_type: str,
+                         encoder_hidden_size: int, encoder_num_layers: int, encoder_dropout: float,
+                         **_: Any) -> Any:
+    from peft import PromptEncoderConfig
+
+    if encoder_reparameterization_type == "MLP":
+        # The MLP ignores encoder_num_layers; peft 0.21.2 crashes (AttributeError) on any value but its default 2.
+        encoder_num_layers = 2
+    return PromptEncoderConfig(**_prompt_learning_common(config, num_virtual_tokens),
+                               token_dim=embedding_width(config),
+                               encoder_reparameterization_type=encoder_reparameterization_type,
+                               encoder_hidden_size=encoder_hidden_size, encoder_num_layers=encoder_num_layers,
+                               encoder_dropout=encoder_dropout)
+
+
+def prefix_tuning_peft_config(config: PretrainedConfig, num_virtual_tokens: int, prefix_projection: bool,
+                              encoder_hidden_size: int, **_: Any) -> Any:
+    """peft's default for T5 is ``num_transformer_submodules=2`` (needed by its seq2seq cache path)."""
+    from peft import PrefixTuningConfig
+
+    shape = layout(config)
+    return PrefixTuningConfig(task_type=peft_task_type(config), num_virtual_tokens=num_virtual_tokens,
+                              prefix_projection=prefix_projection, encoder_hidden_size=encoder_hidden_size,
+                              token_dim=kv_width(config), num_attention_heads=shape.num_kv_heads,
+                              num_layers=prefix_layers(config))
+
+
+# --- registration ---------------------------------------------------------------------------------------
+N_TOKENS = HyperParam("num_virtual_tokens", "int", 20, "n: virtual tokens (prompt length)", minimum=1)
+ENCODER_SIZE = HyperParam("encoder_hidden_size", "int", 512,
+                          "hidden width e of the reparameterisation network (peft's default: the model width)",
+                          minimum=1)
+SOFT = Taxonomy(xu="additive / soft prompt-based", wang="additive / soft prompt", lialin="A:soft_prompts")
+PREFIX_HPS = (N_TOKENS, HyperParam("prefix_projection", "bool", True,
+                                   "train the prefixes through an MLP (Li & Liang's reparameterisation)"),
+              ENCODER_SIZE)
+
+register(Method(
+    name="prompt_tuning", title="Prompt tuning",
+    paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning (EMNLP 2021)",
+    arxiv_id="2104.08691", taxonomy=SOFT, chapter="02_additive_soft_prompts",
+    hyperparams=(N_TOKENS,
+                 HyperParam("prompt_tuning_init", "str", "RANDOM", "initialisation of the prompt",
+                            choices=("RANDOM", "SAMPLE_VOCAB", "TEXT")),
+                 HyperParam("prompt_tuning_init_text", "str", None, "text whose embeddings start the prompt (TEXT)",
+                            nullable=True),
+                 HyperParam("tokenizer_name_or_path", "str", None, "tokenizer for the init text (TEXT)",
+                            nullable=True)),
+    apply=apply_prompt_tuning, trainable_params=prompt_tuning_params, peft_config=prompt_tuning_peft_config,
+    validate=validate_prompt, extra_positions=virtual_positions, param_prefixes=("prompt_encoder",),
+    backprop_through_backbone=True,
+))
+
+register(Method(
+    name="p_tuning", title="P-tuning",
+    paper="Liu et al. 2021, GPT Understands, Too (AI Open 2023)",
+    arxiv_id="2103.10385",
+    taxonomy=Taxonomy(xu="not located", wang="additive / soft prompt", lialin="not located"),
+    chapter="02_additive_soft_prompts",
+    hyperparams=(N_TOKENS,
+                 HyperParam("encoder_reparameterization_type", "str", "MLP", "prompt encoder network",
+                            choices=("MLP", "LSTM")),
+                 ENCODER_SIZE,
+                 HyperParam("encoder_num_layers", "int", 2, "LSTM layers (LSTM encoder only)", minimum=1,
+                            maximum=4),
+                 HyperParam("encoder_dropout", "float", 0.0, "dropout between LSTM layers", minimum=0,
+                            maximum=0.99)),
+    apply=apply_p_tuning, trainable_params=p_tuning_params, peft_config=p_tuning_peft_config,
+    validate=validate_prompt, extra_positions=virtual_positions, param_prefixes=("prompt_encoder",),
+))
+
+register(Method(
+    name="prefix_tuning", title="Prefix tuning",
+    paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation (ACL 2021)",
+    arxiv_id="2101.00190", taxonomy=SOFT, chapter="02_additive_soft_prompts",
+    hyperparams=PREFIX_HPS,
+    apply=apply_prefix_tuning, trainable_params=prefix_tuning_params, peft_config=prefix_tuning_peft_config,
+    validate=validate_prompt, extra_positions=virtual_positions, param_prefixes=("prompt_encoder",),
+))
+
+register(Method(
+    name="p_tuning_v2", title="P-tuning v2 (deep prompt tuning)",
+    paper="Liu et al. 2022, P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally Across "
+          "Scales and Tasks (ACL 2022)",
+    arxiv_id="2110.07602",
+    taxonomy=Taxonomy(xu="not located", wang="not located", lialin="not located"),
+    chapter="02_additive_soft_prompts",
+    hyperparams=(N_TOKENS, HyperParam("prefix_projection", "bool", False,
+                                      "reparameterise through an MLP (optional in P-tuning v2)"), ENCODER_SIZE),
+    apply=apply_prefix_tuning, trainable_params=prefix_tuning_params, peft_config=prefix_tuning_peft_config,
+    validate=validate_prompt, extra_positions=virtual_positions, param_prefixes=("prompt_encoder",),
+    notes="deep prompts in every layer = prefix tuning without the MLP by default (peft: PrefixTuningConfig)",
+))
+
+register(Method(
+    name="llama_adapter", title="LLaMA-Adapter (adaption prompts)",
+    paper="Zhang et al. 2023, LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init "
+          "Attention (ICLR 2024)",
+    arxiv_id="2303.16199",
+    taxonomy=Taxonomy(xu="not located", wang="not located", lialin="not located"),
+    chapter="02_additive_soft_prompts",
+    hyperparams=(HyperParam("adapter_len", "int", 10, "K: adaption prompt length per layer (paper: 10)",
+                            minimum=1),
+                 HyperParam("adapter_layers", "int", 30, "top layers that get a prompt (paper: 30 of LLaMA-7B's 32)",
+                            minimum=1)),
+    apply=apply_llama_adapter, trainable_params=llama_adapter_params, peft_config=llama_adapter_peft_config,
+    validate=validate_llama_adapter, param_prefixes=("adaption_",),
+    notes="extra key positions only inside the adapted layers' separate softmax; no position is added",
+))
+
+
+# --- what chapter 02 shows: parity with peft and the cost in positions ----------------------------------
+def compare_with_peft(model: str, method: str, seed: int = 0, **hp: Any) -> float:
+    """Max |ours - peft| over the outputs of a tiny model, with our method's tensors copied from peft's.
+
+    LLaMA-Adapter's gates are opened (0.7) in both so that the prompts matter. For T5 prefixes peft feeds
+    decoder layer i the blocks (4i, 4i+1) mod 2L of its table (half of the table is never read); those
+    blocks are copied into our layer i.
+    """
+    import warnings
+
+    from survey_utils.counting import apply_method, peft_model
+    from survey_utils.zoo import build_model
+
+    ours = apply_method(build_model(model, device="cpu", seed=seed), method, **hp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft_model(build_model(model, device="cpu", seed=seed), method, **hp)
+    config = ours.config
+    with torch.no_grad():
+        if method == "llama_adapter":
+            for name, parameter in theirs.named_parameters():
+                if "adaption_" in name:
+                    if name.endswith("adaption_gate"):
+                        parameter.fill_(0.7)
+                    ours.get_parameter(name.replace("base_model.model.", "", 1)).copy_(parameter)
+        elif layout(config).is_encoder_decoder and isinstance(ours.prompt_encoder, PrefixEncoder):
+            state = theirs.prompt_encoder["default"]
+            ours.prompt_encoder.load_state_dict(state.state_dict())
+            ours.prompt_encoder.fold()
+            layers, width = prefix_layers(config), kv_width(config)
+            table = state.transform(state.embedding.weight) if state.prefix_projection else state.embedding.weight
+            blocks = [b % (2 * layers) for i in range(layers) for b in (4 * i, 4 * i + 1)]
+            n = ours.prompt_encoder.num_virtual_tokens
+            ours.prompt_encoder.embedding.weight.copy_(table.view(n, 2 * layers, width)[:, blocks].reshape(n, -1))
+        else:
+            ours.prompt_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())
+        generator = torch.Generator().manual_seed(seed)
+        inputs: dict[str, torch.Tensor] = {"input_ids": torch.randint(5, 200, (2, 8), generator=generator),
+                                           "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+        inputs["attention_mask"][1, :3] = 0
+        if layout(config).is_encoder_decoder:
+            inputs["decoder_input_ids"] = torch.randint(5, 200, (2, 5), generator=generator)
+        a, b = ours(**inputs), theirs(**inputs)
+        a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a.last_hidden_state, b.last_hidden_state)
+    if a.shape != b.shape:
+        raise SurveyError(f"{method} on {model}: output shapes differ, ours {tuple(a.shape)} vs peft {tuple(b.shape)}")
+    return float((a - b).abs().max())
+
+
+def sequence_costs(config: PretrainedConfig, method: str, num_virtual_tokens: int, seq_len: int,
+                   batch_size: int = 1, bytes_per_value: int = 2) -> dict[str, int]:
+    """Positions and key/value-cache bytes of one forward with ``num_virtual_tokens`` of this method.
+
+    ``query positions``: rows each block computes (prompt methods: n + L; prefix methods: L);
+    ``key positions``: what each prefixed/prompted attention layer attends over (n + L);
+    ``kv cache bytes``: keys and values of every attention layer that sees the prompt, at ``bytes_per_value``.
+    """
+    shape = layout(config)
+    n = num_virtual_tokens
+    check_context(config, n, seq_len)
+    prompt = method in ("prompt_tuning", "p_tuning")
+    layers = shape.num_layers if prompt else prefix_layers(config)
+    if prompt and shape.is_encoder_decoder:  # the prompt lengthens the encoder only
+        layers = shape.num_layers - prefix_layers(config)
+    keys = seq_len + n
+    return {"query positions": keys if prompt else seq_len, "key positions": keys,
+            "kv cache bytes": 2 * layers * batch_size * keys * kv_width(config) * bytes_per_value}
+
+
+def peft_default_trainable(model: str, method: str, num_virtual_tokens: int) -> int:
+    """peft's trainable count with only ``task_type`` and ``num_virtual_tokens`` set (peft's own defaults:
+    for T5, ``num_transformer_submodules=2``, i.e. two prompt tables)."""
+    import warnings
+
+    import peft
+
+    from survey_utils.zoo import build_model
+
+    built = build_model(model, device="meta")
+    kinds = {"prompt_tuning": peft.PromptTuningConfig, "p_tuning": peft.PromptEncoderConfig,
+             "prefix_tuning": peft.PrefixTuningConfig, "p_tuning_v2": peft.PrefixTuningConfig}
+    extra = {"prefix_projection": True} if method == "prefix_tuning" else {}
+    config = kinds[method](task_type=peft_task_type(built.config), num_virtual_tokens=num_virtual_tokens, **extra)
+    with warnings.catch_warnings(), torch.device("meta"):  # peft's prompt encoders built on meta: no memory
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(built, config).get_nb_trainable_parameters()[0]
