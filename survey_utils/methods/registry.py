@@ -16,6 +16,12 @@ Contract of the callables (``hp`` is the resolved hyper-parameter dict, defaults
 - ``validate(config, **hp)``: raise :class:`SurveyError` for values that are wrong for this model.
 - ``frozen_added_params(config, **hp) -> int``: frozen parameters the method adds (e.g. shared random
   projections stored as parameters); default 0.
+- ``memory_terms(config, batch_size, seq_len, act_bytes, adapter_bytes, **hp) -> dict[str, int]``: bytes of
+  the tensors the method's own modules save for backward, summed over the whole model, by a short label
+  (e.g. ``{"adapter inputs": ..., "bottleneck": ...}``); ``seq_len`` already includes ``extra_positions``,
+  ``act_bytes`` is the model dtype's size and ``adapter_bytes`` the trainable parameters'. Used by
+  ``survey_utils.memory.estimate``; default: the method saves nothing beyond the backbone (with
+  ``backprop_through_backbone=False`` the backbone itself saves nothing).
 
 ``selective=True`` marks methods that train existing weights and add none (full fine-tuning, BitFit), so
 the model's total is unchanged; otherwise the total grows by the trainable (and frozen added) parameters.
@@ -150,6 +156,7 @@ class Method:
     param_prefixes: tuple[str, ...] = ()
     selective: bool = False
     frozen_added_params: Callable[..., int] | None = None
+    memory_terms: Callable[..., dict[str, int]] | None = None
     mergeable: bool = False
     backprop_through_backbone: bool = True
     notes: str = ""

@@ -82,13 +82,27 @@ class _TargetBoxes(W.VBox):
         self.value = [b.description for b in self.boxes if b.value]
 
 
-def hyperparam_widget(hp: HyperParam, model: str, current: Any = None) -> W.Widget | None:
-    """A control for one hyper-parameter on ``model``, keeping ``current`` when it is still valid."""
-    shape = layout(load_config(model))
+def hyperparam_widget(hp: HyperParam, model: str, current: Any = None,
+                      method: Method | None = None) -> W.Widget | None:
+    """A control for one hyper-parameter on ``model``, keeping ``current`` when it is still valid.
+
+    A ``targets`` control starts from the method's per-architecture defaults when it declares them
+    (``extras["default_targets"](config) -> {hp name: [module names]}``, as peft's (IA)^3 mapping), else
+    from the architecture's query and value projections.
+    """
+    config = load_config(model)
+    shape = layout(config)
     if hp.type == "targets":
         names = shape.linear_names()
-        chosen = current if isinstance(current, list) else (hp.default or list(shape.default_lora_targets))
-        return _TargetBoxes(names, [c for c in chosen if c in names] or list(shape.default_lora_targets))
+        defaults = list(shape.default_lora_targets)
+        declared = method.extras.get("default_targets") if method is not None else None
+        if declared is not None:
+            try:
+                defaults = list(declared(config).get(hp.name, defaults))
+            except SurveyError:
+                pass
+        chosen = current if isinstance(current, list) else (hp.default or defaults)
+        return _TargetBoxes(names, [c for c in chosen if c in names] or defaults)
     if hp.type == "int_list":
         blocks = num_blocks(shape)
         low, high = (min(current), max(current)) if current else (0, blocks - 1)
@@ -98,6 +112,8 @@ def hyperparam_widget(hp: HyperParam, model: str, current: Any = None) -> W.Widg
         return W.Dropdown(options=list(hp.choices), value=current if current in hp.choices else hp.default,
                           description=hp.name, style=_STYLE)
     value = hp.default if current is None else current
+    if value is None:
+        return None  # an unset optional number (peft's "derive it from the model") has no slider
     if hp.type == "int":
         low, high = slider_range(hp)
         return W.IntSlider(value=int(value), min=int(low), max=int(high), description=hp.name,
@@ -170,7 +186,7 @@ class MethodExplorer(Explorer):
         for hp in method.hyperparams:
             current = previous.get(hp.name)
             try:
-                control = hyperparam_widget(hp, model, current)
+                control = hyperparam_widget(hp, model, current, method)
             except SurveyError:
                 control = None
             if control is not None:

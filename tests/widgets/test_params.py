@@ -68,3 +68,10 @@ def test_switching_method_keeps_rank_and_resets_flags() -> None:
     assert explorer.hp_controls["r"].value == 32
     assert explorer.state["hp"].get("use_rslora", False) is False
     assert explorer.error is None
+
+
+def test_ia3_targets_start_from_peft_defaults_for_the_architecture() -> None:
+    explorer = MethodExplorer(["ia3"], model="llama-2-7b")
+    assert explorer.state["hp"]["target_modules"] == ["k_proj", "v_proj", "down_proj"]
+    assert explorer.state["hp"]["feedforward_modules"] == ["down_proj"]
+    assert explorer.error is None
