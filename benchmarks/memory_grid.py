@@ -1,0 +1,126 @@
+"""Estimate vs simulation (vs measurement where a GPU ran it) over a grid; writes data/memory_validation.csv.
+
+Grid: zoo models from tiny to 70B x methods (full and LoRA everywhere; every registered method on
+tiny-llama) x batch x sequence length x gradient checkpointing. Then draws
+figures/memory_estimate_vs_simulation.png/svg and prints the median and worst estimate errors.
+Runs in a few minutes on 2 cores: every simulation is on fake tensors. ``--measure`` adds real CUDA steps
+for models up to 1B parameters when a GPU is present.
+
+    python benchmarks/memory_grid.py [--out data/memory_validation.csv] [--figures figures] [--measure]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from survey_utils.architecture import total_params  # noqa: E402
+from survey_utils.errors import SurveyError  # noqa: E402
+from survey_utils.memory import estimate, measure, simulate, validation_figure  # noqa: E402
+from survey_utils.methods import list_methods  # noqa: E402
+from survey_utils.zoo import load_config  # noqa: E402
+
+COLUMNS = ["model", "method", "batch_size", "seq_len", "gradient_checkpointing", "dtype", "optimizer", "attention",
+           "trainable_params", "estimate_bytes", "simulated_bytes", "measured_allocated_bytes",
+           "measured_reserved_bytes", "relative_error", "peak_phase", "command"]
+
+# (model, batch, seq) shapes; every one runs with and without checkpointing for full and LoRA.
+SHAPES = [
+    ("tiny-llama", 1, 512), ("tiny-llama", 8, 256),
+    ("tiny-gpt2", 2, 256), ("tiny-bert", 2, 256), ("tiny-t5", 2, 128),
+    ("gpt2", 1, 512), ("opt-350m", 2, 512), ("bloom-560m", 1, 512),
+    ("qwen2.5-0.5b", 2, 1024),
+    ("llama-2-7b", 1, 512), ("llama-2-7b", 4, 2048), ("mistral-7b", 1, 1024),
+    ("llama-2-13b", 1, 512),
+]
+BIG = [("llama-2-70b", 1, 512)]  # LoRA only, without checkpointing (about 30 s each)
+ALL_METHODS_ON = [("tiny-llama", 2, 128)]
+
+
+def settings_grid() -> list[dict]:
+    grid = []
+    for model, batch, seq in SHAPES:
+        for method in ("full", "lora"):
+            for ckpt in (False, True):
+                grid.append(dict(model=model, method=method, batch_size=batch, seq_len=seq,
+                                 gradient_checkpointing=ckpt))
+    for model, batch, seq in BIG:
+        grid.append(dict(model=model, method="lora", batch_size=batch, seq_len=seq, gradient_checkpointing=False))
+    for model, batch, seq in ALL_METHODS_ON:
+        for method in list_methods():
+            if method.name not in ("full", "lora"):
+                grid.append(dict(model=model, method=method.name, batch_size=batch, seq_len=seq,
+                                 gradient_checkpointing=False))
+    return grid
+
+
+def command(row: dict) -> str:
+    parts = ["python -m survey_utils memory", f"--model {row['model']}", f"--method {row['method']}",
+             f"--batch-size {row['batch_size']}", f"--seq-len {row['seq_len']}", f"--dtype {row['dtype']}",
+             f"--optimizer {row['optimizer']}", f"--attention {row['attention']}"]
+    if row["gradient_checkpointing"]:
+        parts.append("--gradient-checkpointing")
+    return " ".join(parts + ["--simulate"])
+
+
+def run(out: Path, figures: Path, with_measure: bool) -> list[dict]:
+    rows = []
+    start = time.perf_counter()
+    for case in settings_grid():
+        case = dict(case, dtype="bf16", optimizer="adamw", attention="sdpa")
+        kwargs = {k: case[k] for k in ("batch_size", "seq_len", "gradient_checkpointing", "dtype", "optimizer",
+                                       "attention")}
+        try:
+            est = estimate(case["model"], case["method"], **kwargs)
+            sim = simulate(case["model"], case["method"], **kwargs)
+        except SurveyError as error:
+            print(f"skip {case['model']} {case['method']}: {error}", file=sys.stderr)
+            continue
+        row = dict(case, trainable_params=est.trainable_params, estimate_bytes=est.total,
+                   simulated_bytes=sim.peak, measured_allocated_bytes="", measured_reserved_bytes="",
+                   relative_error=f"{(est.total - sim.peak) / sim.peak:.5f}", peak_phase=est.peak_phase)
+        if with_measure and total_params(load_config(case["model"])) <= 1_000_000_000:
+            try:
+                got = measure(case["model"], case["method"], device="cuda", **kwargs)
+                row["measured_allocated_bytes"], row["measured_reserved_bytes"] = got.allocated, got.reserved
+            except SurveyError as error:
+                print(f"no measurement: {error}", file=sys.stderr)
+        row["command"] = command(row)
+        rows.append(row)
+        print(f"{case['model']:<14} {case['method']:<16} b{case['batch_size']:<2} s{case['seq_len']:<5} "
+              f"ckpt={int(case['gradient_checkpointing'])}  est {est.total / 2**30:9.3f} GiB  "
+              f"sim {sim.peak / 2**30:9.3f} GiB  err {100 * float(row['relative_error']):+6.2f}%  "
+              f"({sim.seconds:.1f} s)", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    paths = validation_figure(figures, out)
+    errors = sorted(((abs(float(r["relative_error"])), r) for r in rows), key=lambda pair: pair[0])
+    median = statistics.median(e for e, _ in errors)
+    print(f"\n{len(rows)} settings in {time.perf_counter() - start:.0f} s; wrote {out} and "
+          f"{', '.join(str(p) for p in paths)}")
+    print(f"median |estimate - simulation| / simulation: {100 * median:.2f}%")
+    within = sum(e <= 0.05 for e, _ in errors)
+    print(f"within 5%: {within} of {len(rows)}")
+    print("worst:")
+    for error, row in errors[-5:][::-1]:
+        print(f"  {100 * error:6.2f}%  {row['command']}")
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "data" / "memory_validation.csv")
+    parser.add_argument("--figures", type=Path, default=ROOT / "figures")
+    parser.add_argument("--measure", action="store_true", help="also run real CUDA steps (GPU only)")
+    args = parser.parse_args()
+    run(args.out, args.figures, args.measure)

@@ -1,0 +1,84 @@
+"""Memory of a training step: estimate (closed form), simulate (fake tensors), measure (real step); chapter 00.
+
+``estimate`` gives every term in bytes with its assumptions; ``simulate`` runs the real step on fake tensors
+under torch's ``MemTracker``; ``measure`` reads CUDA's counters (or tracks a real CPU step of a tiny model).
+``cli_memory`` is the ``python -m survey_utils memory`` command; ``validation_figure`` draws estimate vs
+simulation from ``data/memory_validation.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from survey_utils.memory.estimate import MemoryEstimate, estimate
+from survey_utils.memory.measure import Measurement, measure
+from survey_utils.memory.simulate import Simulation, simulate
+
+__all__ = ["MemoryEstimate", "Measurement", "Simulation", "cli_memory", "estimate", "format_bytes", "measure",
+           "simulate", "validation_figure"]
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units (GiB, MiB, KiB), three significant figures."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}" if n / size < 1000 else f"{n / size:,.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def cli_memory(args: argparse.Namespace) -> int:
+    """``python -m survey_utils memory``: the breakdown and its assumptions; ``--json`` for one object."""
+    from survey_utils.methods import get_method
+
+    method = get_method(args.method)
+    hp = method.parse_settings(args.settings)
+    settings: dict[str, Any] = dict(
+        batch_size=args.batch_size, seq_len=args.seq_len, dtype=args.dtype, adapter_dtype=args.adapter_dtype,
+        optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing,
+        quantization=args.quantization, attention=args.attention,
+    )
+    result = estimate(args.model, method, hp, **settings)
+    sim = simulate(args.model, method, hp, **settings) if args.simulate else None
+    if args.json:
+        payload = result.as_dict()
+        if sim is not None:
+            payload["simulated_peak"] = sim.peak
+            payload["simulation"] = sim.as_dict()
+            payload["relative_error"] = (result.total - sim.peak) / sim.peak
+        print(json.dumps(payload))
+        return 0
+    print(f"model {args.model}  method {method.name}  batch {args.batch_size}  seq {args.seq_len}  "
+          f"dtype {args.dtype}{'/' + args.adapter_dtype if args.adapter_dtype else ''}  optimizer {args.optimizer}"
+          f"{'  checkpointing' if args.gradient_checkpointing else ''}"
+          f"{'  ' + args.quantization if args.quantization else ''}  attention {args.attention}")
+    print(f"trainable parameters {result.trainable_params:,} of {result.total_params:,}")
+    rows = [("weights", result.weights), ("gradients", result.gradients),
+            ("optimizer states", result.optimizer_states), ("master weights", result.master_weights),
+            ("activations", result.activations), ("logits and loss (transient)", result.loss_transient),
+            ("optimizer step (transient)", result.optimizer_transient), ("batch", result.batch)]
+    for label, value in rows:
+        print(f"  {label:<30} {format_bytes(value):>12}")
+    for dtype, value in result.weights_by_dtype.items():
+        print(f"    weights in {dtype:<19} {format_bytes(value):>12}")
+    for term, value in result.activations_by_term.items():
+        print(f"    activations: {term:<40} {format_bytes(value):>12}")
+    print(f"  {'peak allocated (estimate)':<30} {format_bytes(result.total):>12}   at the {result.peak_phase}")
+    if sim is not None:
+        error = 100 * (result.total - sim.peak) / sim.peak
+        print(f"  {'peak allocated (simulation)':<30} {format_bytes(sim.peak):>12}   estimate {error:+.2f}%  "
+              f"({sim.seconds:.1f} s)")
+    print("assumptions:")
+    for line in result.assumptions + (sim.assumptions if sim else []):
+        print(f"  - {line}")
+    print(f"note: {result.cuda_overhead_note}")
+    return 0
+
+
+def validation_figure(out_dir: str | Path = "figures", csv_path: str | Path | None = None) -> list[Path]:
+    """Estimate vs simulation from ``data/memory_validation.csv``: a png and an svg, byte-for-byte reproducible."""
+    from survey_utils.memory.figure import draw_validation
+
+    return draw_validation(Path(out_dir), csv_path)

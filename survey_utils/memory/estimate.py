@@ -1,0 +1,429 @@
+r"""Closed-form memory of one training step, term by term, with every assumption stated (chapter 00).
+
+The peak of *allocated* memory in a steady-state step (the optimizer states already exist) is
+
+.. math::
+
+    M = W + O + M_\text{master} + B + \max\bigl(A + \Delta_\text{loss},\; G + T_\text{opt}\bigr)
+
+- :math:`W`: weights, by dtype (quantized frozen linears: 4-bit NF4 or int8 plus their scales);
+- :math:`O`: optimizer states of the trainable parameters; :math:`M_\text{master}`: fp32 master copies
+  when the trainable parameters are fp16 (mixed precision with loss scaling needs them);
+- :math:`B`: the batch (``input_ids`` and ``labels``, int64);
+- :math:`A`: activations saved for backward, summed over the blocks by architecture (norms, attention
+  with SDPA or eager, MLP, the method's own tensors), with gradient checkpointing only the block inputs
+  plus one block's worth; :math:`\Delta_\text{loss}`: the fp32 log-softmax and the two fp32 logit
+  gradients alive at the start of backward (:math:`12\,b\,s\,V` bytes);
+- :math:`G`: gradients of the trainable parameters; :math:`T_\text{opt}`: the optimizer's largest
+  per-parameter temporary (AdamW's ``sqrt`` and ``/``: two tensors of the biggest parameter).
+
+A method joins with no change here: trainable parameters come from the registry's closed form; a method
+whose tensors saved for backward matter sets ``Method.memory_terms`` (see the registry docstring).
+Parameters of the base model count as trainable only under ``full`` fine-tuning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+from survey_utils.architecture import Layout, layout, total_params
+from survey_utils.errors import SurveyError
+from survey_utils.methods.registry import Method, get_method
+from survey_utils.zoo import load_config
+
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
+DTYPES = ("fp32", "bf16", "fp16")
+QUANTIZATIONS = ("nf4", "int8")
+ATTENTIONS = ("sdpa", "eager")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# bitsandbytes NF4 (QLoRA, Dettmers et al. 2023, arXiv:2305.14314, section 3): 4-bit codes, one absmax
+# per block of 64 weights, itself quantized to 8 bits with one fp32 constant per 256 blocks (double
+# quantization): 0.5 + 1/64 + 4/(64*256) bytes per weight.
+NF4_BLOCK, NF4_BLOCK2 = 64, 256
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_BLOCK2)
+# bitsandbytes LLM.int8 (Dettmers et al. 2022, arXiv:2208.07339): int8 codes and one fp32 scale per row.
+# bitsandbytes' 8-bit optimizers: uint8 moments with one fp32 absmax per 256 elements, 32-bit states
+# below 4096 elements (``min_8bit_size``).
+BNB_MIN_8BIT_SIZE, BNB_BLOCK_SIZE = 4096, 256
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A step's memory in bytes, term by term, with the assumptions that produced it."""
+
+    weights: int
+    weights_by_dtype: dict[str, int]
+    gradients: int
+    optimizer_states: int
+    master_weights: int
+    activations: int
+    activations_by_term: dict[str, int]
+    loss_transient: int
+    optimizer_transient: int
+    batch: int
+    total: int
+    trainable_params: int
+    total_params: int
+    peak_phase: str
+    cuda_overhead_note: str
+    assumptions: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object of ``memory --json``."""
+        return {
+            "weights": self.weights, "gradients": self.gradients, "optimizer_states": self.optimizer_states,
+            "activations": self.activations, "total": self.total, "master_weights": self.master_weights,
+            "loss_transient": self.loss_transient, "optimizer_transient": self.optimizer_transient,
+            "batch": self.batch, "weights_by_dtype": self.weights_by_dtype,
+            "activations_by_term": self.activations_by_term, "trainable_params": self.trainable_params,
+            "total_params": self.total_params, "peak_phase": self.peak_phase,
+            "cuda_overhead_note": self.cuda_overhead_note, "assumptions": self.assumptions,
+        }
+
+    def terms(self) -> dict[str, int]:
+        """The stacked-bar terms at the peak; they add up to ``total``."""
+        fixed = {"weights": self.weights, "optimizer states": self.optimizer_states + self.master_weights,
+                 "batch": self.batch}
+        rest = self.total - sum(fixed.values())
+        if self.peak_phase == "backward":
+            return {**fixed, "activations": self.activations, "logits and loss": rest - self.activations}
+        return {**fixed, "gradients": self.gradients, "optimizer step": rest - self.gradients}
+
+
+def supports_sdpa(config: PretrainedConfig) -> bool:
+    """Whether transformers' class for this config can use SDPA (BLOOM cannot: it adds ALiBi by hand)."""
+    from survey_utils.zoo import model_class
+
+    return bool(getattr(model_class(config), "_supports_sdpa", False))
+
+
+def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any], batch_size: int, seq_len: int,
+                   dtype: str, adapter_dtype: str | None, optimizer: str, quantization: str | None,
+                   attention: str) -> dict[str, Any]:
+    """Validate every setting (one-line :class:`SurveyError`) and return the method's resolved hyper-parameters."""
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SurveyError(f"{name}={value!r} must be a positive integer")
+    if dtype not in DTYPES:
+        raise SurveyError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    if adapter_dtype is not None and adapter_dtype not in DTYPES:
+        raise SurveyError(f"adapter_dtype '{adapter_dtype}' is not one of {', '.join(DTYPES)}")
+    if optimizer not in OPTIMIZERS:
+        raise SurveyError(f"optimizer '{optimizer}' is not one of {', '.join(OPTIMIZERS)}")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise SurveyError(f"quantization '{quantization}' is not one of {', '.join(QUANTIZATIONS)}")
+    if attention not in ATTENTIONS:
+        raise SurveyError(f"attention '{attention}' is not one of {', '.join(ATTENTIONS)}")
+    if quantization is not None and method.name == "full":
+        raise SurveyError(f"quantization '{quantization}' freezes the base weights; full fine-tuning cannot use it")
+    resolved = method.resolve(config, **hp)
+    shape = layout(config)
+    extra = method.extra_positions(config, **resolved) if method.extra_positions else 0
+    if shape.max_positions is not None and seq_len + extra > shape.max_positions:
+        raise SurveyError(f"seq_len={seq_len}{f' + {extra} virtual tokens' if extra else ''} exceeds the "
+                          f"context of {config.name_or_path} ({shape.max_positions} positions)")
+    return resolved
+
+
+def estimate(model_or_config: str | PretrainedConfig, method: str | Method = "full",
+             hp: dict[str, Any] | None = None, batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16",
+             adapter_dtype: str | None = None, optimizer: str = "adamw", gradient_checkpointing: bool = False,
+             quantization: str | None = None, attention: str = "sdpa") -> MemoryEstimate:
+    """Peak allocated bytes of a steady-state training step, term by term (see the module docstring)."""
+    config = load_config(model_or_config)
+    method = get_method(method) if isinstance(method, str) else method
+    resolved = check_settings(config, method, hp or {}, batch_size, seq_len, dtype, adapter_dtype, optimizer,
+                              quantization, attention)
+    shape = layout(config)
+    a = DTYPE_BYTES[dtype]
+    tdtype = adapter_dtype or dtype
+    tb = DTYPE_BYTES[tdtype]
+    full = method.name == "full"
+    trainable = method.trainable_params(config, **resolved)
+    added = method.added_params(config, **resolved)
+    base_total = total_params(config)
+    assumptions: list[str] = []
+
+    # Weights ---------------------------------------------------------------------------------------
+    by_dtype: dict[str, int] = {}
+    if full:
+        by_dtype[tdtype] = base_total * tb
+    else:
+        quantized = 0
+        if quantization is not None:
+            quantized_bytes, quantized = _quantized_bytes(shape, quantization)
+            by_dtype[quantization] = quantized_bytes
+            assumptions.append(_QUANT_NOTES[quantization])
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + (base_total - quantized) * a
+        frozen_added = added - trainable
+        if trainable:
+            by_dtype[tdtype] = by_dtype.get(tdtype, 0) + trainable * tb
+        if frozen_added:
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + frozen_added * a
+    weights = sum(by_dtype.values())
+
+    # Gradients, optimizer states, master weights ---------------------------------------------------
+    gradients = trainable * tb
+    masters = 4 * trainable if tdtype == "fp16" else 0
+    state_bytes = 4 if tdtype == "fp16" else tb
+    largest = _largest_trainable(shape, method, config, resolved, full, trainable)
+    optimizer_states, optimizer_transient = _optimizer(optimizer, trainable, state_bytes, largest, shape, full)
+    if masters:
+        assumptions.append("fp16 trainable parameters: fp32 master copies (4 B/param) are updated by the "
+                           "optimizer, whose states are fp32 too (mixed precision with loss scaling)")
+    elif tdtype == "bf16":
+        assumptions.append("bf16 trainable parameters without fp32 master copies (pure bf16 training); "
+                           "optimizer states in the parameters' dtype, as torch creates them")
+    assumptions.append(_OPTIMIZER_NOTES[optimizer])
+
+    # Activations -----------------------------------------------------------------------------------
+    extra = method.extra_positions(config, **resolved) if method.extra_positions else 0
+    s = seq_len + extra
+    if extra:
+        assumptions.append(f"{extra} virtual tokens of the method lengthen every block's sequence to {s}")
+    if attention == "sdpa" and not supports_sdpa(config):
+        attention = "eager"
+        assumptions.append(f"{config.model_type} has no SDPA path in transformers: eager attention")
+    terms, per_block, n_blocks = _block_activations(config, shape, batch_size, s, a, attention, full,
+                                                    method.backprop_through_backbone, assumptions)
+    method_terms = _method_terms(method, config, batch_size, s, a, tb, resolved)
+    recomputed = 0
+    if gradient_checkpointing:
+        # The checkpointed blocks keep only their input; one block's tensors are rebuilt during its backward.
+        per_block_method = sum(method_terms.values()) // max(n_blocks, 1)
+        recomputed = per_block + per_block_method
+        activations_by_term = {"block inputs (checkpointed)": n_blocks * batch_size * s * shape.hidden_size * a,
+                               "one block recomputed": per_block + per_block_method}
+        activations_by_term.update({k: v for k, v in terms.items() if k.startswith("outside blocks")})
+        assumptions.append("gradient checkpointing on every block (non-reentrant): the block inputs are kept, "
+                           "one block's activations are rebuilt at a time in backward")
+    else:
+        activations_by_term = {k: v for k, v in terms.items()}
+        for key, value in method_terms.items():
+            activations_by_term[f"method: {key}"] = value
+    activations = sum(activations_by_term.values())
+    vocab_positions = batch_size * s
+    loss_transient = 12 * vocab_positions * shape.vocab_size
+    assumptions.append("logits cast to fp32 for the loss; at the start of backward the saved log-softmax and two "
+                       "fp32 logit gradients are alive together: 12 B x batch x positions x vocab")
+    batch_bytes = 2 * 8 * batch_size * seq_len
+
+    fixed = weights + optimizer_states + masters + batch_bytes
+    # With checkpointing the loss's transients are gone before the first block is rebuilt.
+    backward_peak = activations - recomputed + max(loss_transient, recomputed)
+    step_peak = gradients + optimizer_transient
+    total = fixed + max(backward_peak, step_peak)
+    phase = "backward" if backward_peak >= step_peak else "optimizer step"
+    assumptions.append(f"the peak is reached at the {phase} (steady state: optimizer states already exist)")
+    assumptions.append("allocated bytes only: the CUDA context and the caching allocator are not included")
+    note = ("nvidia-smi and most published figures show reserved memory: add the CUDA context (about 0.3-1 GiB, "
+            "depending on the GPU and the loaded kernels) and the caching allocator's reserve (often 5-20% of "
+            "the peak, from fragmentation and rounding to 512 B blocks and 2 MiB segments)")
+    return MemoryEstimate(
+        weights=weights, weights_by_dtype=by_dtype, gradients=gradients, optimizer_states=optimizer_states,
+        master_weights=masters, activations=activations, activations_by_term=activations_by_term,
+        loss_transient=loss_transient, optimizer_transient=optimizer_transient, batch=batch_bytes, total=total,
+        trainable_params=trainable, total_params=base_total + added, peak_phase=phase,
+        cuda_overhead_note=note, assumptions=assumptions,
+    )
+
+
+_QUANT_NOTES = {
+    "nf4": f"NF4 (bitsandbytes, QLoRA): frozen block linears at {NF4_BYTES_PER_WEIGHT:.4f} B/weight (4-bit codes, "
+           "8-bit absmax per 64 weights, fp32 constant per 256 blocks); embeddings, norms and head unquantized",
+    "int8": "int8 (bitsandbytes LLM.int8): frozen block linears at 1 B/weight plus one fp32 scale per output row; "
+            "embeddings, norms and head unquantized",
+}
+
+_OPTIMIZER_NOTES = {
+    "adamw": "AdamW: two moments per trainable parameter; per-parameter update (foreach=False) whose largest "
+             "temporaries are two tensors the size of the biggest trainable parameter",
+    "adamw8bit": "AdamW 8-bit (bitsandbytes): uint8 moments plus one fp32 absmax per 256 elements, fp32 moments "
+                 "for tensors under 4096 elements; fused in-place update",
+    "sgd": "SGD with momentum: one buffer per trainable parameter, in-place update",
+    "adafactor": "Adafactor (torch): factored second moment (row and column vectors) for matrices, full for "
+                 "vectors, no first moment; the update materialises one tensor the size of the parameter",
+}
+
+
+def _quantized_bytes(shape: Layout, quantization: str) -> tuple[int, int]:
+    weights = [m for m in shape.modules if m.kind in ("linear", "conv1d") and m.layer is not None]
+    count = sum(m.in_features * m.out_features for m in weights)
+    if quantization == "nf4":
+        return math.ceil(count * NF4_BYTES_PER_WEIGHT), count
+    return count + 4 * sum(m.out_features for m in weights), count
+
+
+def _largest_trainable(shape: Layout, method: Method, config: PretrainedConfig, hp: dict[str, Any], full: bool,
+                       trainable: int) -> int:
+    """Elements of the biggest trainable tensor (the optimizer's temporaries are this big)."""
+    if full:
+        return max(n for m in shape.modules if not m.tied_to for _, n in m.params)
+    if method.name == "lora":
+        from survey_utils.methods.common import target_specs
+
+        specs = target_specs(config, "lora", hp)
+        return max(hp["r"] * max(m.in_features, m.out_features) for m in specs)
+    return trainable
+
+
+def _optimizer(name: str, trainable: int, state_bytes: int, largest: int, shape: Layout, full: bool
+               ) -> tuple[int, int]:
+    if name == "adamw":
+        return 2 * trainable * state_bytes, 2 * largest * state_bytes
+    if name == "sgd":
+        return trainable * state_bytes, 0
+    if name == "adamw8bit":
+        if trainable < BNB_MIN_8BIT_SIZE:
+            return 8 * trainable, 0
+        return 2 * trainable + 2 * 4 * math.ceil(trainable / BNB_BLOCK_SIZE), 0
+    # adafactor: a matrix (rows x cols) keeps rows + cols; vectors keep themselves.
+    if full:
+        states = 0
+        for module in shape.modules:
+            if module.tied_to:
+                continue
+            for pname, n in module.params:
+                if pname == "weight" and module.kind in ("linear", "conv1d", "embedding"):
+                    states += module.in_features + module.out_features
+                else:
+                    states += n
+        return states * state_bytes, largest * state_bytes
+    # PEFT: matrices of shape (r x d) dominate; their factored states are about sqrt-sized, bounded by 1%.
+    return max(1, trainable // 50) * state_bytes, largest * state_bytes
+
+
+def _block_activations(config: PretrainedConfig, shape: Layout, b: int, s: int, a: int, attention: str,
+                       full: bool, through_backbone: bool, assumptions: list[str]
+                       ) -> tuple[dict[str, int], int, int]:
+    """Bytes saved for backward by the blocks, by term; also one block's bytes and the number of blocks."""
+    family = shape.family
+    t = b * s
+    h, heads, kv, d, inter = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.intermediate_size
+    n = shape.num_layers
+    if not through_backbone:
+        assumptions.append("the method does not back-propagate through the backbone: the backbone saves nothing")
+        return {}, 0, n
+    recipe = _RECIPES.get(family, _layernorm_recipe)
+    per_block = recipe(config, t, b, s, h, heads, kv, d, inter, a, attention, full, assumptions)
+    terms = {k: n * v for k, v in per_block.items()}
+    one_block = sum(per_block.values())
+    # Outside the blocks: final norm, rotary tables, head input when the head trains.
+    outside = 0
+    if family in ("llama", "mistral", "qwen2"):
+        outside += 4 * t * h + 4 * t + (a * t * h if full else 0)  # final RMSNorm
+        outside += 2 * a * s * d  # rotary cos and sin, shared by every block
+        if full:
+            outside += a * t * h  # lm_head input
+    else:
+        outside += a * t * h + 8 * t + (a * t * h if full else 0)
+    terms["outside blocks (final norm, head input, positions)"] = outside
+    return terms, one_block, n
+
+
+def _llama_recipe(config: PretrainedConfig, t: int, b: int, s: int, h: int, heads: int, kv: int, d: int,
+                  inter: int, a: int, attention: str, full: bool, assumptions: list[str]) -> dict[str, int]:
+    """One Llama-like block (RMSNorm upcast to fp32, rotary, gated SiLU MLP), as transformers writes it."""
+    norm = 2 * (4 * t * h + 4 * t + (a * t * h if full else 0))
+    if attention == "sdpa":
+        attn = a * t * heads * d * 2 + a * t * kv * d * 2 + 4 * b * heads * s
+        assumptions.append("SDPA (flash/efficient kernel): q, k, v, output and fp32 log-sum-exp are saved; no s^2 term")
+    else:
+        probs = b * heads * s * s
+        attn = 3 * a * t * heads * d + 4 * probs + (a * probs if a != 4 else 0)
+        if full:
+            attn += a * t * heads * d  # the transposed context copy that o_proj saves
+        assumptions.append("eager attention: the fp32 softmax (b x heads x s^2) and its cast are saved; k and v "
+                           "are repeated to every query head")
+    linear_inputs = (a * t * h * 2 + a * t * inter) if full else 0  # q/k/v input, gate/up input, down input
+    mlp = 3 * a * t * inter
+    return {"norms": norm, "attention": attn, "mlp": mlp, "linear inputs (trainable weights)": linear_inputs}
+
+
+def _layernorm_recipe(config: PretrainedConfig, t: int, b: int, s: int, h: int, heads: int, kv: int, d: int,
+                      inter: int, a: int, attention: str, full: bool, assumptions: list[str]) -> dict[str, int]:
+    """A LayerNorm block (GPT-2, BERT, OPT, BLOOM, T5 approximately): norms save input, mean and rstd."""
+    p_attn = _dropout(config, ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout", "dropout_rate"))
+    p_hidden = _dropout(config, ("resid_pdrop", "hidden_dropout_prob", "dropout", "hidden_dropout", "dropout_rate"))
+    norms = 2 * (a * t * h + 8 * t)
+    probs = b * heads * s * s
+    if attention == "sdpa" and p_attn == 0:
+        attn = 4 * a * t * h + 4 * b * heads * s
+    else:
+        attn = 3 * a * t * h + a * probs + (2 * probs + a * probs if p_attn > 0 else 0) + a * t * h
+        assumptions.append("attention probabilities (b x heads x s^2) are saved: eager attention, or SDPA with "
+                           "attention dropout in training, which takes the math path")
+    mlp = 2 * a * t * inter
+    dropout = (2 * t * h) if p_hidden > 0 else 0
+    linear_inputs = (a * t * h * 2 + a * t * inter) if full else 0
+    assumptions.append(f"{config.model_type}: generic LayerNorm-block recipe (approximate: activation function "
+                       "internals and dropout placement differ by family)")
+    return {"norms": norms, "attention": attn, "mlp": mlp, "dropout masks": dropout,
+            "linear inputs (trainable weights)": linear_inputs}
+
+
+def _dropout(config: PretrainedConfig, names: tuple[str, ...]) -> float:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int | float):
+            return float(value)
+    return 0.0
+
+
+_RECIPES: dict[str, Callable[..., dict[str, int]]] = {
+    "llama": _llama_recipe, "mistral": _llama_recipe, "qwen2": _llama_recipe,
+}
+
+
+def lora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                      adapter_bytes: int, r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
+    """LoRA's tensors saved for backward: each target's input (once per distinct input), ``x A`` and dropout.
+
+    The input of q/k/v (and of gate/up) is one tensor, saved once; with dropout every target keeps its own
+    mask (1 B) and dropped input; an adapter dtype unlike the model's keeps a cast copy per target.
+    """
+    from survey_utils.methods.common import target_specs
+
+    t = batch_size * seq_len
+    specs = target_specs(config, "lora", hp)
+    inputs: dict[tuple[int | None, str], int] = {}
+    per_target = 0
+    low_rank = 0
+    for spec in specs:
+        low_rank += adapter_bytes * t * r
+        if lora_dropout > 0:
+            per_target += t * spec.in_features * (1 + adapter_bytes)
+        elif adapter_bytes != act_bytes:
+            per_target += adapter_bytes * t * spec.in_features
+        else:
+            inputs[(spec.layer, _input_group(spec.short_name))] = act_bytes * t * spec.in_features
+    return {"adapter inputs": sum(inputs.values()) + per_target, "x A (rank r)": low_rank}
+
+
+def _input_group(short_name: str) -> str:
+    """Linears that read the same tensor (q/k/v read the norm output; gate/up read it too)."""
+    if short_name in ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v"):
+        return "attn_in"
+    if short_name in ("gate_proj", "up_proj", "wi_0", "wi_1"):
+        return "mlp_in"
+    return short_name
+
+
+# Methods of the foundation whose family file predates the registry's ``memory_terms`` field.
+BUILTIN_TERMS: dict[str, Callable[..., dict[str, int]]] = {"lora": lora_memory_terms}
+
+
+def _method_terms(method: Method, config: PretrainedConfig, b: int, s: int, a: int, tb: int,
+                  hp: dict[str, Any]) -> dict[str, int]:
+    terms_fn = getattr(method, "memory_terms", None) or BUILTIN_TERMS.get(method.name)
+    if terms_fn is None:
+        return {}
+    return {k: int(v) for k, v in terms_fn(config, b, s, a, tb, **hp).items()}

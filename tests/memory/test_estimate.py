@@ -1,0 +1,101 @@
+"""The closed-form memory estimate: its terms, its errors, and its agreement with the simulation."""
+
+from __future__ import annotations
+
+import pytest
+
+from survey_utils.architecture import total_params
+from survey_utils.errors import SurveyError
+from survey_utils.memory import estimate, simulate
+from survey_utils.memory.estimate import NF4_BYTES_PER_WEIGHT
+from survey_utils.methods import list_methods
+from survey_utils.zoo import load_config
+
+
+def test_weights_gradients_and_adam_states_of_full_fine_tuning() -> None:
+    n = total_params(load_config("tiny-llama"))
+    result = estimate("tiny-llama", "full", dtype="fp32", optimizer="adamw")
+    assert result.weights == 4 * n
+    assert result.gradients == 4 * n
+    assert result.optimizer_states == 8 * n
+    sgd = estimate("tiny-llama", "full", dtype="fp32", optimizer="sgd")
+    assert sgd.optimizer_states == 4 * n
+
+
+def test_lora_trains_little_but_keeps_activations() -> None:
+    full = estimate("llama-2-7b", "full", batch_size=4, seq_len=2048)
+    lora = estimate("llama-2-7b", "lora", batch_size=4, seq_len=2048)
+    assert lora.gradients < full.gradients / 100
+    # parameter-efficient is not memory-efficient: LoRA's activations are most of full fine-tuning's
+    assert lora.activations > 0.7 * full.activations
+
+
+def test_fp16_adapters_need_fp32_master_copies() -> None:
+    result = estimate("tiny-llama", "lora", dtype="fp16")
+    assert result.master_weights == 4 * result.trainable_params
+    assert estimate("tiny-llama", "lora", dtype="bf16").master_weights == 0
+
+
+def test_nf4_shrinks_the_block_linears() -> None:
+    config = load_config("llama-2-7b")
+    plain = estimate(config, "lora")
+    nf4 = estimate(config, "lora", quantization="nf4")
+    int8 = estimate(config, "lora", quantization="int8")
+    assert nf4.weights < int8.weights < plain.weights
+    assert nf4.weights_by_dtype["nf4"] / (plain.weights_by_dtype["bf16"] / 2) < NF4_BYTES_PER_WEIGHT
+    assert any("NF4" in line for line in nf4.assumptions)
+
+
+def test_checkpointing_and_attention_kernel_change_activations() -> None:
+    base = estimate("llama-2-7b", "lora", seq_len=4096)
+    assert estimate("llama-2-7b", "lora", seq_len=4096, gradient_checkpointing=True).activations < base.activations / 5
+    eager = estimate("llama-2-7b", "lora", seq_len=4096, attention="eager")
+    assert eager.activations > 2 * base.activations  # the s^2 softmax
+
+
+def test_terms_add_up_to_the_total_and_grow_with_the_batch() -> None:
+    small = estimate("llama-2-13b", "lora", batch_size=1)
+    big = estimate("llama-2-13b", "lora", batch_size=8)
+    assert sum(small.terms().values()) == small.total
+    assert big.total > small.total
+    assert big.activations == pytest.approx(8 * small.activations, rel=0.01)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"seq_len": 100_000}, "seq_len=100000"),
+    ({"optimizer": "lion"}, "optimizer 'lion'"),
+    ({"dtype": "fp8"}, "dtype 'fp8'"),
+    ({"quantization": "nf2"}, "quantization 'nf2'"),
+])
+def test_bad_settings_raise_one_line_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(SurveyError, match=message):
+        estimate("tiny-llama", "lora", **kwargs)
+
+
+def test_full_fine_tuning_cannot_be_quantized() -> None:
+    with pytest.raises(SurveyError, match="quantization"):
+        estimate("tiny-llama", "full", quantization="nf4")
+
+
+@pytest.mark.parametrize("method", list_methods(), ids=lambda m: m.name)
+def test_every_registered_method_has_an_estimate(method) -> None:
+    try:
+        result = estimate("tiny-llama", method, seq_len=64)
+    except SurveyError:
+        pytest.skip(f"{method.name} does not apply to tiny-llama")
+    assert result.total > result.weights > 0
+    assert result.assumptions
+
+
+@pytest.mark.parametrize(("method", "settings"), [
+    ("lora", {}),
+    ("full", {}),
+    ("lora", {"attention": "eager", "batch_size": 2, "seq_len": 128}),
+    ("lora", {"gradient_checkpointing": True}),
+    ("full", {"dtype": "fp32", "optimizer": "sgd"}),
+])
+def test_estimate_within_five_percent_of_the_simulation(method: str, settings: dict) -> None:
+    est = estimate("tiny-llama", method, **settings)
+    sim = simulate("tiny-llama", method, **settings)
+    assert abs(est.total - sim.peak) / sim.peak < 0.05
