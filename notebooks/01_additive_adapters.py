@@ -56,7 +56,6 @@ import copy
 import csv
 import inspect
 
-import matplotlib.pyplot as plt
 from IPython.display import Code, Markdown, display
 
 from survey_utils.counting import apply_method, closed_form, format_rows, three_way
@@ -64,7 +63,7 @@ from survey_utils.memory.estimate import estimate
 from survey_utils.methods import adapters, get_method
 from survey_utils.parity import example_inputs, forward, parity
 from survey_utils.plotting import human
-from survey_utils.widgets import MethodExplorer
+from survey_utils.widgets.budget import EqualBudgetExplorer
 from survey_utils.widgets.memory import MemoryExplorer
 from survey_utils.zoo import DATA_DIR, build_model, load_config
 
@@ -176,45 +175,8 @@ for model in ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5"]:
 # 8 x 512 tokens, bf16, AdamW).
 
 # %%
-with plt.ioff():
-    budget_fig, (ax_budget, ax_memory) = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
-TERMS = ["weights", "optimizer states", "activations", "logits and loss", "gradients", "optimizer step", "batch"]
-
-
-def draw_budget(model: str, method: str, hp: dict) -> None:
-    config = load_config(model)
-    count = get_method(method).count(config, **hp)
-    rank = adapters.lora_rank_for_budget(config, count)
-    lora_count = get_method("lora").count(config, r=rank)
-    ax_budget.clear()
-    ax_budget.barh([method, f"lora r={rank}"], [count, lora_count], color=["#1b9e77", "#e7298a"])
-    ax_budget.set(xlabel="trainable parameters", title=f"equal budget on {model}")
-    ax_memory.clear()
-    runs = [(method, estimate(config, method, hp, batch_size=8, seq_len=512)),
-            (f"lora r={rank}", estimate(config, "lora", {"r": rank}, batch_size=8, seq_len=512))]
-    for row, (_label, mem) in enumerate(runs):
-        left = 0.0
-        for term in TERMS:
-            value = mem.terms().get(term, 0) / 2**30
-            ax_memory.barh(row, value, left=left, label=term if row == 0 else None)
-            left += value
-        extra = sum(v for k, v in mem.activations_by_term.items() if k.startswith("method:"))
-        ax_memory.text(left, row, f" {left:.1f} GiB (method's own: {extra / 2**30:.2f})", va="center", fontsize=8)
-    ax_memory.set_yticks([0, 1], [label for label, _ in runs])
-    ax_memory.set(xlabel="GiB at the peak", title="one training step")
-    ax_memory.legend(fontsize=7, loc="lower right")
-    budget_fig.canvas.draw_idle()
-
-
-class AdapterExplorer(MethodExplorer):
-    def draw(self, view):
-        super().draw(view)
-        draw_budget(view.model, view.method, self.state["hp"])
-
-
-explorer = AdapterExplorer([*CHAPTER, "lora"], model="roberta-base", title="Additive methods: trainable parameters")
-display(explorer.widget)
-display(budget_fig.canvas if hasattr(budget_fig.canvas, "layout") else budget_fig)
+explorer = EqualBudgetExplorer([*CHAPTER, "lora"], model="roberta-base", title="Additive methods: trainable parameters")
+explorer
 
 # %% [markdown]
 # The explorer is driven by plain values, so a change of setting is one assignment (the plots redraw):
