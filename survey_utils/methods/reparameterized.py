@@ -7,6 +7,7 @@ weight after training, so inference costs what the base model costs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -14,7 +15,17 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from survey_utils.methods.common import adapt_targets, freeze, linear_dims, new_parameter, target_specs
+from survey_utils.errors import SurveyError
+from survey_utils.methods import _lowrank
+from survey_utils.methods.common import (
+    LINEAR_KINDS,
+    adapt_targets,
+    freeze,
+    linear_dims,
+    new_parameter,
+    replace_module,
+    target_specs,
+)
 from survey_utils.methods.registry import HyperParam, Method, Taxonomy, register
 
 TARGET_HPS = (
@@ -118,7 +129,7 @@ def validate_targets(config: PretrainedConfig, **hp: Any) -> None:
     target_specs(config, "lora", hp)
 
 
-register(Method(
+LORA = register(Method(
     name="lora",
     title="LoRA",
     paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (ICLR 2022)",
@@ -141,4 +152,604 @@ register(Method(
     validate=validate_targets,
     param_prefixes=("lora_",),
     mergeable=True,
+    extras={"peft_param_map": {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}},
+))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The family beyond LoRA. Layers other than DoRA's live in ``_lowrank``; every registration is here.
+# ---------------------------------------------------------------------------------------------------------
+
+NOT_COVERED = "not covered"
+
+
+class DoRALinear(LoRALinear):
+    r"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353).
+
+    .. math:: W' = m \odot \frac{W_0 + \frac{\alpha}{r} B A}{\lVert W_0 + \frac{\alpha}{r} B A \rVert_c}
+
+    The direction is LoRA's updated weight, normalised row by row (one norm per output feature, peft's
+    ``torch.linalg.norm(W, dim=1)`` on the ``d_out x d_in`` weight; the paper's "column-wise" norm
+    of its ``d_in x d_out`` convention); the magnitude ``m`` (``lora_magnitude``, d_out) trains.
+    ``m`` starts at :math:`\lVert W_0\rVert_c` and B at zero, so ``W' = W0`` at initialisation. As in the
+    paper (section 4.3) and peft, the norm is detached: it follows :math:`\Delta W` but gets no gradient.
+    Forward, like peft's: :math:`h = W_0x + (\frac{m}{n} - 1) W_0 x + \frac{m}{n}\frac{\alpha}{r} BAx`
+    (bias untouched). The norm needs :math:`W_0 + \Delta W` at full size for every adapted layer, the
+    extra memory and time DoRA costs over LoRA.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False) -> None:
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        self.lora_magnitude = new_parameter((self.out_features,), base_layer.weight,
+                                            lambda t: t.copy_(torch.linalg.norm(self._weight(), dim=1)))
+        self._merge_norm: torch.Tensor | None = None
+
+    def _weight(self) -> torch.Tensor:
+        """The base weight as ``d_out x d_in``."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """:math:`\\lVert W_0 + \\frac{\\alpha}{r} BA \\rVert` per output feature, detached."""
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        return torch.linalg.norm(self._weight() + delta.to(self._weight().dtype), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        dropped = self.lora_dropout(x).to(self.lora_A.dtype)
+        scale = self.lora_magnitude / self.weight_norm()
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = result - bias if bias is not None else result
+        else:
+            base = nn.functional.linear(dropped, self._weight())
+        low_rank = dropped @ self.lora_A.T @ self.lora_B.T
+        return result + ((scale - 1) * base + scale * low_rank * self.scaling).to(result.dtype)
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        self.base_layer.weight.copy_(weight.T if self.fan_in_fan_out else weight)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """:math:`W \\leftarrow \\frac{m}{n}(W_0 + \\Delta W)`, keeping the norm n to undo it exactly."""
+        if not self.merged:
+            delta = ((self.lora_B @ self.lora_A) * self.scaling).to(self._weight().dtype)
+            self._merge_norm = self.weight_norm()
+            factor = (self.lora_magnitude / self._merge_norm)[:, None]
+            self._set_weight(factor * (self._weight() + delta))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged and self._merge_norm is not None:
+            delta = ((self.lora_B @ self.lora_A) * self.scaling).to(self._weight().dtype)
+            factor = (self.lora_magnitude / self._merge_norm)[:, None]
+            self._set_weight(self._weight() / factor - delta)
+            self.merged = False
+            self._merge_norm = None
+
+
+def check_targets(method: str, kinds: tuple[str, ...] = LINEAR_KINDS):
+    """A ``validate`` for ``method``: targets exist and are of ``kinds``; peft's rules on the layer options."""
+
+    def validate(config: PretrainedConfig, **hp: Any) -> None:
+        if isinstance(hp.get("target_modules"), str) and hp.get("layers_to_transform") is not None:
+            raise SurveyError("layers_to_transform cannot be combined with a regex target_modules (peft's rule)")
+        if hp.get("layers_pattern") and hp.get("layers_to_transform") is None:
+            raise SurveyError(f"layers_pattern={hp['layers_pattern']!r} needs layers_to_transform (peft's rule)")
+        target_specs(config, method, hp, kinds)
+
+    return validate
+
+
+def _peft_targets(config: PretrainedConfig, method: str, hp: dict[str, Any],
+                  kinds: tuple[str, ...] = LINEAR_KINDS) -> dict[str, Any]:
+    """peft's target fields for the modules we adapt (the architecture default spelt out when None)."""
+    specs = target_specs(config, method, hp, kinds)
+    targets = hp["target_modules"]
+    if targets is None:
+        targets = sorted({spec.short_name for spec in specs})
+    return {"target_modules": targets, "layers_to_transform": hp["layers_to_transform"],
+            "layers_pattern": hp["layers_pattern"]}
+
+
+def _fan_in_fan_out(config: PretrainedConfig, method: str, hp: dict[str, Any]) -> bool:
+    return any(spec.kind == "conv1d" for spec in target_specs(config, method, hp))
+
+
+def _targets(hp: dict[str, Any]) -> dict[str, Any]:
+    return {k: hp[k] for k in ("target_modules", "layers_to_transform", "layers_pattern")}
+
+
+# --- memory: the tensors each method's modules save for backward (``Method.memory_terms``) ------------------
+
+def _saved_inputs(specs: list, tokens: int, act_bytes: int, adapter_bytes: int, dropout: float) -> int:
+    """Bytes of the adapters' saved inputs: a shared input once (q/k/v read one tensor); with dropout a mask
+    (1 B) and a dropped copy per target; in another dtype a cast copy per target (as LoRA's terms)."""
+    from survey_utils.memory.estimate import _input_group
+
+    shared: dict[tuple[int | None, str], int] = {}
+    own = 0
+    for spec in specs:
+        if dropout > 0:
+            own += tokens * spec.in_features * (1 + adapter_bytes)
+        elif adapter_bytes != act_bytes:
+            own += adapter_bytes * tokens * spec.in_features
+        else:
+            shared[(spec.layer, _input_group(spec.short_name))] = act_bytes * tokens * spec.in_features
+    return sum(shared.values()) + own
+
+
+def _lora_like_terms(config: PretrainedConfig, method: str, batch_size: int, seq_len: int, act_bytes: int,
+                     adapter_bytes: int, rank: int, dropout: float, hp: dict[str, Any]) -> dict[str, int]:
+    t = batch_size * seq_len
+    specs = target_specs(config, method, hp)
+    return {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, dropout),
+            "x A (rank r)": len(specs) * adapter_bytes * t * rank}
+
+
+def rslora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                        adapter_bytes: int, r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
+    """LoRA's saved tensors (the scale changes nothing): inputs and ``x A``."""
+    return _lora_like_terms(config, "rslora", batch_size, seq_len, act_bytes, adapter_bytes, r, lora_dropout, hp)
+
+
+def dora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                      adapter_bytes: int, r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
+    r"""LoRA's saved tensors plus two of size ``t x d_out`` per layer: :math:`W_0x` and :math:`BAx`, both
+    kept for the gradient of the magnitude. The norm of :math:`W_0 + \Delta W` is computed without grad:
+    a full-size ``d_out x d_in`` transient (two, with :math:`\Delta W`) for one layer at a time during the
+    forward, freed before the backward peak, so not a saved term."""
+    terms = _lora_like_terms(config, "dora", batch_size, seq_len, act_bytes, adapter_bytes, r, lora_dropout, hp)
+    t = batch_size * seq_len
+    terms["W0 x and B A x (d_out each)"] = sum(t * s.out_features * (act_bytes + adapter_bytes)
+                                              for s in target_specs(config, "dora", hp))
+    return terms
+
+
+def adalora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                         adapter_bytes: int, init_r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
+    """LoRA's saved tensors at ``init_r``: pruned triplets are zeroed, not removed."""
+    targets = {k: hp[k] for k in ("target_modules", "layers_to_transform", "layers_pattern")}
+    return _lora_like_terms(config, "adalora", batch_size, seq_len, act_bytes, adapter_bytes, init_r,
+                            lora_dropout, targets)
+
+
+def vera_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                      adapter_bytes: int, r: int, vera_dropout: float, **hp: Any) -> dict[str, int]:
+    """A and B are frozen, so the input is not saved; ``A x`` (t x r) and ``B(d * A x)`` (t x d_out) are,
+    for the gradients of d and b: with VeRA's large r this is more than LoRA's, for far fewer parameters."""
+    t = batch_size * seq_len
+    specs = target_specs(config, "vera", hp)
+    terms = {"A x (rank r)": len(specs) * adapter_bytes * t * r,
+             "B d A x (d_out)": sum(adapter_bytes * t * s.out_features for s in specs)}
+    if vera_dropout > 0:
+        terms["dropout masks"] = sum(t * s.in_features for s in specs)
+    return terms
+
+
+def _materialised_terms(method: str, config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                        adapter_bytes: int, hp: dict[str, Any]) -> dict[str, int]:
+    """LoHa and LoKr build the full ``d_out x d_in`` update and multiply the input by it: both are saved."""
+    specs = target_specs(config, method, hp, LINEAR_ONLY)
+    t = batch_size * seq_len
+    return {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, 0.0),
+            "full-size update (d_out x d_in)": sum(adapter_bytes * s.in_features * s.out_features for s in specs)}
+
+
+def loha_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                      adapter_bytes: int, **hp: Any) -> dict[str, int]:
+    """Inputs, and the materialised update (its two factor products are recomputed in backward)."""
+    return _materialised_terms("loha", config, batch_size, seq_len, act_bytes, adapter_bytes, hp)
+
+
+def lokr_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                      adapter_bytes: int, **hp: Any) -> dict[str, int]:
+    """Inputs, and the materialised Kronecker product."""
+    return _materialised_terms("lokr", config, batch_size, seq_len, act_bytes, adapter_bytes, hp)
+
+
+def krona_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                       adapter_bytes: int, krona_factor: int, **hp: Any) -> dict[str, int]:
+    """Inputs and the intermediate :math:`A X` (``t x a_1 x b_2``); the Kronecker matrix is never formed."""
+    specs = target_specs(config, "krona", hp)
+    t = batch_size * seq_len
+    middle = 0
+    for s in specs:
+        a1, _ = _lowrank.factorization(s.out_features, krona_factor)
+        _, b2 = _lowrank.factorization(s.in_features, krona_factor)
+        middle += adapter_bytes * t * a1 * b2
+    return {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, 0.0), "A X (t x a1 x b2)": middle}
+
+
+# --- DoRA -------------------------------------------------------------------------------------------------
+
+def apply_dora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
+               **targets: Any) -> nn.Module:
+    """Freeze ``model`` and wrap each target linear layer in :class:`DoRALinear`."""
+    freeze(model)
+    adapt_targets(model, "dora", targets, lambda base: DoRALinear(base, r, lora_alpha, lora_dropout, use_rslora))
+    return model
+
+
+def dora_trainable_params(config: PretrainedConfig, r: int, **hp: Any) -> int:
+    r""":math:`\sum_W r\,(d_\text{in} + d_\text{out}) + d_\text{out}`: LoRA plus one magnitude per output."""
+    return sum(r * (m.in_features + m.out_features) + m.out_features for m in target_specs(config, "dora", hp))
+
+
+def dora_peft_config(config: PretrainedConfig, r: int, lora_alpha: float, lora_dropout: float,
+                     use_rslora: bool, **hp: Any) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=True,
+                      fan_in_fan_out=_fan_in_fan_out(config, "dora", hp), **_peft_targets(config, "dora", hp))
+
+
+register(Method(
+    name="dora",
+    title="DoRA",
+    paper="Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (ICML 2024)",
+    arxiv_id="2402.09353",
+    taxonomy=Taxonomy(xu=NOT_COVERED, wang="reparameterized / LoRA derivatives", lialin=NOT_COVERED),
+    chapter="04_reparameterized",
+    hyperparams=LORA.hyperparams,
+    apply=apply_dora,
+    trainable_params=dora_trainable_params,
+    peft_config=dora_peft_config,
+    validate=check_targets("dora"),
+    memory_terms=dora_memory_terms,
+    param_prefixes=("lora_",),
+    mergeable=True,
+    notes="peft: LoraConfig(use_dora=True); the magnitude is lora_magnitude_vector there.",
+    extras={"peft_param_map": {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
+                               "lora_magnitude": "lora_magnitude_vector.default.weight"}},
+))
+
+
+# --- rsLoRA -----------------------------------------------------------------------------------------------
+
+register(dataclasses.replace(
+    LORA,
+    name="rslora",
+    title="rsLoRA",
+    paper="Kalajdzievski 2023, A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA",
+    arxiv_id="2312.03732",
+    taxonomy=Taxonomy(xu=NOT_COVERED, wang=NOT_COVERED, lialin=NOT_COVERED),
+    hyperparams=tuple(dataclasses.replace(hp, default=True) if hp.name == "use_rslora" else hp
+                      for hp in LORA.hyperparams),
+    notes="LoRA with the scale alpha / sqrt(r), so the update's size does not shrink as r grows.",
+    memory_terms=rslora_memory_terms,
+))
+
+
+# --- AdaLoRA ----------------------------------------------------------------------------------------------
+
+def apply_adalora(model: nn.Module, init_r: int, lora_alpha: float, lora_dropout: float, **hp: Any) -> nn.Module:
+    """Freeze ``model``, wrap each target in :class:`~survey_utils.methods._lowrank.SVDLinear`, and attach
+    ``model.rank_allocator`` (a :class:`~survey_utils.methods._lowrank.RankAllocator`): call its
+    ``update_and_allocate(step)`` after each optimizer step, and add
+    ``orth_reg_weight * orthogonal_regularization(model)`` to the loss."""
+    freeze(model)
+    adapt_targets(model, "adalora", _targets(hp),
+                  lambda base: _lowrank.SVDLinear(base, init_r, lora_alpha, lora_dropout))
+    model.rank_allocator = _lowrank.RankAllocator(model, **hp)
+    return model
+
+
+def adalora_trainable_params(config: PretrainedConfig, init_r: int, **hp: Any) -> int:
+    r""":math:`\sum_W r_0\,(d_\text{in} + d_\text{out} + 1)`: P, Q and :math:`\lambda` at the initial rank.
+
+    This is what peft counts (``lora_A``, ``lora_B``, ``lora_E`` at ``init_r``), and what sits in memory:
+    pruning zeroes :math:`\lambda_i` but keeps the tensors. After allocation only about ``target_r``
+    triplets per layer carry an update (:func:`adalora_effective_params`).
+    """
+    return sum(init_r * (m.in_features + m.out_features + 1) for m in target_specs(config, "adalora", hp))
+
+
+def adalora_effective_params(config: PretrainedConfig, target_r: int, **hp: Any) -> int:
+    """Triplets left after the budget reaches ``target_r`` per layer on average: the final update's size."""
+    return sum(target_r * (m.in_features + m.out_features + 1) for m in target_specs(config, "adalora", hp))
+
+
+def adalora_frozen_params(config: PretrainedConfig, **hp: Any) -> int:
+    """One frozen ``ranknum`` per adapted layer (peft keeps it as a parameter, so the total counts it)."""
+    return len(target_specs(config, "adalora", hp))
+
+
+def adalora_peft_fixup(wrapped: nn.Module) -> None:
+    """Freeze peft's ``ranknum`` again after building on ``meta``.
+
+    peft creates ``ranknum`` frozen, but when the base layer is on ``meta`` its
+    ``_move_adapter_to_device_of_base_layer`` replaces it by ``ranknum.to("meta")``, which the
+    ``ParameterDict`` re-wraps as a *trainable* parameter: built on ``meta`` peft reports one extra trainable
+    parameter per layer (on a real device it does not; ``tests/methods/test_reparameterized.py`` pins both).
+    Counting runs on ``meta``, so :func:`survey_utils.counting.peft_model` calls this (``extras["peft_fixup"]``).
+    """
+    for name, parameter in wrapped.named_parameters():
+        if ".ranknum." in name:
+            parameter.requires_grad_(False)
+
+
+def validate_adalora(config: PretrainedConfig, **hp: Any) -> None:
+    check_targets("adalora")(config, **hp)
+    for beta in ("beta1", "beta2"):
+        if not 0 < hp[beta] < 1:
+            raise SurveyError(f"{beta}={hp[beta]} must lie strictly between 0 and 1")
+    if hp["target_r"] > hp["init_r"]:
+        raise SurveyError(f"target_r={hp['target_r']} exceeds init_r={hp['init_r']}: AdaLoRA only prunes rank")
+    if hp["tinit"] >= hp["total_step"] - hp["tfinal"]:
+        raise SurveyError(f"tinit={hp['tinit']} leaves no budgeting phase before total_step - tfinal = "
+                          f"{hp['total_step'] - hp['tfinal']}")
+
+
+def adalora_peft_config(config: PretrainedConfig, **hp: Any) -> Any:
+    from peft import AdaLoraConfig
+
+    fields = ("init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+              "orth_reg_weight", "total_step")
+    return AdaLoraConfig(fan_in_fan_out=_fan_in_fan_out(config, "adalora", hp),
+                         **{k: hp[k] for k in fields}, **_peft_targets(config, "adalora", hp))
+
+
+register(Method(
+    name="adalora",
+    title="AdaLoRA",
+    paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning (ICLR 2023)",
+    arxiv_id="2303.10512",
+    taxonomy=Taxonomy(xu=NOT_COVERED, wang="reparameterized / LoRA derivatives", lialin=NOT_COVERED),
+    chapter="04_reparameterized",
+    hyperparams=(
+        HyperParam("init_r", "int", 12, "initial rank of every update P diag(lambda) Q", minimum=1),
+        HyperParam("target_r", "int", 8, "average rank per layer once the budget is reached", minimum=1),
+        HyperParam("lora_alpha", "float", 8.0, "scale numerator: the update is multiplied by alpha / init_r",
+                   minimum=0),
+        HyperParam("lora_dropout", "float", 0.0, "dropout on the adapter's input", minimum=0, maximum=0.99),
+        HyperParam("tinit", "int", 0, "warm-up steps before any pruning", minimum=0),
+        HyperParam("tfinal", "int", 0, "final steps at the target budget", minimum=0),
+        HyperParam("deltaT", "int", 1, "steps between two budget allocations", minimum=1),
+        HyperParam("beta1", "float", 0.85, "EMA coefficient of the sensitivity", minimum=0, maximum=1),
+        HyperParam("beta2", "float", 0.85, "EMA coefficient of the uncertainty", minimum=0, maximum=1),
+        HyperParam("orth_reg_weight", "float", 0.5, "weight of the orthogonality regulariser of P and Q",
+                   minimum=0),
+        HyperParam("total_step", "int", 1000, "training steps (the schedule needs it in advance)", minimum=1),
+        *TARGET_HPS,
+    ),
+    apply=apply_adalora,
+    trainable_params=adalora_trainable_params,
+    peft_config=adalora_peft_config,
+    validate=validate_adalora,
+    memory_terms=adalora_memory_terms,
+    frozen_added_params=adalora_frozen_params,
+    param_prefixes=("lora_",),
+    mergeable=True,
+    notes="Counts are at init_r (peft's convention); the final update uses about target_r per layer.",
+    extras={"peft_fixup": adalora_peft_fixup,
+            "peft_param_map": {p: f"{p}.default" for p in ("lora_A", "lora_B", "lora_E")}},
+))
+
+
+# --- VeRA -------------------------------------------------------------------------------------------------
+
+def apply_vera(model: nn.Module, r: int, projection_prng_key: int, vera_dropout: float, d_initial: float,
+               **targets: Any) -> nn.Module:
+    """Freeze ``model``; create the shared random A, B once (``model.vera_projections``), sized for the
+    largest adapted layer; wrap each target in :class:`~survey_utils.methods._lowrank.VeRALinear`."""
+    freeze(model)
+    specs = target_specs(model.config, "vera", targets)
+    max_in = max(s.in_features for s in specs)
+    max_out = max(s.out_features for s in specs)
+    like = model.get_submodule(specs[0].name).weight
+    shared = _lowrank.VeRAProjections(r, max_in, max_out, projection_prng_key, like)
+    model.vera_projections = shared
+    for spec in specs:
+        base = model.get_submodule(spec.name)
+        replace_module(model, spec.name, _lowrank.VeRALinear(base, shared, r, vera_dropout, d_initial))
+    return model
+
+
+def vera_trainable_params(config: PretrainedConfig, r: int, **hp: Any) -> int:
+    r""":math:`\sum_W (d_\text{out} + r)`: the vectors b and d only.
+
+    The shared A (r x max d_in) and B (max d_out x r) are buffers, as in peft, so neither the trainable
+    nor the total count includes them; they still take :math:`r(\max d_\text{in} + \max d_\text{out})`
+    numbers of memory (:func:`vera_projection_numel`).
+    """
+    return sum(m.out_features + r for m in target_specs(config, "vera", hp))
+
+
+def vera_projection_numel(config: PretrainedConfig, r: int, **hp: Any) -> int:
+    specs = target_specs(config, "vera", hp)
+    return r * (max(s.in_features for s in specs) + max(s.out_features for s in specs))
+
+
+def vera_peft_config(config: PretrainedConfig, r: int, projection_prng_key: int, vera_dropout: float,
+                     d_initial: float, **hp: Any) -> Any:
+    from peft import VeraConfig
+
+    return VeraConfig(r=r, projection_prng_key=projection_prng_key, vera_dropout=vera_dropout, d_initial=d_initial,
+                      fan_in_fan_out=_fan_in_fan_out(config, "vera", hp), **_peft_targets(config, "vera", hp))
+
+
+register(Method(
+    name="vera",
+    title="VeRA",
+    paper="Kopiczko et al. 2024, VeRA: Vector-based Random Matrix Adaptation (ICLR 2024)",
+    arxiv_id="2310.11454",
+    taxonomy=Taxonomy(xu=NOT_COVERED, wang=NOT_COVERED, lialin=NOT_COVERED),
+    chapter="04_reparameterized",
+    hyperparams=(
+        HyperParam("r", "int", 256, "rank of the shared random projections (higher than LoRA's: they are free)",
+                   minimum=1),
+        HyperParam("projection_prng_key", "int", 0, "seed of the shared random A and B", minimum=0),
+        HyperParam("vera_dropout", "float", 0.0, "dropout on the adapter's input", minimum=0, maximum=0.99),
+        HyperParam("d_initial", "float", 0.1, "initial value of every entry of d", minimum=0),
+        *TARGET_HPS,
+    ),
+    apply=apply_vera,
+    trainable_params=vera_trainable_params,
+    peft_config=vera_peft_config,
+    validate=check_targets("vera"),
+    memory_terms=vera_memory_terms,
+    param_prefixes=("vera_lambda_",),
+    mergeable=True,
+    notes="The shared random matrices are buffers (not counted as parameters), as in peft.",
+    extras={"peft_param_map": {p: f"{p}.default" for p in ("vera_lambda_b", "vera_lambda_d")}},
+))
+
+
+# --- LoHa and LoKr ------------------------------------------------------------------------------------------
+
+LYCORIS_HPS = (
+    HyperParam("r", "int", 8, "rank of each low-rank factor", minimum=1),
+    HyperParam("alpha", "float", 8.0, "scale numerator: the update is multiplied by alpha / r", minimum=0),
+    HyperParam("rank_dropout", "float", 0.0, "while training, drop rows of the update with this probability",
+               minimum=0, maximum=0.99),
+    HyperParam("module_dropout", "float", 0.0, "while training, skip the whole adapter with this probability",
+               minimum=0, maximum=0.99),
+)
+LINEAR_ONLY = ("linear",)  # peft's LoHa and LoKr adapt nn.Linear, not GPT-2's Conv1D
+
+
+def apply_loha(model: nn.Module, r: int, alpha: float, rank_dropout: float, module_dropout: float,
+               **targets: Any) -> nn.Module:
+    """Freeze ``model`` and wrap each target ``nn.Linear`` in :class:`~survey_utils.methods._lowrank.LoHaLinear`."""
+    freeze(model)
+    adapt_targets(model, "loha", targets,
+                  lambda base: _lowrank.LoHaLinear(base, r, alpha, rank_dropout, module_dropout), LINEAR_ONLY)
+    return model
+
+
+def loha_trainable_params(config: PretrainedConfig, r: int, **hp: Any) -> int:
+    r""":math:`\sum_W 2r\,(d_\text{in} + d_\text{out})`: two LoRA-sized pairs."""
+    return sum(2 * r * (m.in_features + m.out_features) for m in target_specs(config, "loha", hp, LINEAR_ONLY))
+
+
+def loha_peft_config(config: PretrainedConfig, r: int, alpha: float, rank_dropout: float, module_dropout: float,
+                     **hp: Any) -> Any:
+    from peft import LoHaConfig
+
+    return LoHaConfig(r=r, alpha=alpha, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                      **_peft_targets(config, "loha", hp, LINEAR_ONLY))
+
+
+register(Method(
+    name="loha",
+    title="LoHa",
+    paper="Hyeon-Woo et al. 2022, FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated "
+          "Learning (ICLR 2022); as packaged by LyCORIS (Yeh et al. 2024, arXiv:2309.14859)",
+    arxiv_id="2108.06098",
+    taxonomy=Taxonomy(xu=NOT_COVERED, wang=NOT_COVERED, lialin=NOT_COVERED),
+    chapter="04_reparameterized",
+    hyperparams=(*LYCORIS_HPS, *TARGET_HPS),
+    apply=apply_loha,
+    trainable_params=loha_trainable_params,
+    peft_config=loha_peft_config,
+    validate=check_targets("loha", LINEAR_ONLY),
+    memory_terms=loha_memory_terms,
+    param_prefixes=("hada_",),
+    mergeable=True,
+    notes="Linear layers only, as peft's LoHa (GPT-2's Conv1D is refused).",
+    extras={"peft_param_map": {p: f"{p}.default" for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}},
+))
+
+
+def apply_lokr(model: nn.Module, r: int, alpha: float, rank_dropout: float, module_dropout: float,
+               decompose_both: bool, decompose_factor: int, rank_dropout_scale: bool, **targets: Any) -> nn.Module:
+    """Freeze ``model`` and wrap each target ``nn.Linear`` in :class:`~survey_utils.methods._lowrank.LoKrLinear`."""
+    freeze(model)
+    adapt_targets(model, "lokr", targets,
+                  lambda base: _lowrank.LoKrLinear(base, r, alpha, rank_dropout, module_dropout, decompose_both,
+                                                   decompose_factor, rank_dropout_scale), LINEAR_ONLY)
+    return model
+
+
+def lokr_trainable_params(config: PretrainedConfig, r: int, decompose_both: bool, decompose_factor: int,
+                          **hp: Any) -> int:
+    """Per layer: each Kronecker factor full (``a c`` or ``b d``) or rank-r (``r (a + c)``), by peft's rule."""
+    return sum(_lowrank.lokr_numel(m.in_features, m.out_features, r, decompose_both, decompose_factor)
+               for m in target_specs(config, "lokr", hp, LINEAR_ONLY))
+
+
+def lokr_peft_config(config: PretrainedConfig, r: int, alpha: float, rank_dropout: float, module_dropout: float,
+                     decompose_both: bool, decompose_factor: int, rank_dropout_scale: bool, **hp: Any) -> Any:
+    from peft import LoKrConfig
+
+    return LoKrConfig(r=r, alpha=alpha, rank_dropout=rank_dropout, module_dropout=module_dropout,
+                      decompose_both=decompose_both, decompose_factor=decompose_factor,
+                      rank_dropout_scale=rank_dropout_scale, **_peft_targets(config, "lokr", hp, LINEAR_ONLY))
+
+
+register(Method(
+    name="lokr",
+    title="LoKr",
+    paper="Yeh et al. 2024, Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model "
+          "Evaluation (ICLR 2024)",
+    arxiv_id="2309.14859",
+    taxonomy=Taxonomy(xu=NOT_COVERED, wang=NOT_COVERED, lialin=NOT_COVERED),
+    chapter="04_reparameterized",
+    hyperparams=(
+        *LYCORIS_HPS,
+        HyperParam("decompose_both", "bool", False, "also store the left Kronecker factor as a rank-r product"),
+        HyperParam("decompose_factor", "int", -1, "size of the left factor's sides (-1: near the square root)",
+                   minimum=-1),
+        HyperParam("rank_dropout_scale", "bool", False, "rescale the kept rows under rank dropout"),
+        *TARGET_HPS,
+    ),
+    apply=apply_lokr,
+    trainable_params=lokr_trainable_params,
+    peft_config=lokr_peft_config,
+    validate=check_targets("lokr", LINEAR_ONLY),
+    memory_terms=lokr_memory_terms,
+    param_prefixes=("lokr_",),
+    mergeable=True,
+    notes="Linear layers only, as peft's LoKr (GPT-2's Conv1D is refused).",
+    extras={"peft_param_map": {p: f"{p}.default" for p in
+                               ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}},
+))
+
+
+# --- KronA ------------------------------------------------------------------------------------------------
+
+def apply_krona(model: nn.Module, krona_factor: int, scale: float, **targets: Any) -> nn.Module:
+    """Freeze ``model`` and wrap each target linear layer in :class:`~survey_utils.methods._lowrank.KronALinear`."""
+    freeze(model)
+    adapt_targets(model, "krona", targets, lambda base: _lowrank.KronALinear(base, krona_factor, scale))
+    return model
+
+
+def krona_trainable_params(config: PretrainedConfig, krona_factor: int, **hp: Any) -> int:
+    r""":math:`\sum_W a_1 a_2 + b_1 b_2` with :math:`(a_1, b_1)`, :math:`(a_2, b_2)` the factorizations of
+    :math:`d_\text{out}` and :math:`d_\text{in}`."""
+    total = 0
+    for m in target_specs(config, "krona", hp):
+        a1, b1 = _lowrank.factorization(m.out_features, krona_factor)
+        a2, b2 = _lowrank.factorization(m.in_features, krona_factor)
+        total += a1 * a2 + b1 * b2
+    return total
+
+
+register(Method(
+    name="krona",
+    title="KronA",
+    paper="Edalati et al. 2022, KronA: Parameter Efficient Tuning with Kronecker Adapter (ENLSP-III @ NeurIPS 2023)",
+    arxiv_id="2212.10650",
+    taxonomy=Taxonomy(xu="reparameterized / low-rank decomposition", wang="reparameterized / low-rank decomposition",
+                      lialin="R"),
+    chapter="04_reparameterized",
+    hyperparams=(
+        HyperParam("krona_factor", "int", -1, "side of the factor A (-1: sides near the square root)", minimum=-1),
+        HyperParam("scale", "float", 1.0, "s: the update is s (A kron B)", minimum=0),
+        *TARGET_HPS,
+    ),
+    apply=apply_krona,
+    trainable_params=krona_trainable_params,
+    validate=check_targets("krona"),
+    memory_terms=krona_memory_terms,
+    param_prefixes=("krona_",),
+    mergeable=True,
+    notes="No peft implementation: checked closed form == built model only.",
 ))
