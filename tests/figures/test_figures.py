@@ -1,0 +1,136 @@
+"""Figures: every registered figure is written as PNG and SVG, byte-identical when regenerated, and sourced."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from survey_utils.catalogue import load_catalogue
+from survey_utils.cli import main
+from survey_utils.errors import SurveyError
+from survey_utils.figures import FIGURES, FigureUnavailable, cli_figures, gallery_markdown, measured, run_all
+from survey_utils.figures.catalogue_figures import VENN_SHAPES, venn_anchor, venn_region
+from survey_utils.methods import list_methods
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPECTED = {"timeline", "taxonomy_xu", "taxonomy_wang", "lialin_venn", "lialin_comparison", "trainable_vs_size",
+            "memory_breakdown", "memory_validation"}
+
+
+def _clear_caches() -> None:
+    for fn in (measured.merged_flops, measured.base_flops, measured.changed_params, measured._tiny):
+        fn.cache_clear()
+
+
+@pytest.mark.slow
+def test_regenerating_gives_byte_identical_png_and_svg(tmp_path: Path) -> None:
+    """Run every figure twice in-process (caches cleared, rcParams reset) and compare the bytes."""
+    first, skipped = run_all(tmp_path / "a")
+    _clear_caches()
+    second, skipped_again = run_all(tmp_path / "b")
+    assert set(first) == set(second) and set(first) | set(skipped) == set(FIGURES)
+    assert skipped == skipped_again
+    assert len(first) >= 7
+    for name, paths in first.items():
+        assert sorted(p.name for p in paths) == [f"{FIGURES[name].file_stem}.png", f"{FIGURES[name].file_stem}.svg"]
+        for path in paths:
+            twin = tmp_path / "b" / path.name
+            assert path.read_bytes() == twin.read_bytes(), f"{path.name} differs between two runs"
+            if path.suffix == ".png":
+                assert path.stat().st_size < 300_000, f"{path.name} is {path.stat().st_size} bytes"
+            else:
+                text = path.read_text(encoding="utf-8")
+                assert "<dc:date>" not in text and "Matplotlib v" not in text
+
+
+def test_no_figure_lacks_its_inputs(tmp_path: Path) -> None:
+    """A figure whose inputs are missing is skipped by the CLI (exit 1); here it fails, naming the input."""
+    optional_inputs = ["memory_breakdown", "memory_validation"]  # the figures that can raise FigureUnavailable
+    _, skipped = run_all(tmp_path, optional_inputs)
+    assert not skipped, f"figures not made: {skipped}"
+
+
+def test_the_registry_has_every_figure_with_its_source() -> None:
+    assert EXPECTED <= set(FIGURES)
+    for spec in FIGURES.values():
+        assert spec.source and spec.shows and spec.survey_counterpart, spec.name
+
+
+def test_gallery_lists_every_figure() -> None:
+    gallery = (ROOT / "figures" / "README.md").read_text(encoding="utf-8")
+    assert gallery == gallery_markdown(), "figures/README.md is stale: run python -m survey_utils figures"
+    for spec in FIGURES.values():
+        assert f"{spec.file_stem}.png" in gallery and f"{spec.file_stem}.svg" in gallery, spec.name
+
+
+def test_cli_list_unknown_and_unavailable(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["figures", "--list"]) == 0
+    assert "lialin_venn" in capsys.readouterr().out
+    assert main(["figures", "--out", str(tmp_path), "--only", "timelin"]) == 2
+    assert "unknown figure 'timelin'" in capsys.readouterr().err
+
+    def unavailable(out_dir: Path) -> list[Path]:
+        raise FigureUnavailable("input missing")
+
+    monkeypatch.setitem(FIGURES, "timeline", FIGURES["timeline"].__class__(
+        "timeline", unavailable, "t", "s", "src", "none"))
+    args = argparse.Namespace(list=False, out=str(tmp_path), only=["timeline"])
+    assert cli_figures(args) == 1
+    assert "skipped timeline: input missing" in capsys.readouterr().err
+
+
+def test_only_writes_the_named_figure(tmp_path: Path) -> None:
+    written, skipped = run_all(tmp_path, ["lialin_venn"])
+    assert list(written) == ["lialin_venn"] and not skipped
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lialin_venn.png", "lialin_venn.svg"]
+
+
+def test_every_catalogued_lialin_region_has_a_place_in_the_venn() -> None:
+    for entry in load_catalogue():
+        if entry.lialin_region:
+            x, y = venn_anchor(venn_region(entry))
+            inside = {n for n, (cx, cy, w, h) in VENN_SHAPES.items()
+                      if ((x - cx) / (w / 2)) ** 2 + ((y - cy) / (h / 2)) ** 2 <= 1}
+            assert inside == set(venn_region(entry)), entry.key
+    with pytest.raises(SurveyError, match="does not exist in the Venn drawing"):
+        venn_anchor(frozenset({"soft prompts", "S"}))
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "houlsby", "prompt_tuning", "full"])
+def test_structural_changed_count_equals_a_real_merge(method: str) -> None:
+    """% changed (meta, from write counters) == elements that really differ after training and merging."""
+    if method not in {m.name for m in list_methods()}:
+        pytest.skip(f"{method} is not registered")
+    assert measured.changed_params_real("tiny-llama", method) == measured.changed_params("tiny-llama", method)
+
+
+def test_comparison_rows_cover_every_method_and_match_the_closed_form() -> None:
+    rows = measured.comparison_rows(measured.Setting(model="roberta-base"), flops="csv")
+    assert [r.method for r in rows] == [m.name for m in list_methods()]
+    lora = next(r for r in rows if r.method == "lora")
+    assert lora.type == "R" and lora.backprop_through_backbone is True
+    assert lora.extra_flops_pct == 0  # merged LoRA costs what the base model costs
+    # roberta-base, r=8 on query and value of 12 layers: 12 * 2 * 8 * (768 + 768) = 294,912 parameters
+    assert lora.storage_bytes == 294_912 * 2
+    full = next(r for r in rows if r.method == "full")
+    assert full.trainable_pct == pytest.approx(100) and full.changed_pct == pytest.approx(100)
+    with pytest.raises(SurveyError, match="dtype 'int4'"):
+        measured.comparison_rows(measured.Setting(dtype="int4"))
+
+
+def test_comparison_explorer_redraws_when_a_control_changes() -> None:
+    from survey_utils.figures.explorer import ComparisonExplorer
+
+    explorer = ComparisonExplorer(model="roberta-base")
+    before = {r.method: r for r in explorer.view}
+    updates = explorer.updates
+    explorer.controls["model"].value = "llama-2-7b"
+    after = {r.method: r for r in explorer.view}
+    assert explorer.updates == updates + 1 and explorer.error is None
+    assert after["lora"].trainable_pct < before["lora"].trainable_pct
+    lora_bar = explorer.pct_bars[explorer.methods.index("lora")]
+    assert lora_bar.get_width() == pytest.approx(after["lora"].trainable_pct)
+    assert "<table" in explorer.table.value and "lora" in explorer.table.value
