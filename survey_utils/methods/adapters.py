@@ -250,6 +250,17 @@ def _memory(placement: str) -> Any:
     return lambda config, b, s, a, tb, **hp: bottleneck_memory_terms(config, b, s, a, tb, placement, **hp)
 
 
+def adapter_memory_sites(config: PretrainedConfig, placement: str, layers_to_transform: list[int] | None = None,
+                         drop_layers: int = 0, **_: Any) -> list[ModuleSpec]:
+    """The modules whose outputs the adapters join (``Method.extras["memory_sites"]``): the memory estimate
+    starts back-propagation at the lowest one, so the blocks below it save nothing for backward."""
+    return [spec for spec, _ffn_in in adapter_sites(config, placement, layers_to_transform, drop_layers)]
+
+
+def _sites(placement: str) -> dict[str, Any]:
+    return {"memory_sites": lambda config, **hp: adapter_memory_sites(config, placement, **hp)}
+
+
 def _validate_bottleneck(config: PretrainedConfig, **hp: Any) -> None:
     bottleneck_params(config, **hp)
 
@@ -277,18 +288,37 @@ _ADAPTER_TAXONOMY = Taxonomy(xu="additive / adapter-based", wang="additive / ada
 
 
 def _houlsby(model: nn.Module, **hp: Any) -> nn.Module:
+    r"""Houlsby et al. 2019: :math:`h \leftarrow h + W_\text{up} f(W_\text{down} h)` after attention and after the FFN."""
     return apply_bottleneck(model, "houlsby", **hp)
 
 
+def _houlsby_params(config: PretrainedConfig, **hp: Any) -> int:
+    """Two bottleneck adapters per block, :math:`2dk + d + k` each."""
+    return bottleneck_params(config, "houlsby", **hp)
+
+
 def _pfeiffer(model: nn.Module, **hp: Any) -> nn.Module:
+    r"""Pfeiffer et al. 2021: one serial adapter :math:`h \leftarrow h + W_\text{up} f(W_\text{down} h)` after the FFN."""
     return apply_bottleneck(model, "pfeiffer", **hp)
 
 
+def _pfeiffer_params(config: PretrainedConfig, **hp: Any) -> int:
+    """One bottleneck adapter per block, :math:`2dk + d + k`."""
+    return bottleneck_params(config, "pfeiffer", **hp)
+
+
 def _parallel(model: nn.Module, **hp: Any) -> nn.Module:
+    r"""He et al. 2022: :math:`y = \mathrm{FFN}(x) + s\,W_\text{up} f(W_\text{down} x)`, beside the FFN."""
     return apply_bottleneck(model, "parallel", **hp)
 
 
+def _parallel_params(config: PretrainedConfig, **hp: Any) -> int:
+    """One parallel bottleneck adapter per block, :math:`2dk + d + k`."""
+    return bottleneck_params(config, "parallel", **hp)
+
+
 def _adapterdrop(model: nn.Module, placement: str, **hp: Any) -> nn.Module:
+    """Rücklé et al. 2021: the chosen adapter placement, with no adapters in the lowest ``drop_layers`` blocks."""
     return apply_bottleneck(model, placement, **hp)
 
 
@@ -298,9 +328,9 @@ register(Method(
     paper="Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP (ICML 2019)",
     arxiv_id="1902.00751", taxonomy=_ADAPTER_TAXONOMY, chapter="01_additive_adapters",
     hyperparams=_bottleneck_hps(16.0, "swish"),
-    apply=_houlsby, trainable_params=lambda config, **hp: bottleneck_params(config, "houlsby", **hp),
+    apply=_houlsby, trainable_params=_houlsby_params,
     validate=lambda config, **hp: _validate_bottleneck(config, placement="houlsby", **hp),
-    memory_terms=_memory("houlsby"),
+    memory_terms=_memory("houlsby"), extras=_sites("houlsby"),
     param_prefixes=("adapter_",),
     notes="after the attention output projection and after the FFN output projection of every block",
 ))
@@ -310,9 +340,9 @@ register(Method(
     arxiv_id="2005.00247",
     taxonomy=Taxonomy(xu="not listed", wang="not listed", lialin="A:adapters"), chapter="01_additive_adapters",
     hyperparams=_bottleneck_hps(16.0, "relu"),
-    apply=_pfeiffer, trainable_params=lambda config, **hp: bottleneck_params(config, "pfeiffer", **hp),
+    apply=_pfeiffer, trainable_params=_pfeiffer_params,
     validate=lambda config, **hp: _validate_bottleneck(config, placement="pfeiffer", **hp),
-    memory_terms=_memory("pfeiffer"),
+    memory_terms=_memory("pfeiffer"), extras=_sites("pfeiffer"),
     param_prefixes=("adapter_",),
     notes="one adapter per block, after the FFN output projection",
 ))
@@ -322,9 +352,9 @@ register(Method(
     arxiv_id="2110.04366", taxonomy=_ADAPTER_TAXONOMY, chapter="01_additive_adapters",
     hyperparams=(*_bottleneck_hps(2.0, "relu"),
                  HyperParam("scaling", "float", 4.0, "scale s of the adapter branch", minimum=0, maximum=100)),
-    apply=_parallel, trainable_params=lambda config, **hp: bottleneck_params(config, "parallel", **hp),
+    apply=_parallel, trainable_params=_parallel_params,
     validate=lambda config, **hp: _validate_bottleneck(config, placement="parallel", **hp),
-    memory_terms=_memory("parallel"),
+    memory_terms=_memory("parallel"), extras=_sites("parallel"),
     param_prefixes=("adapter_",),
     notes="y = FFN(x) + s * adapter(x), with x the FFN's input",
 ))
@@ -341,7 +371,7 @@ register(Method(
         *_bottleneck_hps(16.0, "relu", layers=False),
     ),
     apply=_adapterdrop, trainable_params=bottleneck_params, validate=_validate_bottleneck,
-    memory_terms=bottleneck_memory_terms,
+    memory_terms=bottleneck_memory_terms, extras={"memory_sites": adapter_memory_sites},
     param_prefixes=("adapter_",),
     notes="static AdapterDrop: backward stops at the lowest adapted block, which is its training speed-up",
 ))
@@ -454,7 +484,7 @@ register(Method(
         *_bottleneck_hps(32.0, "gelu"),
     ),
     apply=apply_compacter, trainable_params=compacter_params,
-    memory_terms=compacter_memory_terms,
+    memory_terms=compacter_memory_terms, extras={"memory_sites": adapter_memory_sites},
     validate=lambda config, **hp: _check(compacter_params(config, **hp)),
     param_prefixes=("phm_",),
     notes="the n x n x n rule A is shared by every PHM layer and counted once",
