@@ -15,16 +15,21 @@ STAMP   = $(VENV)/.installed
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml lab/overrides.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and alone, so that no later dependency pulls a CUDA build
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (PEFT companion)" >/dev/null
+	# JupyterLab opens the percent .py chapters as notebooks (jupytext's viewer), with no news pop-ups
+	mkdir -p $(VENV)/share/jupyter/lab/settings
+	cp lab/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	touch $(STAMP)
 
 figures: env
+	# the memory model's validation grid (estimate vs fake-tensor simulation), then every figure
+	$(PY) benchmarks/memory_grid.py
 	$(PY) -m survey_utils figures --out figures
 	$(MAKE) notebooks
 

@@ -35,9 +35,13 @@
 #
 # with $W$ the weights, $O$ the optimizer states ($2\times$ the trainable parameters for AdamW), $A$ the
 # activations saved for backward, $12\,bsV$ bytes for the fp32 log-softmax and the two fp32 logit
-# gradients alive when backward starts, $G$ the gradients and $T_\text{opt}$ the optimizer's temporaries.
+# gradients alive when backward starts (causal LMs; BERT and T5 take the loss in the model's dtype:
+# $3\cdot 2\,bsV$ in bf16), $G$ the gradients and $T_\text{opt}$ the optimizer's temporaries.
 # PEFT shrinks $G$ and $O$. It does not shrink $W$ (the frozen model still sits in memory) and barely
-# touches $A$: back-propagating to the adapters of the first block needs the activations of every block.
+# touches $A$: autograd saves a tensor only when an input of its operator requires a gradient, so every
+# block from the *lowest trainable module* up keeps its activations. Adapters in block 0 (LoRA's default)
+# keep nearly all of them; only methods that start higher (AdapterDrop, LoRA with `layers_to_transform`
+# on the top blocks, LLaMA-Adapter) or never reach the backbone (Ladder Side-Tuning) save activations.
 # That is why **parameter-efficient is not automatically memory-efficient**.
 #
 # ## In the three surveys
@@ -95,11 +99,13 @@ display(fig.canvas if hasattr(fig.canvas, "comm") else fig)
 # ## The memory model, from scratch
 #
 # `survey_utils.memory.estimate` writes every term in closed form; each block's saved activations follow
-# what transformers' code keeps for backward (here the Llama block):
+# what transformers' code keeps for backward, tensor by tensor, each tagged with the stage of the block
+# where it is saved, so that a block below the lowest trainable module saves nothing and the block that
+# holds it saves only what comes after it (here the Llama block):
 
 # %%
-estimate_module = importlib.import_module("survey_utils.memory.estimate")
-display(Code(inspect.getsource(estimate_module._llama_recipe), language="python"))
+activations_module = importlib.import_module("survey_utils.memory.activations")
+display(Code(inspect.getsource(activations_module._llama), language="python"))
 
 # %% [markdown]
 # ## Check: estimate vs a simulated step vs the real step
@@ -178,11 +184,13 @@ else:
     print("run `python benchmarks/memory_grid.py` to produce data/memory_validation.csv")
 
 # %% [markdown]
-# The Llama family (Llama, Mistral, Qwen2) is modelled operator by operator and lands within a fraction of
-# a percent. The other families use a generic LayerNorm-block recipe; their misses come from CPU-specific
-# kernels the simulation runs (with attention dropout, torch's CPU SDPA falls back to the math path in fp32,
-# and dropout keeps its noise in the activation dtype), GPT-2's tanh-GELU written in Python, which saves four
-# intermediate tensors, and T5's dropout after every sub-layer.
+# Every family (Llama, Mistral, Qwen2, GPT-2, BERT, T5, OPT, BLOOM) has its own recipe, written from the
+# tensors transformers' code saves. The simulation runs CPU kernels, so the grid compares it with the
+# estimate for `device="cpu"`: with attention dropout in training, torch's CPU SDPA takes the fp32 math
+# path (three fp32 $s^2$ tensors per layer) and dropout keeps its noise in the activation dtype; on CUDA
+# (`device="cuda"`, the default) the flash kernels keep no $s^2$ tensor and dropout keeps a 1-byte mask.
+# GPT-2's tanh-GELU is Python code that saves four intermediate tensors on either device. The remaining
+# misses are with gradient checkpointing (a few tensors of the hidden size that the estimate does not keep).
 #
 # ## What the surveys report
 #

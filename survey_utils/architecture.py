@@ -110,6 +110,7 @@ def layout(config: PretrainedConfig) -> Layout:
         raise SurveyError(
             f"model type '{config.model_type}' has no layout yet; supported: {', '.join(sorted(_BUILDERS))}"
         )
+    _check_sizes(config)
     # Configs are unhashable; the same object (zoo configs are cached) hits the identity cache, and an
     # equal config built elsewhere hits the content cache.
     hit = _BY_ID.get(id(config))
@@ -124,6 +125,29 @@ def layout(config: PretrainedConfig) -> Layout:
         _BY_ID.clear()
     _BY_ID[id(config)] = (config, _CACHE[key])
     return _CACHE[key]
+
+
+# The size fields of the supported families; every one present must be a positive integer.
+_SIZE_FIELDS = ("hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer", "num_layers",
+                "num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "intermediate_size", "d_ff",
+                "d_kv", "ffn_dim", "vocab_size", "head_dim", "word_embed_proj_dim", "max_position_embeddings",
+                "n_positions")
+
+
+def _check_sizes(config: PretrainedConfig) -> None:
+    label = getattr(config, "name_or_path", "") or config.model_type
+    for name in _SIZE_FIELDS:
+        value = getattr(config, name, None)
+        if value is None and name in ("head_dim", "num_key_value_heads", "n_positions", "max_position_embeddings"):
+            continue
+        if value is None and not hasattr(config, name):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SurveyError(f"config '{label}': {name}={value!r} must be a positive integer")
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if config.model_type != "t5" and not getattr(config, "head_dim", None) and hidden and heads and hidden % heads:
+        raise SurveyError(f"config '{label}': hidden_size={hidden} is not divisible by num_attention_heads={heads}")
 
 
 _CACHE: dict[str, Layout] = {}

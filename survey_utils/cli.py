@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (argparse prints the whole usage by default)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"error: {' '.join(message.split())} (see '{self.prog} --help')\n")
 
 
 def _add_model_method(parser: argparse.ArgumentParser, default_method: str = "lora") -> None:
@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--gradient-checkpointing", action="store_true")
     memory.add_argument("--quantization", default=None, choices=("nf4", "int8"))
     memory.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"))
+    memory.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="kernels the estimate counts (cpu: those the simulation runs)")
     memory.add_argument("--simulate", action="store_true", help="also run the step on fake tensors")
 
     models = commands.add_parser("models", help="list the model zoo")

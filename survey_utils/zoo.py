@@ -81,8 +81,9 @@ def _load_config_cached(path: str, label: str) -> PretrainedConfig:
         raise SurveyError(f"config file '{path}' has no 'architectures' field naming the model class")
     try:
         config = AutoConfig.for_model(model_type, **raw)
-    except (ValueError, KeyError, TypeError) as error:
-        raise SurveyError(f"config file '{path}' is not a valid '{model_type}' config: {error}") from None
+    except Exception as error:  # noqa: BLE001 - transformers raises many types (StrictDataclassError, ...)
+        reason = " ".join(str(error).split())[:200]
+        raise SurveyError(f"config file '{path}' is not a valid '{model_type}' config: {reason}") from None
     config.name_or_path = label
     return config
 

@@ -10,15 +10,21 @@ The peak of *allocated* memory in a steady-state step (the optimizer states alre
 - :math:`O`: optimizer states of the trainable parameters; :math:`M_\text{master}`: fp32 master copies
   when the trainable parameters are fp16 (mixed precision with loss scaling needs them);
 - :math:`B`: the batch (``input_ids`` and ``labels``, int64);
-- :math:`A`: activations saved for backward, summed over the blocks by architecture (norms, attention
-  with SDPA or eager, MLP, the method's own tensors), with gradient checkpointing only the block inputs
-  plus one block's worth; :math:`\Delta_\text{loss}`: the fp32 log-softmax and the two fp32 logit
-  gradients alive at the start of backward (:math:`12\,b\,s\,V` bytes);
+- :math:`A`: activations saved for backward, by architecture and device
+  (:mod:`survey_utils.memory.activations`): only the blocks from the lowest trainable module up save
+  anything (autograd saves a tensor only when an input of its operator requires a gradient); with
+  gradient checkpointing only their inputs plus one block's worth; :math:`\Delta_\text{loss}`: the
+  log-softmax and the two logit gradients alive at the start of backward (:math:`12\,b\,s\,V` bytes in
+  fp32 for causal LMs; :math:`3\,a\,b\,s\,V` for BERT and T5, whose loss takes the model's dtype);
 - :math:`G`: gradients of the trainable parameters; :math:`T_\text{opt}`: the optimizer's largest
   per-parameter temporary (AdamW's ``sqrt`` and ``/``: two tensors of the biggest parameter).
 
 A method joins with no change here: trainable parameters come from the registry's closed form; a method
-whose tensors saved for backward matter sets ``Method.memory_terms`` (see the registry docstring).
+whose tensors saved for backward matter sets ``Method.memory_terms`` (see the registry docstring); where
+its gradients enter the backbone comes from its ``target_modules`` or, for other methods, from
+``Method.extras["memory_sites"]`` (the modules its trainable branch joins, or ``"input"``); prefix-like
+methods mark ``Method.extras["memory_positions"] = "key_value"`` (their virtual positions are keys and
+values only).
 Parameters of the base model count as trainable only under ``full`` fine-tuning.
 """
 
@@ -34,6 +40,20 @@ from transformers import PretrainedConfig
 
 from survey_utils.architecture import Layout, layout, total_params
 from survey_utils.errors import SurveyError
+from survey_utils.memory.activations import (
+    ATTN_IN,
+    ATTN_OUT,
+    DEVICES,
+    INPUT,
+    LOSS_IN_MODEL_DTYPE,
+    MLP_IN,
+    MLP_OUT,
+    RECIPES,
+    Activations,
+    Ctx,
+    saved_activations,
+    trainable_start,
+)
 from survey_utils.methods.registry import Method, get_method
 from survey_utils.zoo import load_config
 
@@ -107,8 +127,12 @@ def supports_sdpa(config: PretrainedConfig) -> bool:
 
 def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any], batch_size: int, seq_len: int,
                    dtype: str, adapter_dtype: str | None, optimizer: str, quantization: str | None,
-                   attention: str) -> dict[str, Any]:
+                   attention: str, device: str = "cuda", gradient_checkpointing: bool = False) -> dict[str, Any]:
     """Validate every setting (one-line :class:`SurveyError`) and return the method's resolved hyper-parameters."""
+    if gradient_checkpointing and method.extras.get("memory_positions") == "key_value":
+        # transformers' GradientCheckpointingLayer drops past_key_values, so the prefixes would silently vanish.
+        raise SurveyError(f"method '{method.name}' feeds its prefixes through past_key_values, which transformers' "
+                          "gradient-checkpointed layers drop: turn gradient checkpointing off")
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SurveyError(f"{name}={value!r} must be a positive integer")
@@ -122,6 +146,8 @@ def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any],
         raise SurveyError(f"quantization '{quantization}' is not one of {', '.join(QUANTIZATIONS)}")
     if attention not in ATTENTIONS:
         raise SurveyError(f"attention '{attention}' is not one of {', '.join(ATTENTIONS)}")
+    if device not in DEVICES:
+        raise SurveyError(f"device '{device}' is not one of {', '.join(DEVICES)}")
     if quantization is not None and method.name == "full":
         raise SurveyError(f"quantization '{quantization}' freezes the base weights; full fine-tuning cannot use it")
     resolved = method.resolve(config, **hp)
@@ -136,12 +162,17 @@ def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any],
 def estimate(model_or_config: str | PretrainedConfig, method: str | Method = "full",
              hp: dict[str, Any] | None = None, batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16",
              adapter_dtype: str | None = None, optimizer: str = "adamw", gradient_checkpointing: bool = False,
-             quantization: str | None = None, attention: str = "sdpa") -> MemoryEstimate:
-    """Peak allocated bytes of a steady-state training step, term by term (see the module docstring)."""
+             quantization: str | None = None, attention: str = "sdpa", device: str = "cuda") -> MemoryEstimate:
+    """Peak allocated bytes of a steady-state training step, term by term (see the module docstring).
+
+    ``device`` picks the kernels whose saved tensors are counted: ``cuda`` (what users train on) or ``cpu``
+    (what :func:`survey_utils.memory.simulate` runs, for like-with-like validation); see
+    :mod:`survey_utils.memory.activations`.
+    """
     config = load_config(model_or_config)
     method = get_method(method) if isinstance(method, str) else method
     resolved = check_settings(config, method, hp or {}, batch_size, seq_len, dtype, adapter_dtype, optimizer,
-                              quantization, attention)
+                              quantization, attention, device, gradient_checkpointing)
     shape = layout(config)
     a = DTYPE_BYTES[dtype]
     tdtype = adapter_dtype or dtype
@@ -186,34 +217,64 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method = "fu
 
     # Activations -----------------------------------------------------------------------------------
     extra = method.extra_positions(config, **resolved) if method.extra_positions else 0
-    s = seq_len + extra
-    if extra:
-        assumptions.append(f"{extra} virtual tokens of the method lengthen every block's sequence to {s}")
+    key_value_only = bool(method.extras.get("memory_positions") == "key_value") if method.extras else False
+    s = seq_len if key_value_only else seq_len + extra
+    if extra and key_value_only:
+        assumptions.append(f"{extra} virtual key/value positions in every prefixed attention: keys and values "
+                           f"grow to {seq_len + extra} positions, queries, MLP, norms and logits stay at {seq_len}")
+    elif extra:
+        assumptions.append(f"{extra} virtual tokens of the method lengthen every block's sequence (and the logits) "
+                           f"to {s}")
     if attention == "sdpa" and not supports_sdpa(config):
         attention = "eager"
         assumptions.append(f"{config.model_type} has no SDPA path in transformers: eager attention")
-    terms, per_block, n_blocks = _block_activations(config, shape, batch_size, s, a, attention, full,
-                                                    method.backprop_through_backbone, assumptions)
+    assumptions.append(_DEVICE_NOTES[device])
+    assumptions.append("model in train mode: dropout is active wherever the config sets a probability "
+                       "(as in the simulation and in training)")
+    ctx = Ctx(config, shape, batch_size, s, seq_len + extra, a, attention, device, full)
+    if method.backprop_through_backbone:
+        start = trainable_start(method, config, resolved)
+        saved = saved_activations(ctx, start)
+        if not full and (start.block > 0 or start.stage > INPUT):
+            assumptions.append(f"gradients start at block {start.block} ({_stage_name(start.stage)}): the blocks "
+                               "below save nothing for backward, and that block only what follows it")
+    else:
+        saved = Activations({}, 0, 0, 0)
+        assumptions.append("the method does not back-propagate through the backbone: the backbone saves nothing")
+    if shape.family not in RECIPES_DOCUMENTED:
+        assumptions.append(f"{config.model_type}: no recipe of its own, approximated by the nearest family's")
+    assumptions.extend(ctx.notes)
+    terms = saved.terms
     method_terms = _method_terms(method, config, batch_size, s, a, tb, resolved)
     recomputed = 0
     if gradient_checkpointing:
-        # The checkpointed blocks keep only their input; one block's tensors are rebuilt during its backward.
-        per_block_method = sum(method_terms.values()) // max(n_blocks, 1)
-        recomputed = per_block + per_block_method
-        activations_by_term = {"block inputs (checkpointed)": n_blocks * batch_size * s * shape.hidden_size * a,
-                               "one block recomputed": per_block + per_block_method}
+        # Each checkpointed block keeps its input (the previous block's output); in backward one block's
+        # tensors are rebuilt at a time, with the method's share of that block.
+        n_blocks = max(saved.saving_blocks, 1)
+        per_block_method = sum(method_terms.values()) // n_blocks
+        recomputed = saved.largest_block + per_block_method
+        activations_by_term = {
+            "block inputs (checkpointed)": saved.saving_blocks * batch_size * s * shape.hidden_size * a
+            + saved.checkpoint_extra,
+            "one block recomputed": recomputed}
         activations_by_term.update({k: v for k, v in terms.items() if k.startswith("outside blocks")})
-        assumptions.append("gradient checkpointing on every block (non-reentrant): the block inputs are kept, "
+        assumptions.append("gradient checkpointing on every block (non-reentrant): each block keeps its input, "
                            "one block's activations are rebuilt at a time in backward")
     else:
-        activations_by_term = {k: v for k, v in terms.items()}
+        activations_by_term = dict(terms)
         for key, value in method_terms.items():
             activations_by_term[f"method: {key}"] = value
     activations = sum(activations_by_term.values())
     vocab_positions = batch_size * s
-    loss_transient = 12 * vocab_positions * shape.vocab_size
-    assumptions.append("logits cast to fp32 for the loss; at the start of backward the saved log-softmax and two "
-                       "fp32 logit gradients are alive together: 12 B x batch x positions x vocab")
+    if shape.family in LOSS_IN_MODEL_DTYPE:
+        loss_transient = 3 * a * vocab_positions * shape.vocab_size
+        assumptions.append(f"{config.model_type}: CrossEntropyLoss on logits in the model's dtype; at the start of "
+                           "backward the saved log-softmax and two logit gradients are alive together: "
+                           f"3 x {a} B x batch x positions x vocab")
+    else:
+        loss_transient = 12 * vocab_positions * shape.vocab_size
+        assumptions.append("logits cast to fp32 for the loss; at the start of backward the saved log-softmax and "
+                           "two fp32 logit gradients are alive together: 12 B x batch x positions x vocab")
     batch_bytes = 2 * 8 * batch_size * seq_len
 
     fixed = weights + optimizer_states + masters + batch_bytes
@@ -301,86 +362,19 @@ def _optimizer(name: str, trainable: int, state_bytes: int, largest: int, shape:
     return max(1, trainable // 50) * state_bytes, largest * state_bytes
 
 
-def _block_activations(config: PretrainedConfig, shape: Layout, b: int, s: int, a: int, attention: str,
-                       full: bool, through_backbone: bool, assumptions: list[str]
-                       ) -> tuple[dict[str, int], int, int]:
-    """Bytes saved for backward by the blocks, by term; also one block's bytes and the number of blocks."""
-    family = shape.family
-    t = b * s
-    h, heads, kv, d, inter = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.intermediate_size
-    n = shape.num_layers
-    if not through_backbone:
-        assumptions.append("the method does not back-propagate through the backbone: the backbone saves nothing")
-        return {}, 0, n
-    recipe = _RECIPES.get(family, _layernorm_recipe)
-    per_block = recipe(config, t, b, s, h, heads, kv, d, inter, a, attention, full, assumptions)
-    terms = {k: n * v for k, v in per_block.items()}
-    one_block = sum(per_block.values())
-    # Outside the blocks: final norm, rotary tables, head input when the head trains.
-    outside = 0
-    if family in ("llama", "mistral", "qwen2"):
-        outside += 4 * t * h + 4 * t + (a * t * h if full else 0)  # final RMSNorm
-        outside += 2 * a * s * d  # rotary cos and sin, shared by every block
-        if full:
-            outside += a * t * h  # lm_head input
-    else:
-        outside += a * t * h + 8 * t + (a * t * h if full else 0)
-    terms["outside blocks (final norm, head input, positions)"] = outside
-    return terms, one_block, n
+def _stage_name(stage: float) -> str:
+    names = {INPUT: "its input", ATTN_IN: "after the attention's input projections", ATTN_OUT:
+             "after the attention output", MLP_IN: "after the MLP's input projections", MLP_OUT: "after the MLP"}
+    return names.get(stage, f"stage {stage:g}")
 
 
-def _llama_recipe(config: PretrainedConfig, t: int, b: int, s: int, h: int, heads: int, kv: int, d: int,
-                  inter: int, a: int, attention: str, full: bool, assumptions: list[str]) -> dict[str, int]:
-    """One Llama-like block (RMSNorm upcast to fp32, rotary, gated SiLU MLP), as transformers writes it."""
-    norm = 2 * (4 * t * h + 4 * t + (a * t * h if full else 0))
-    if attention == "sdpa":
-        attn = a * t * heads * d * 2 + a * t * kv * d * 2 + 4 * b * heads * s
-        assumptions.append("SDPA (flash/efficient kernel): q, k, v, output and fp32 log-sum-exp are saved; no s^2 term")
-    else:
-        probs = b * heads * s * s
-        attn = 3 * a * t * heads * d + 4 * probs + (a * probs if a != 4 else 0)
-        if full:
-            attn += a * t * heads * d  # the transposed context copy that o_proj saves
-        assumptions.append("eager attention: the fp32 softmax (b x heads x s^2) and its cast are saved; k and v "
-                           "are repeated to every query head")
-    linear_inputs = (a * t * h * 2 + a * t * inter) if full else 0  # q/k/v input, gate/up input, down input
-    mlp = 3 * a * t * inter
-    return {"norms": norm, "attention": attn, "mlp": mlp, "linear inputs (trainable weights)": linear_inputs}
-
-
-def _layernorm_recipe(config: PretrainedConfig, t: int, b: int, s: int, h: int, heads: int, kv: int, d: int,
-                      inter: int, a: int, attention: str, full: bool, assumptions: list[str]) -> dict[str, int]:
-    """A LayerNorm block (GPT-2, BERT, OPT, BLOOM, T5 approximately): norms save input, mean and rstd."""
-    p_attn = _dropout(config, ("attn_pdrop", "attention_probs_dropout_prob", "attention_dropout", "dropout_rate"))
-    p_hidden = _dropout(config, ("resid_pdrop", "hidden_dropout_prob", "dropout", "hidden_dropout", "dropout_rate"))
-    norms = 2 * (a * t * h + 8 * t)
-    probs = b * heads * s * s
-    if attention == "sdpa" and p_attn == 0:
-        attn = 4 * a * t * h + 4 * b * heads * s
-    else:
-        attn = 3 * a * t * h + a * probs + (2 * probs + a * probs if p_attn > 0 else 0) + a * t * h
-        assumptions.append("attention probabilities (b x heads x s^2) are saved: eager attention, or SDPA with "
-                           "attention dropout in training, which takes the math path")
-    mlp = 2 * a * t * inter
-    dropout = (2 * t * h) if p_hidden > 0 else 0
-    linear_inputs = (a * t * h * 2 + a * t * inter) if full else 0
-    assumptions.append(f"{config.model_type}: generic LayerNorm-block recipe (approximate: activation function "
-                       "internals and dropout placement differ by family)")
-    return {"norms": norms, "attention": attn, "mlp": mlp, "dropout masks": dropout,
-            "linear inputs (trainable weights)": linear_inputs}
-
-
-def _dropout(config: PretrainedConfig, names: tuple[str, ...]) -> float:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int | float):
-            return float(value)
-    return 0.0
-
-
-_RECIPES: dict[str, Callable[..., dict[str, int]]] = {
-    "llama": _llama_recipe, "mistral": _llama_recipe, "qwen2": _llama_recipe,
+_DEVICE_NOTES = {
+    "cuda": "device CUDA: SDPA's flash/efficient kernels (dropout inside the kernel, no s^2 tensor), 1-byte "
+            "dropout masks, fp32 LayerNorm statistics",
+    "cpu": "device CPU (what the fake-tensor simulation runs): SDPA with attention dropout takes the fp32 math "
+           "path, dropout keeps its noise in the activation dtype, LayerNorm statistics in the activation dtype",
 }
+RECIPES_DOCUMENTED = tuple(RECIPES)
 
 
 def lora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
@@ -404,17 +398,31 @@ def lora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, a
         elif adapter_bytes != act_bytes:
             per_target += adapter_bytes * t * spec.in_features
         else:
-            inputs[(spec.layer, _input_group(spec.short_name))] = act_bytes * t * spec.in_features
+            inputs[_input_key(spec.name)] = act_bytes * t * spec.in_features
     return {"adapter inputs": sum(inputs.values()) + per_target, "x A (rank r)": low_rank}
 
 
 def _input_group(short_name: str) -> str:
-    """Linears that read the same tensor (q/k/v read the norm output; gate/up read it too)."""
+    """Linears that read the same tensor (q/k/v read the norm output; gate/up read it too); kept for
+    ``methods.reparameterized``, which groups by ``(layer, group)``."""
     if short_name in ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v"):
         return "attn_in"
     if short_name in ("gate_proj", "up_proj", "wi_0", "wi_1"):
         return "mlp_in"
     return short_name
+
+
+def _input_key(name: str) -> tuple[str, str]:
+    """Linears that read the same tensor share one saved input: q/k/v read the norm output, gate/up too;
+    the cross-attention keys and values of every decoder block read the one encoder output."""
+    parent, _, short = name.rpartition(".")
+    if ".EncDecAttention." in name and short in ("k", "v"):
+        return ("encoder output", "kv")
+    if short in ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v"):
+        return (parent, "attn_in")
+    if short in ("gate_proj", "up_proj", "wi_0", "wi_1"):
+        return (parent, "mlp_in")
+    return (parent, short)
 
 
 # Methods of the foundation whose family file predates the registry's ``memory_terms`` field.

@@ -53,7 +53,7 @@ def measure(model_or_config: str | PretrainedConfig, method: str | Method = "ful
     config = load_config(model_or_config)
     method = get_method(method) if isinstance(method, str) else method
     resolved = check_settings(config, method, hp or {}, batch_size, seq_len, dtype, adapter_dtype, optimizer,
-                              quantization, attention)
+                              quantization, attention, gradient_checkpointing=gradient_checkpointing)
     device = device or ("cuda" if cuda_available() else "cpu")
     if quantization is not None:
         raise SurveyError(f"quantization '{quantization}' needs bitsandbytes, which this environment lacks")

@@ -296,7 +296,7 @@ def simulate(model_or_config: str | PretrainedConfig, method: str | Method = "fu
     config = load_config(model_or_config)
     method = get_method(method) if isinstance(method, str) else method
     resolved = check_settings(config, method, hp or {}, batch_size, seq_len, dtype, adapter_dtype, optimizer,
-                              quantization, attention)
+                              quantization, attention, gradient_checkpointing=gradient_checkpointing)
     if quantization is not None:
         raise SurveyError(f"quantization '{quantization}' cannot be simulated (its kernels need bitsandbytes "
                           "and a GPU); use the estimate")

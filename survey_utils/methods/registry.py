@@ -96,7 +96,8 @@ class HyperParam:
                 return None
             raise SurveyError(f"{self.name} must be set")
         if self.type == "int":
-            if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or (isinstance(value, float) and not value.is_integer())):
                 raise SurveyError(f"{self.name}={value!r} must be an integer")
             value = int(value)
         elif self.type == "float":
@@ -109,8 +110,10 @@ class HyperParam:
         elif self.type in ("str_list", "targets", "int_list"):
             if isinstance(value, str) and self.type == "targets":
                 return value
-            if isinstance(value, str | int):
+            if isinstance(value, str | int) and not isinstance(value, bool):
                 value = [value]
+            if not isinstance(value, list | tuple):
+                raise SurveyError(f"{self.name}={value!r} must be a list")
             value = list(value)
             kind = int if self.type == "int_list" else str
             if not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):

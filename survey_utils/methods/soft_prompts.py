@@ -433,6 +433,35 @@ def virtual_positions(config: PretrainedConfig, num_virtual_tokens: int, **_: An
     return num_virtual_tokens
 
 
+def prefix_memory_sites(config: PretrainedConfig, **_: Any) -> list[Any]:
+    """Where the prefixes' gradients enter (``Method.extras["memory_sites"]``, read by the memory estimate):
+    the key/value projections of every prefixed attention (T5: the decoder's self-attention)."""
+    enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    names = ("k_proj", "v_proj", "c_attn", "key", "value", "k", "v", "query_key_value")
+    return [m for m in layout(config).modules if m.component == "attention" and m.short_name in names
+            and (not enc_dec or (m.name.startswith("decoder.") and ".SelfAttention." in m.name))]
+
+
+def llama_adapter_memory_sites(config: PretrainedConfig, adapter_layers: int, **_: Any) -> list[Any]:
+    """The adapted layers' attention outputs, where the gated prompt branch joins (memory estimate)."""
+    shape = layout(config)
+    return [m for m in shape.modules if m.short_name == "o_proj" and m.layer is not None
+            and m.layer >= shape.num_layers - adapter_layers]
+
+
+def llama_adapter_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                               adapter_bytes: int, adapter_len: int, adapter_layers: int, **_: Any) -> dict[str, int]:
+    """Saved per adapted layer: the rotated queries (for the prompt keys' gradient), the fp32 softmax over
+    the K prompt positions, its cast and its gated copy."""
+    shape = layout(config)
+    probs = batch_size * shape.num_heads * seq_len * adapter_len
+    query = act_bytes * batch_size * seq_len * shape.num_heads * shape.head_dim
+    return {"adaption queries and scores": adapter_layers * (query + 4 * probs + 2 * act_bytes * probs)}
+
+
+_PREFIX_MEMORY = {"memory_positions": "key_value", "memory_sites": prefix_memory_sites}
+
+
 def _prompt_learning_common(config: PretrainedConfig, num_virtual_tokens: int) -> dict[str, Any]:
     return {"task_type": peft_task_type(config), "num_virtual_tokens": num_virtual_tokens,
             "num_transformer_submodules": 1}
@@ -527,6 +556,7 @@ register(Method(
     hyperparams=PREFIX_HPS,
     apply=apply_prefix_tuning, trainable_params=prefix_tuning_params, peft_config=prefix_tuning_peft_config,
     validate=validate_prompt, extra_positions=virtual_positions, param_prefixes=("prompt_encoder",),
+    extras=_PREFIX_MEMORY,
 ))
 
 register(Method(
@@ -540,6 +570,7 @@ register(Method(
                                       "reparameterise through an MLP (optional in P-tuning v2)"), ENCODER_SIZE),
     apply=apply_prefix_tuning, trainable_params=prefix_tuning_params, peft_config=prefix_tuning_peft_config,
     validate=validate_prompt, extra_positions=virtual_positions, param_prefixes=("prompt_encoder",),
+    extras=_PREFIX_MEMORY,
     notes="deep prompts in every layer = prefix tuning without the MLP by default (peft: PrefixTuningConfig)",
 ))
 
@@ -556,6 +587,7 @@ register(Method(
                             minimum=1)),
     apply=apply_llama_adapter, trainable_params=llama_adapter_params, peft_config=llama_adapter_peft_config,
     validate=validate_llama_adapter, param_prefixes=("adaption_",),
+    memory_terms=llama_adapter_memory_terms, extras={"memory_sites": llama_adapter_memory_sites},
     notes="extra key positions only inside the adapted layers' separate softmax; no position is added",
 ))
 

@@ -1,7 +1,8 @@
 """The memory view (chapter 00, reused by every method chapter): where a training step's memory goes.
 
-Controls: model, method, rank (methods with ``r``), batch size, sequence length, dtype, optimizer,
-gradient checkpointing, and "simulate" (runs the fake-tensor step; seconds for 7B models, so on demand).
+Controls: model, method, rank (methods with ``r``), batch size, sequence length, dtype, optimizer, the
+device whose kernels are counted (CUDA, or CPU as the simulation runs), gradient checkpointing, and
+"simulate" (runs the fake-tensor step on CPU kernels; seconds for 7B models, so on demand).
 Left: a stacked bar of the estimate's terms at the peak, with the simulated peak beside it when asked.
 Right: estimated peak against sequence length, split into what does not depend on it (weights, optimizer
 states) and what grows with it (activations, logits), with the length where activations overtake marked.
@@ -66,6 +67,8 @@ class MemoryExplorer(Explorer):
             "dtype": W.Dropdown(options=["bf16", "fp16", "fp32"], value="bf16", description="dtype", style=_STYLE),
             "optimizer": W.Dropdown(options=list(OPTIMIZERS), value="adamw", description="optimizer",
                                     style=_STYLE),
+            "device": W.Dropdown(options=["cuda", "cpu"], value="cuda", description="kernels of",
+                                 style=_STYLE),
             "gradient_checkpointing": W.Checkbox(value=False, description="gradient checkpointing", indent=False),
             "simulate": W.Checkbox(value=False, description="simulate beside the estimate (fake tensors)",
                                    indent=False),
@@ -99,7 +102,8 @@ class MemoryExplorer(Explorer):
     def settings(self, **state: Any) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
         method = get_method(state["method"])
         hp = {"r": state["rank"]} if any(h.name == "r" for h in method.hyperparams) else {}
-        kwargs = {k: state[k] for k in ("batch_size", "seq_len", "dtype", "optimizer", "gradient_checkpointing")}
+        kwargs = {k: state[k] for k in ("batch_size", "seq_len", "dtype", "optimizer", "gradient_checkpointing",
+                                        "device")}
         return state["model"], state["method"], hp, kwargs
 
     def compute(self, **state: Any) -> MemoryView:
@@ -124,6 +128,7 @@ class MemoryExplorer(Explorer):
     def _simulate(self, model: str, method: str, hp: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, int]:
         from survey_utils.memory.simulate import simulate
 
+        kwargs = {k: v for k, v in kwargs.items() if k != "device"}  # the simulation runs CPU kernels
         key = (model, method, tuple(sorted(hp.items())), tuple(sorted(kwargs.items())))
         if key not in self._sim_cache:
             sim = simulate(model, method, hp, **kwargs)
@@ -149,7 +154,7 @@ class MemoryExplorer(Explorer):
         text = f"estimate {human_bytes(est)}"
         if view.simulated:
             sim = view.simulated["_peak"]
-            text += f"  simulation {human_bytes(sim)} ({100 * (est - sim) / sim:+.1f}%)"
+            text += f"  simulation (CPU) {human_bytes(sim)} ({100 * (est - sim) / sim:+.1f}%)"
         self.bar_text.set_text(text)
         self.line_fixed.set_data(view.seq_lens, [v / gib for v in view.fixed])
         self.line_growing.set_data(view.seq_lens, [v / gib for v in view.growing])

@@ -99,3 +99,68 @@ def test_estimate_within_five_percent_of_the_simulation(method: str, settings: d
     est = estimate("tiny-llama", method, **settings)
     sim = simulate("tiny-llama", method, **settings)
     assert abs(est.total - sim.peak) / sim.peak < 0.05
+
+
+@pytest.mark.parametrize(("model", "method", "settings"), [
+    ("tiny-gpt2", "lora", {}),
+    ("tiny-gpt2", "full", {"gradient_checkpointing": True}),
+    ("tiny-bert", "full", {}),
+    ("tiny-bert", "lora", {"gradient_checkpointing": True}),
+    ("tiny-t5", "lora", {}),
+    ("tiny-gpt2", "pfeiffer", {}),
+    ("tiny-llama", "adapterdrop", {"hp": {"drop_layers": 2}}),
+    ("tiny-llama", "lora", {"hp": {"layers_to_transform": [2, 3]}}),
+    ("tiny-llama", "prefix_tuning", {}),
+    ("tiny-llama", "llama_adapter", {"hp": {"adapter_layers": 2}}),
+])
+def test_cpu_estimate_within_five_percent_of_the_simulation_across_families(model: str, method: str,
+                                                                          settings: dict) -> None:
+    hp = settings.pop("hp", {})
+    kwargs = dict(batch_size=2, seq_len=128, **settings)
+    est = estimate(model, method, hp, device="cpu", **kwargs)
+    sim = simulate(model, method, hp, **kwargs)
+    assert abs(est.total - sim.peak) / sim.peak < 0.05
+
+
+def test_blocks_below_the_lowest_trainable_module_save_nothing() -> None:
+    everywhere = estimate("llama-2-7b", "lora", seq_len=2048)
+    top_half = estimate("llama-2-7b", "lora", {"layers_to_transform": list(range(16, 32))}, seq_len=2048)
+    assert top_half.activations < 0.55 * everywhere.activations
+    dropped = estimate("llama-2-7b", "adapterdrop", {"drop_layers": 16}, seq_len=2048)
+    assert dropped.activations < 0.55 * estimate("llama-2-7b", "pfeiffer", seq_len=2048).activations
+    assert any("gradients start at block 16" in line for line in dropped.assumptions)
+    assert estimate("llama-2-7b", "lst", seq_len=2048).activations < everywhere.activations / 5  # side net only
+
+
+def test_prefix_positions_are_keys_and_values_only() -> None:
+    prompt = estimate("llama-2-7b", "prompt_tuning", {"num_virtual_tokens": 64}, seq_len=512)
+    prefix = estimate("llama-2-7b", "prefix_tuning", {"num_virtual_tokens": 64}, seq_len=512)
+    plain = estimate("llama-2-7b", "lora", seq_len=512)
+    # prompt tuning lengthens everything, logits included; prefixes lengthen only keys and values
+    assert prompt.loss_transient > prefix.loss_transient == plain.loss_transient
+    assert prompt.activations > prefix.activations
+    assert any("queries, MLP, norms and logits stay at 512" in line for line in prefix.assumptions)
+
+
+def test_device_changes_the_kernels_not_the_llama_block() -> None:
+    cpu = estimate("gpt2", "lora", seq_len=1024, device="cpu")
+    cuda = estimate("gpt2", "lora", seq_len=1024, device="cuda")
+    assert cpu.activations > cuda.activations  # CPU math path keeps three fp32 s^2 tensors per layer
+    assert any("math path" in line for line in cpu.assumptions)
+    assert any("device CUDA" in line for line in cuda.assumptions)
+    assert (estimate("tiny-llama", "lora", device="cpu").activations
+            == estimate("tiny-llama", "lora", device="cuda").activations)
+    with pytest.raises(SurveyError, match="device 'tpu'"):
+        estimate("tiny-llama", "lora", device="tpu")
+
+
+def test_prefix_methods_refuse_gradient_checkpointing_in_one_line() -> None:
+    """Checkpointed layers drop past_key_values; an estimate must not describe a step that loses its prefixes."""
+    import pytest
+
+    from survey_utils.errors import SurveyError
+    from survey_utils.memory import estimate
+
+    with pytest.raises(SurveyError, match="past_key_values"):
+        estimate("tiny-llama", "prefix_tuning", {}, batch_size=1, seq_len=32, gradient_checkpointing=True)
+    assert estimate("tiny-llama", "prompt_tuning", {}, batch_size=1, seq_len=32, gradient_checkpointing=True).total > 0

@@ -1,0 +1,443 @@
+r"""The tensors a training step saves for backward, block by block, family by family (chapter 00).
+
+Autograd saves an operator's inputs or outputs only when one of its inputs requires a gradient. With a
+frozen backbone that happens from the *lowest trainable module* on: blocks below it save nothing, and in
+its own block only what comes after it is saved. Each family's recipe therefore lists one block's saved
+tensors in forward order, each tagged with its *stage*; :func:`saved_activations` keeps the blocks at
+and above the lowest trainable one and, in that block, the tensors after the trainable module's stage.
+
+Every recipe was written from the tensors torch saves in transformers' code (listed with
+``torch.autograd.graph.saved_tensors_hooks`` on the tiny models) and depends on the device:
+
+- **CPU** (what the fake-tensor simulation runs): SDPA with attention dropout in train mode takes the
+  *math* path, which upcasts q, k, v to fp32 and keeps three fp32 :math:`b\,h\,s^2` tensors (the softmax,
+  the dropout noise, the dropped probabilities); without dropout its flash kernel keeps q, k, v, the output
+  and the fp32 log-sum-exp. Dropout keeps its noise tensor in the activation dtype; LayerNorm keeps its
+  mean and reciprocal standard deviation in the activation dtype.
+- **CUDA**: SDPA's flash and memory-efficient kernels handle dropout themselves (no :math:`s^2` tensor),
+  dropout keeps a 1-byte mask, LayerNorm keeps fp32 statistics.
+
+Both: the model is in train mode (dropout active wherever the config sets a probability), GPT-2's
+tanh-GELU is Python code that keeps four intermediate tensors, Llama's RMSNorm and T5's LayerNorm upcast to
+fp32, causal LMs take the loss on fp32 logits while BERT's and T5's ``CrossEntropyLoss`` takes it in the
+model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from survey_utils.architecture import Layout, ModuleSpec
+
+# Stages of a block, in forward order. A trainable module at stage x makes every later stage save.
+INPUT = -math.inf
+ATTN_NORM, ATTN_IN, ATTN_CORE, ATTN_OUT, ATTN_POST = 0.0, 1.0, 2.0, 3.0, 4.0
+CROSS_NORM, CROSS_IN, CROSS_CORE, CROSS_OUT, CROSS_POST = 4.2, 4.4, 4.5, 4.6, 4.8
+MLP_NORM, MLP_IN, MLP_ACT, MLP_OUT, MLP_POST = 5.0, 6.0, 7.0, 8.0, 9.0
+
+LINEAR_INPUTS = "linear inputs (trainable weights)"
+ATTN_OUT_NAMES = ("o_proj", "o", "c_proj", "dense", "out_proj")
+MLP_OUT_NAMES = ("down_proj", "c_proj", "wo", "fc2", "dense_4h_to_h")
+DEVICES = ("cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Saved:
+    """Bytes one block (or the model outside the blocks) keeps for backward, at a stage of the forward."""
+
+    term: str
+    nbytes: int
+    stage: float = INPUT
+    full_only: bool = False  # inputs of linear layers whose weights train (full fine-tuning)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where gradients begin: the lowest trainable block (layout numbering) and the stage inside it.
+
+    ``embeddings``: the embedding output requires a gradient (full fine-tuning, soft prompts at the input),
+    so what the embeddings' dropout and norm save is kept too.
+    """
+
+    block: int
+    stage: float
+    embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Everything a recipe needs: the shapes, the dtype's size, the kernels and the device."""
+
+    config: PretrainedConfig
+    shape: Layout
+    b: int
+    s: int  # query positions (and the positions of everything else)
+    s_kv: int  # key/value positions (s plus prefix tuning's virtual tokens)
+    a: int  # bytes per activation element
+    attention: str  # sdpa or eager (already resolved for the family)
+    device: str
+    full: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def t(self) -> int:
+        return self.b * self.s
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def layer_norm(self, width: int | None = None) -> int:
+        """nn.LayerNorm: its input and two statistics per position (fp32 on CUDA, activation dtype on CPU)."""
+        stats = 2 * self.a * self.t if self.device == "cpu" else 8 * self.t
+        return self.a * self.t * (width or self.shape.hidden_size) + stats
+
+    def dropout(self, numel: int, p: float) -> int:
+        """Dropout in train mode: CPU keeps its noise in the activation dtype, CUDA a 1-byte mask."""
+        if p <= 0:
+            return 0
+        return numel * (self.a if self.device == "cpu" else 1)
+
+    def sdpa_math(self, p_attn: float) -> bool:
+        """Whether SDPA runs its math path: on CPU whenever attention dropout is active in training."""
+        return self.attention == "sdpa" and self.device == "cpu" and p_attn > 0
+
+    def core(self, p_attn: float, heads: int | None = None, kv_heads: int | None = None) -> int:
+        """Bytes the attention kernel saves for one layer (q, k, v and what the kernel keeps)."""
+        heads = heads or self.shape.num_heads
+        kv_heads = kv_heads or self.shape.num_kv_heads
+        d, b, s, s_kv = self.shape.head_dim, self.b, self.s, self.s_kv
+        q, kv = b * s * heads * d, b * s_kv * kv_heads * d
+        probs = b * heads * s * s_kv
+        if self.attention == "sdpa" and not self.sdpa_math(p_attn):
+            self.note(f"SDPA on {self.device.upper()} (flash/efficient kernel): q, k, v, the output and the fp32 "
+                      "log-sum-exp are saved; no s^2 term")
+            mask = 0
+            if s != s_kv:  # extra key positions: an explicit mask (b x 1 x s x s_kv), k and v repeated to every head
+                self.note("queries and keys differ in length: transformers passes an explicit mask to SDPA, which "
+                          "keeps it, and repeats k and v to every query head")
+                kv, mask = b * s_kv * heads * d, self.a * b * s * s_kv
+            return self.a * (2 * q + 2 * kv) + 4 * b * heads * s + mask
+        if self.attention == "sdpa":
+            self.note("SDPA on CPU with attention dropout in training takes the math path: q, k, v upcast to "
+                      "fp32 and three fp32 (b x heads x s^2) tensors (softmax, dropout noise, dropped) per layer")
+            return 4 * (q + 2 * b * s_kv * heads * d) + 3 * 4 * probs
+        self.note("eager attention: the softmax (b x heads x s^2) is saved, with the dropout's noise and output "
+                  "when attention dropout is active")
+        dropped = self.dropout(probs, p_attn) + self.a * probs if p_attn > 0 else 0
+        return self.a * (q + 2 * kv) + self.a * probs + dropped
+
+    def flash(self, p_attn: float) -> bool:
+        """Whether the kernel's saved output is the o-projection's input (flash keeps the output)."""
+        return self.attention == "sdpa" and not self.sdpa_math(p_attn)
+
+
+def dropout_p(config: PretrainedConfig, names: tuple[str, ...]) -> float:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
+
+
+# ------------------------------------------------------------------------------------------- recipes
+@dataclass(frozen=True)
+class Recipe:
+    """One family: the blocks (per stack: how many, what each saves) and what lies outside them."""
+
+    stacks: list[tuple[int, list[Saved]]]
+    embeddings: list[Saved]  # saved only when the embeddings' output requires a gradient
+    head: list[Saved]  # final norm, head input: saved whenever the backbone back-propagates
+    shared: list[Saved] = field(default_factory=list)  # one copy for all blocks (rotary tables)
+    checkpoint_extra: int = 0  # tensors every checkpointed block keeps besides its input (shared ones once)
+
+
+def _llama(c: Ctx) -> Recipe:
+    """Llama-like block (RMSNorm upcast to fp32, rotary, gated SiLU MLP), as transformers writes it."""
+    h, inter, t, a = c.shape.hidden_size, c.shape.intermediate_size, c.t, c.a
+    norm = 4 * t * h + 4 * t
+    p_attn = dropout_p(c.config, ("attention_dropout",))
+    if c.attention == "eager":
+        heads, d = c.shape.num_heads, c.shape.head_dim
+        probs = c.b * heads * c.s * c.s_kv
+        core = a * (t * heads * d + 2 * c.b * c.s_kv * heads * d) + 4 * probs + (a * probs if a != 4 else 0)
+        c.note("eager attention: the fp32 softmax (b x heads x s^2) and its cast are saved; k and v are "
+               "repeated to every query head")
+    else:
+        core = c.core(p_attn)
+    block = [
+        Saved("norms", norm, ATTN_NORM), Saved(LINEAR_INPUTS, a * t * h, ATTN_NORM, True),
+        Saved(LINEAR_INPUTS, a * t * h, ATTN_IN, True),
+        Saved("attention", core, ATTN_CORE),
+        Saved(LINEAR_INPUTS, 0 if c.flash(p_attn) else a * t * c.shape.num_heads * c.shape.head_dim, ATTN_OUT, True),
+        Saved("norms", norm, MLP_NORM), Saved(LINEAR_INPUTS, a * t * h, MLP_NORM, True),
+        Saved(LINEAR_INPUTS, a * t * h, MLP_IN, True),
+        Saved("mlp", 3 * a * t * inter, MLP_ACT),
+        Saved(LINEAR_INPUTS, a * t * inter, MLP_OUT, True),
+    ]
+    head = [Saved("outside blocks (final norm, head input)", norm), Saved(LINEAR_INPUTS, a * t * h, INPUT, True),
+            Saved(LINEAR_INPUTS, a * t * h, INPUT, True)]
+    shared = [Saved("outside blocks (rotary tables)", 2 * a * c.s * c.shape.head_dim, ATTN_CORE)]
+    return Recipe([(c.shape.num_layers, block)], [], head, shared)
+
+
+def _act_bytes(c: Ctx, name: str, numel: int) -> tuple[int, bool]:
+    """Bytes an activation function saves, and whether its output is a new tensor the next linear saves."""
+    if name in ("gelu_new", "gelu_pytorch_tanh_python", "gelu_fast"):
+        c.note("tanh-GELU written in Python (GPT-2's gelu_new): four intermediate tensors of the MLP width")
+        return 4 * c.a * numel, True
+    if name == "relu":
+        return c.a * numel, False  # relu saves its output, which the next linear reads
+    return c.a * numel, True  # gelu, silu: their input
+
+
+def _gpt2(c: Ctx) -> Recipe:
+    cfg, h, inter, t, a = c.config, c.shape.hidden_size, c.shape.intermediate_size, c.t, c.a
+    p_attn, p_res, p_emb = (dropout_p(cfg, (n,)) for n in ("attn_pdrop", "resid_pdrop", "embd_pdrop"))
+    act, new_out = _act_bytes(c, cfg.activation_function, t * inter)
+    block = [
+        Saved("norms", c.layer_norm(), ATTN_NORM),
+        Saved(LINEAR_INPUTS, a * t * h, ATTN_IN, True),
+        Saved("attention", c.core(p_attn), ATTN_CORE),
+        Saved(LINEAR_INPUTS, 0 if c.flash(p_attn) else a * t * h, ATTN_OUT, True),
+        Saved("dropout", c.dropout(t * h, p_res), ATTN_POST),
+        Saved("norms", c.layer_norm(), MLP_NORM),
+        Saved(LINEAR_INPUTS, a * t * h, MLP_IN, True),
+        Saved("mlp", act, MLP_ACT),
+        Saved(LINEAR_INPUTS, a * t * inter if new_out else 0, MLP_OUT, True),
+        Saved("dropout", c.dropout(t * h, p_res), MLP_POST),
+    ]
+    embeddings = [Saved("outside blocks (embeddings)", c.dropout(t * h, p_emb))]
+    head = [Saved("outside blocks (final norm, head input)", c.layer_norm()), Saved(LINEAR_INPUTS, a * t * h, INPUT, True)]
+    return Recipe([(c.shape.num_layers, block)], embeddings, head)
+
+
+def _bert(c: Ctx) -> Recipe:
+    """BERT and RoBERTa: post-LN blocks, GELU; the masked-LM head has its own dense, GELU and LayerNorm."""
+    cfg, h, inter, t, a = c.config, c.shape.hidden_size, c.shape.intermediate_size, c.t, c.a
+    p_attn = dropout_p(cfg, ("attention_probs_dropout_prob",))
+    p_hid = dropout_p(cfg, ("hidden_dropout_prob",))
+    act, new_out = _act_bytes(c, str(getattr(cfg, "hidden_act", "gelu")), t * inter)
+    block = [
+        Saved(LINEAR_INPUTS, a * t * h, ATTN_IN, True),
+        Saved("attention", c.core(p_attn), ATTN_CORE),
+        Saved(LINEAR_INPUTS, 0 if c.flash(p_attn) else a * t * h, ATTN_OUT, True),
+        Saved("dropout", c.dropout(t * h, p_hid), ATTN_POST), Saved("norms", c.layer_norm(), ATTN_POST),
+        Saved(LINEAR_INPUTS, a * t * h, MLP_IN, True),
+        Saved("mlp", act, MLP_ACT),
+        Saved(LINEAR_INPUTS, a * t * inter if new_out else 0, MLP_OUT, True),
+        Saved("dropout", c.dropout(t * h, p_hid), MLP_POST), Saved("norms", c.layer_norm(), MLP_POST),
+    ]
+    embeddings = [Saved("outside blocks (embeddings)", c.layer_norm() + c.dropout(t * h, p_hid))]
+    head_act, _ = _act_bytes(c, str(getattr(cfg, "hidden_act", "gelu")), t * h)
+    head = [Saved(LINEAR_INPUTS, a * t * h, INPUT, True),
+            Saved("outside blocks (head transform)", head_act + c.layer_norm()),
+            Saved(LINEAR_INPUTS, a * t * h, INPUT, True)]
+    return Recipe([(c.shape.num_layers, block)], embeddings, head)
+
+
+def _opt(c: Ctx) -> Recipe:
+    cfg, h, inter, t, a = c.config, c.shape.hidden_size, c.shape.intermediate_size, c.t, c.a
+    p_attn, p, p_act = (dropout_p(cfg, (n,)) for n in ("attention_dropout", "dropout", "activation_dropout"))
+    pre = bool(getattr(cfg, "do_layer_norm_before", True))
+    act, _ = _act_bytes(c, cfg.activation_function, t * inter)
+    act += c.dropout(t * inter, p_act)
+    block = [
+        Saved("norms", c.layer_norm() if pre else 0, ATTN_NORM),
+        Saved(LINEAR_INPUTS, a * t * h, ATTN_IN, True),
+        Saved("attention", c.core(p_attn), ATTN_CORE),
+        Saved(LINEAR_INPUTS, 0 if c.flash(p_attn) else a * t * h, ATTN_OUT, True),
+        Saved("dropout", c.dropout(t * h, p), ATTN_POST), Saved("norms", 0 if pre else c.layer_norm(), ATTN_POST),
+        Saved("norms", c.layer_norm() if pre else 0, MLP_NORM),
+        Saved(LINEAR_INPUTS, a * t * h, MLP_IN, True),
+        Saved("mlp", act, MLP_ACT),
+        Saved(LINEAR_INPUTS, a * t * inter if (p_act > 0 or cfg.activation_function != "relu") else 0, MLP_OUT, True),
+        Saved("dropout", c.dropout(t * h, p), MLP_POST), Saved("norms", 0 if pre else c.layer_norm(), MLP_POST),
+    ]
+    proj = getattr(cfg, "word_embed_proj_dim", h) or h
+    embeddings = [Saved(LINEAR_INPUTS, a * t * proj if proj != h else 0, INPUT, True)]
+    head = [Saved("outside blocks (final norm, head input)", c.layer_norm() if pre else 0),
+            Saved(LINEAR_INPUTS, a * t * h if proj != h else 0, INPUT, True),
+            Saved(LINEAR_INPUTS, a * t * proj, INPUT, True)]
+    return Recipe([(c.shape.num_layers, block)], embeddings, head)
+
+
+def _bloom(c: Ctx) -> Recipe:
+    """BLOOM: eager attention with ALiBi, fused query_key_value, fp32 softmax, custom GELU (saves its input)."""
+    cfg, h, inter, t, a = c.config, c.shape.hidden_size, c.shape.intermediate_size, c.t, c.a
+    p_attn, p_hid = dropout_p(cfg, ("attention_dropout",)), dropout_p(cfg, ("hidden_dropout",))
+    probs = c.b * c.shape.num_heads * c.s * c.s_kv
+    core = 3 * a * t * h + 4 * probs + (a * probs if a != 4 else 0) + 2 * c.dropout(probs, p_attn)
+    c.note("BLOOM: eager attention (no SDPA path); fused q/k/v, the fp32 softmax and its cast are saved")
+    block = [
+        Saved("norms", c.layer_norm(), ATTN_NORM),
+        Saved(LINEAR_INPUTS, a * t * h, ATTN_IN, True),
+        Saved("attention", core, ATTN_CORE),
+        Saved(LINEAR_INPUTS, a * t * h, ATTN_OUT, True),
+        Saved("dropout", c.dropout(t * h, p_hid), ATTN_POST),
+        Saved("norms", c.layer_norm(), MLP_NORM),
+        Saved(LINEAR_INPUTS, a * t * h, MLP_IN, True),
+        Saved("mlp", a * t * inter, MLP_ACT),
+        Saved(LINEAR_INPUTS, a * t * inter, MLP_OUT, True),
+        Saved("dropout", c.dropout(t * h, p_hid), MLP_POST),
+    ]
+    embeddings = [Saved("outside blocks (embeddings)", c.layer_norm())]
+    head = [Saved("outside blocks (final norm, head input)", c.layer_norm()), Saved(LINEAR_INPUTS, a * t * h, INPUT, True)]
+    return Recipe([(c.shape.num_layers, block)], embeddings, head)
+
+
+def _t5(c: Ctx) -> Recipe:
+    """T5: encoder and decoder stacks, RMS LayerNorm upcast to fp32, dropout after every sub-layer."""
+    cfg, h, inter, t, a = c.config, c.shape.hidden_size, c.shape.intermediate_size, c.t, c.a
+    p = dropout_p(cfg, ("dropout_rate",))
+    inner = c.shape.num_heads * c.shape.head_dim
+    norm = 4 * t * h + 4 * t + a * t * h
+    gated = str(getattr(cfg, "feed_forward_proj", "relu")).startswith("gated")
+    act = (3 * a * t * inter if gated else a * t * inter) + c.dropout(t * inter, p)
+
+    def attention(offset: float, causal: bool) -> list[Saved]:
+        mask = c.s * c.s_kv if causal and c.sdpa_math(p) else 0
+        return [Saved("norms", norm, offset + ATTN_NORM), Saved(LINEAR_INPUTS, a * t * h, offset + ATTN_NORM, True),
+                Saved(LINEAR_INPUTS, a * t * h, offset + ATTN_IN, True),
+                Saved("attention", c.core(p) + mask, offset + ATTN_CORE),
+                Saved(LINEAR_INPUTS, 0 if c.flash(p) else a * t * inner, offset + ATTN_OUT, True),
+                Saved("dropout", c.dropout(t * h, p), offset + ATTN_POST)]
+
+    mlp = [Saved("norms", norm, MLP_NORM), Saved(LINEAR_INPUTS, a * t * h, MLP_NORM, True),
+           Saved(LINEAR_INPUTS, a * t * h, MLP_IN, True), Saved("mlp", act, MLP_ACT),
+           Saved(LINEAR_INPUTS, a * t * inter, MLP_OUT, True), Saved("dropout", c.dropout(t * h, p), MLP_POST)]
+    cross = [Saved("norms", norm, CROSS_NORM), Saved(LINEAR_INPUTS, a * t * h, CROSS_NORM, True),
+             Saved(LINEAR_INPUTS, a * t * h, CROSS_IN, True),
+             Saved("attention", c.core(p), CROSS_CORE),
+             Saved(LINEAR_INPUTS, 0 if c.flash(p) else a * t * inner, CROSS_OUT, True),
+             Saved("dropout", c.dropout(t * h, p), CROSS_POST)]
+    n_enc = int(getattr(cfg, "num_layers", c.shape.num_layers // 2))
+    n_dec = c.shape.num_layers - n_enc
+    encoder = attention(0.0, False) + mlp
+    decoder = attention(0.0, True) + cross + mlp
+    final = norm + c.dropout(t * h, p)
+    embeddings = [Saved("outside blocks (embeddings)", 2 * c.dropout(t * h, p)),
+                  Saved(LINEAR_INPUTS, 8 * (c.s * c.s_kv + c.s * c.s), INPUT, True)]  # relative position buckets
+    head = [Saved("outside blocks (final norms, dropout)", 2 * final),
+            Saved(LINEAR_INPUTS, 2 * a * t * h, INPUT, True),  # final norms' weight gradient inputs
+            Saved(LINEAR_INPUTS, a * t * h, INPUT, True),  # cross-attention k/v input (encoder output), once
+            Saved(LINEAR_INPUTS, a * t * h, INPUT, True)]  # lm_head input
+    # the position bias with the mask folded in (b x heads x s^2 per stack, one tensor shared by the blocks)
+    bias = a * c.b * c.shape.num_heads * (c.s * c.s_kv + c.s * c.s)
+    shared = []
+    if c.flash(p):
+        c.note("T5 on CUDA: the memory-efficient SDPA kernel keeps the position bias it is given as a mask "
+               "(one b x heads x s^2 tensor per stack, shared by the blocks)")
+        shared.append(Saved("outside blocks (position bias)", bias, INPUT))
+    # checkpointed blocks keep the encoder output and the position bias once
+    return Recipe([(n_enc, encoder), (n_dec, decoder)], embeddings, head, shared, checkpoint_extra=bias)
+
+
+RECIPES: dict[str, Callable[[Ctx], Recipe]] = {
+    "llama": _llama, "mistral": _llama, "qwen2": _llama, "gpt2": _gpt2, "bert": _bert, "roberta": _bert,
+    "opt": _opt, "bloom": _bloom, "t5": _t5,
+}
+LOSS_IN_MODEL_DTYPE = ("bert", "roberta", "t5")
+
+
+# ----------------------------------------------------------------------------------- where gradients start
+def module_stage(spec: ModuleSpec) -> float:
+    """The stage of a block at which a module sits (its output joins the block's computation there)."""
+    cross = ".EncDecAttention." in spec.name
+    if spec.component == "attention" and spec.kind in ("linear", "conv1d"):
+        out = spec.short_name in ATTN_OUT_NAMES
+        if cross:
+            return CROSS_OUT if out else CROSS_IN
+        return ATTN_OUT if out else ATTN_IN
+    if spec.component == "mlp" and spec.kind in ("linear", "conv1d"):
+        out = spec.short_name in MLP_OUT_NAMES or spec.name.endswith("output.dense")
+        return MLP_OUT if out else MLP_IN
+    return INPUT
+
+
+def start_of(specs: list[ModuleSpec]) -> Start | None:
+    """The lowest (block, stage) among the modules a method's trainable parameters join."""
+    placed = [(s.layer, module_stage(s)) for s in specs if s.layer is not None]
+    if not placed:
+        return None
+    block, stage = min(placed)
+    return Start(block, stage)
+
+
+def trainable_start(method: Any, config: PretrainedConfig, hp: dict[str, Any]) -> Start:
+    """Where the method's gradients start: full trains everything; soft prompts at the input; methods with
+    ``target_modules`` at their lowest target; others through ``Method.extras["memory_sites"]``."""
+    from survey_utils.methods.common import target_specs
+
+    if method.name == "full":
+        return Start(0, INPUT, embeddings=True)
+    hook = method.extras.get("memory_sites") if method.extras else None
+    if hook is not None:
+        sites = hook(config, **hp)
+        if sites == "input":
+            return Start(0, INPUT, embeddings=True)
+        return start_of(list(sites)) or Start(0, INPUT)
+    if "target_modules" in hp:
+        values = dict(hp)
+        defaults = method.extras.get("default_targets") if method.extras else None
+        if values.get("target_modules") is None and defaults is not None:
+            values.update(defaults(config))
+        found = start_of(target_specs(config, method.name, values))
+        if found is not None:
+            return found
+    if method.extra_positions is not None:
+        return Start(0, INPUT, embeddings=True)
+    return Start(0, INPUT)
+
+
+# ----------------------------------------------------------------------------------------- the total
+@dataclass(frozen=True)
+class Activations:
+    terms: dict[str, int]  # summed over the blocks that save, and outside them
+    largest_block: int  # one block's bytes (what checkpointing rebuilds at a time)
+    saving_blocks: int  # blocks that save anything (and keep their input when checkpointed)
+    checkpoint_extra: int
+
+
+def saved_activations(c: Ctx, start: Start) -> Activations:
+    """Bytes saved for backward by the backbone, by term, given where gradients start."""
+    recipe = RECIPES.get(c.shape.family, _gpt2)(c)
+    terms: dict[str, int] = {}
+
+    def add(items: list[Saved], above: float | None = None) -> int:
+        total = 0
+        for item in items:
+            if item.full_only and not c.full:
+                continue
+            if not c.full and above is not None and item.stage <= above:
+                continue
+            if item.nbytes:
+                terms[item.term] = terms.get(item.term, 0) + item.nbytes
+                total += item.nbytes
+        return total
+
+    largest, saving, layer, core_grad = 0, 0, 0, False
+    for count, block in recipe.stacks:
+        for _ in range(count):
+            if c.full or layer > start.block:
+                got = add(block)
+                core_grad = True
+            elif layer == start.block:
+                got = add(block, start.stage)
+                core_grad = core_grad or start.stage < ATTN_CORE
+            else:
+                got = 0
+            largest = max(largest, got)
+            saving += got > 0
+            layer += 1
+    if c.full or start.embeddings:
+        add(recipe.embeddings)
+    add(recipe.head)
+    if core_grad:
+        add(recipe.shared)
+    return Activations(terms, largest, saving, recipe.checkpoint_extra if saving else 0)

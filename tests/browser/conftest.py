@@ -1,0 +1,171 @@
+"""JupyterLab in a real browser: a lab server on a free port and Debian's chromium driven by Playwright.
+
+The server runs from this venv on 127.0.0.1 with no token, in a temporary root that holds a copy of
+``notebooks/`` (and a link to ``data/``), with temporary config, settings and workspace folders, so that
+nothing a person has configured (or an old tab) changes what the test sees. ``lab_settings/overrides.json``
+opens percent ``.py`` files with jupytext's "Jupytext Notebook" viewer, turns off the news and update
+pop-ups (they cover the page) and attaches every cell to the DOM (no windowing).
+
+Chromium is Debian's (``make browser-deps``), launched through ``executable_path``; Playwright downloads
+nothing. If chromium or the server cannot be started, every browser test fails with the reason: the test
+is never skipped, in CI or anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+SCREENSHOTS = HERE / "screenshots"
+LAB_SETTINGS = HERE / "lab_settings"
+# Another folder of chapters can be tested by pointing this variable at it.
+CHAPTERS_DIR = Path(os.environ.get("BROWSER_CHAPTERS_DIR", REPO / "notebooks")).resolve()
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SERVER_START_TIMEOUT_S = 90
+
+
+def chapter_paths() -> list[Path]:
+    """Every chapter source (``NN_name.py``) in the chapters folder, in book order."""
+    return sorted(CHAPTERS_DIR.glob("[0-9][0-9]_*.py"))
+
+
+def chromium_executable() -> str:
+    """``$CHROMIUM`` if set, else ``chromium`` on the PATH, else Debian's ``/usr/bin/chromium``."""
+    return os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LabServer:
+    url: str
+    root: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def api(self, path: str, method: str = "GET") -> object:
+        request = urllib.request.Request(f"{self.url}{path}", method=method)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read()
+        return json.loads(body) if body else None
+
+    def shutdown_sessions(self) -> None:
+        """Close every notebook session (and its kernel), so chapters do not share memory or CPU."""
+        for session in self.api("/api/sessions") or []:  # type: ignore[union-attr]
+            self.api(f"/api/sessions/{session['id']}", method="DELETE")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _copy_chapters(root: Path) -> None:
+    shutil.copytree(CHAPTERS_DIR, root / "notebooks",
+                    ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints", "__pycache__"))
+    # Chapters find data/ through the installed package; the link serves any relative path too.
+    if (REPO / "data").is_dir():
+        (root / "data").symlink_to(REPO / "data", target_is_directory=True)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop the server and the kernels it started (they share its process group)."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    base = tmp_path_factory.mktemp("jupyterlab")
+    root, config, settings = base / "root", base / "config", base / "app_settings"
+    root.mkdir()
+    config.mkdir()
+    shutil.copytree(LAB_SETTINGS, settings)
+    _copy_chapters(root)
+    port = _free_port()
+    log = base / "lab.log"
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config), "JUPYTER_RUNTIME_DIR": str(base / "runtime"),
+           "JUPYTERLAB_SETTINGS_DIR": str(base / "user_settings"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(base / "workspaces"),
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("JUPYTER_TOKEN", None)
+    command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={root}", "--ServerApp.ip=127.0.0.1",
+               f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.token=",
+               "--ServerApp.password=", "--ServerApp.open_browser=False", "--allow-root", "--no-browser",
+               f"--LabApp.app_settings_dir={settings}", f"--LabApp.user_settings_dir={base / 'user_settings'}",
+               f"--LabApp.workspaces_dir={base / 'workspaces'}", "--LabApp.news_url=None",
+               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    server = LabServer(f"http://127.0.0.1:{port}", root, log, process)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"jupyter lab exited with code {process.returncode} before serving:\n"
+                            f"{server.log_tail()}", pytrace=False)
+            try:
+                server.api("/api/status")
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"jupyter lab did not answer /api/status within {SERVER_START_TIMEOUT_S} s:\n"
+                                f"{server.log_tail()}", pytrace=False)
+                time.sleep(0.3)
+        yield server
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Headless Debian chromium; a failure to start it fails the test, with the way to fix it."""
+    from playwright.sync_api import Error, sync_playwright
+
+    executable = chromium_executable()
+    manager = sync_playwright().start()
+    try:
+        try:
+            chromium = manager.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, timeout=60_000)
+        except Error as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            pytest.fail(f"could not start chromium at '{executable}' ({first}); install it with "
+                        "`make browser-deps` (apt-get install chromium chromium-driver) or set $CHROMIUM",
+                        pytrace=False)
+        yield chromium
+        chromium.close()
+    finally:
+        manager.stop()
+
+
+@pytest.fixture(scope="session")
+def screenshots() -> Path:
+    """The git-ignored folder for screenshots and ``timings.json`` (seconds per chapter, this run)."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    (SCREENSHOTS / "timings.json").unlink(missing_ok=True)
+    return SCREENSHOTS
