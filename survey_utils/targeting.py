@@ -3,7 +3,8 @@
 ``target_modules`` is a list of names, each matching a module whose qualified name equals it or ends in
 ``.name``, or one string taken as a regular expression that must match the whole qualified name.
 ``layers_to_transform`` keeps only modules whose first numbered path segment (``layers.3``, ``h.3``,
-``block.3``) is in the list; ``layers_pattern`` names that segment. This is the rule of
+``block.3``) is in the list; ``layers_pattern`` names that segment. A module named by its full path is a
+target regardless of ``layers_to_transform``, as in peft. This is the rule of
 ``peft.tuners.tuners_utils.check_target_module_exists``; a property test checks the two agree.
 Chapter 04 explains target selection.
 """
@@ -42,7 +43,9 @@ def matches(
     """Whether the module called ``name`` is a target (peft's rule)."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
-    found = name in target_modules or any(name.endswith(f".{t}") for t in target_modules)
+    if name in target_modules:
+        return True  # peft: a module named in full is a target whatever layers_to_transform says
+    found = any(name.endswith(f".{t}") for t in target_modules)
     if not found or layers_to_transform is None or layers_to_transform == []:
         return found
     index = layer_index(name, layers_pattern)

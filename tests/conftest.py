@@ -6,6 +6,11 @@ import os
 
 import matplotlib
 import pytest
+from hypothesis import settings
+
+# CI replays the same examples every run (reproducible, never flaky); local runs explore new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 matplotlib.use("Agg")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

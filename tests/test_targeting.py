@@ -31,6 +31,13 @@ def test_matching_agrees_with_peft(data, model: str) -> None:
     assert matches(name, targets, layers) == bool(check_target_module_exists(config, name))
 
 
+def test_a_full_path_target_ignores_layers_to_transform_as_in_peft() -> None:
+    """Found by hypothesis: peft returns early on an exact name, before its layer filter."""
+    assert matches("shared", ["shared"], [0])
+    assert matches("model.layers.5.self_attn.q_proj", ["model.layers.5.self_attn.q_proj"], [0])
+    assert not matches("model.layers.5.self_attn.q_proj", ["q_proj"], [0])
+
+
 def test_regex_targets_match_the_whole_name() -> None:
     assert matches("model.layers.3.self_attn.q_proj", r".*\.3\.self_attn\.(q|v)_proj")
     assert not matches("model.layers.13.self_attn.q_proj", r".*\.3\.self_attn\.(q|v)_proj")
