@@ -73,7 +73,7 @@ methods = [get_method(name) for name in CHAPTER]
 # %% [markdown]
 # ## Where each method sits in the three surveys
 #
-# From the registry (values follow `data/catalogue.csv`; "not listed" where the survey's taxonomy does not
+# From the registry (values follow `data/catalogue.csv`; "not placed" where the survey's taxonomy does not
 # name the method). Lialin et al. place methods in a Venn diagram: `A` additive, `S` selective,
 # `R` reparametrization-based.
 

@@ -21,6 +21,7 @@ from survey_utils.catalogue import (
 )
 from survey_utils.errors import SurveyError
 from survey_utils.methods import list_methods
+from survey_utils.methods.registry import NOT_PLACED
 
 LINES = CATALOGUE_PATH.read_text(encoding="utf-8").splitlines(keepends=True)
 ROWS = list(csv.reader(LINES))
@@ -124,12 +125,18 @@ def test_registry_taxonomy_agrees_with_the_catalogue() -> None:
             continue
         for survey, families in (("xu", XU_FAMILIES), ("wang", WANG_FAMILIES)):
             family, _, subgroup = (part.strip() for part in getattr(method.taxonomy, survey).partition("/"))
-            if family in families:
+            if family == NOT_PLACED:
+                assert not getattr(row, f"{survey}_family"), \
+                    f"{method.name}: registry says not placed by {survey}, catalogue line {row.line} places it"
+                checked += 1
+            elif family in families:
                 assert (family, subgroup) == (getattr(row, f"{survey}_family"), getattr(row, f"{survey}_subgroup")), \
                     f"{method.name}: registry says {survey} '{family} / {subgroup}', catalogue line {row.line} differs"
                 checked += 1
         parts = method.taxonomy.lialin.split("+")
-        if all(p in LIALIN_PARTS for p in parts):
+        if method.taxonomy.lialin == NOT_PLACED:
+            assert not row.lialin_parts, f"{method.name}: catalogue line {row.line} places it in Lialin's diagram"
+        elif all(p in LIALIN_PARTS for p in parts):
             assert row.lialin_parts == frozenset(parts), f"{method.name}: Lialin region differs (line {row.line})"
             checked += 1
     assert checked >= 2  # LoRA alone gives three

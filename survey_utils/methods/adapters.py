@@ -42,7 +42,7 @@ from survey_utils.methods.common import (
     replace_module,
     target_specs,
 )
-from survey_utils.methods.registry import HyperParam, Method, Taxonomy, register
+from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register
 from survey_utils.targeting import layer_index, num_blocks
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -338,7 +338,7 @@ register(Method(
     name="pfeiffer", title="Pfeiffer adapter (serial, after the FFN)",
     paper="Pfeiffer et al. 2021, AdapterFusion: Non-Destructive Task Composition for Transfer Learning (EACL 2021)",
     arxiv_id="2005.00247",
-    taxonomy=Taxonomy(xu="not listed", wang="not listed", lialin="A:adapters"), chapter="01_additive_adapters",
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang=NOT_PLACED, lialin="A:adapters"), chapter="01_additive_adapters",
     hyperparams=_bottleneck_hps(16.0, "relu"),
     apply=_pfeiffer, trainable_params=_pfeiffer_params,
     validate=lambda config, **hp: _validate_bottleneck(config, placement="pfeiffer", **hp),
@@ -362,7 +362,7 @@ register(Method(
     name="adapterdrop", title="AdapterDrop (no adapters in the lowest blocks)",
     paper="Rücklé et al. 2021, AdapterDrop: On the Efficiency of Adapters in Transformers (EMNLP 2021)",
     arxiv_id="2010.11918",
-    taxonomy=Taxonomy(xu="not listed", wang="not listed", lialin="not listed"), chapter="01_additive_adapters",
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang=NOT_PLACED, lialin=NOT_PLACED), chapter="01_additive_adapters",
     hyperparams=(
         HyperParam("drop_layers", "int", 5, "adapters are removed from blocks 0..drop_layers-1 (the paper's "
                    "example drops the first five)", minimum=0, maximum=128),
@@ -473,7 +473,7 @@ register(Method(
     name="compacter", title="Compacter (Kronecker-factored adapters)",
     paper="Mahabadi et al. 2021, Compacter: Efficient Low-Rank Hypercomplex Adapter Layers (NeurIPS 2021)",
     arxiv_id="2106.04647",
-    taxonomy=Taxonomy(xu="not listed", wang="additive / adapter", lialin="A:adapters+R"),
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang="additive / adapter", lialin="A:adapters+R"),
     chapter="01_additive_adapters",
     hyperparams=(
         HyperParam("phm_dim", "int", 4, "n: number of Kronecker summands and size of the shared A_i",
@@ -808,7 +808,7 @@ register(Method(
     paper="Sung et al. 2022, LST: Ladder Side-Tuning for Parameter and Memory Efficient Transfer Learning "
           "(NeurIPS 2022)",
     arxiv_id="2206.06522",
-    taxonomy=Taxonomy(xu="additive / others", wang="not listed", lialin="A"), chapter="01_additive_adapters",
+    taxonomy=Taxonomy(xu="additive / others", wang=NOT_PLACED, lialin="A"), chapter="01_additive_adapters",
     hyperparams=(
         HyperParam("reduction_factor", "int", 8, "side network width = hidden_size // reduction_factor",
                    minimum=1, maximum=1024),

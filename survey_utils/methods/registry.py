@@ -127,12 +127,15 @@ class HyperParam:
         return value
 
 
+NOT_PLACED = "not placed"
+
+
 @dataclass(frozen=True)
 class Taxonomy:
     """Where the method sits in each survey: Xu et al. 2023, Wang et al. 2024, Lialin et al. 2023.
 
     Values follow ``data/catalogue.csv`` (family / sub-group; Lialin's Venn region as ``A``, ``S``,
-    ``R`` joined by ``+``).
+    ``R`` joined by ``+``); :data:`NOT_PLACED` where that survey's taxonomy does not name the method.
     """
 
     xu: str

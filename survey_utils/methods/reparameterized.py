@@ -26,7 +26,7 @@ from survey_utils.methods.common import (
     replace_module,
     target_specs,
 )
-from survey_utils.methods.registry import HyperParam, Method, Taxonomy, register
+from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register
 
 TARGET_HPS = (
     HyperParam("target_modules", "targets", None,
@@ -160,7 +160,6 @@ LORA = register(Method(
 # The family beyond LoRA. Layers other than DoRA's live in ``_lowrank``; every registration is here.
 # ---------------------------------------------------------------------------------------------------------
 
-NOT_COVERED = "not covered"
 
 
 class DoRALinear(LoRALinear):
@@ -394,7 +393,7 @@ register(Method(
     title="DoRA",
     paper="Liu et al. 2024, DoRA: Weight-Decomposed Low-Rank Adaptation (ICML 2024)",
     arxiv_id="2402.09353",
-    taxonomy=Taxonomy(xu=NOT_COVERED, wang="reparameterized / LoRA derivatives", lialin=NOT_COVERED),
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang="reparameterized / LoRA derivatives", lialin=NOT_PLACED),
     chapter="04_reparameterized",
     hyperparams=LORA.hyperparams,
     apply=apply_dora,
@@ -418,7 +417,7 @@ register(dataclasses.replace(
     title="rsLoRA",
     paper="Kalajdzievski 2023, A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA",
     arxiv_id="2312.03732",
-    taxonomy=Taxonomy(xu=NOT_COVERED, wang=NOT_COVERED, lialin=NOT_COVERED),
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang=NOT_PLACED, lialin=NOT_PLACED),
     hyperparams=tuple(dataclasses.replace(hp, default=True) if hp.name == "use_rslora" else hp
                       for hp in LORA.hyperparams),
     notes="LoRA with the scale alpha / sqrt(r), so the update's size does not shrink as r grows.",
@@ -500,7 +499,7 @@ register(Method(
     title="AdaLoRA",
     paper="Zhang et al. 2023, Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning (ICLR 2023)",
     arxiv_id="2303.10512",
-    taxonomy=Taxonomy(xu=NOT_COVERED, wang="reparameterized / LoRA derivatives", lialin=NOT_COVERED),
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang="reparameterized / LoRA derivatives", lialin=NOT_PLACED),
     chapter="04_reparameterized",
     hyperparams=(
         HyperParam("init_r", "int", 12, "initial rank of every update P diag(lambda) Q", minimum=1),
@@ -579,7 +578,7 @@ register(Method(
     title="VeRA",
     paper="Kopiczko et al. 2024, VeRA: Vector-based Random Matrix Adaptation (ICLR 2024)",
     arxiv_id="2310.11454",
-    taxonomy=Taxonomy(xu=NOT_COVERED, wang=NOT_COVERED, lialin=NOT_COVERED),
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang=NOT_PLACED, lialin=NOT_PLACED),
     chapter="04_reparameterized",
     hyperparams=(
         HyperParam("r", "int", 256, "rank of the shared random projections (higher than LoRA's: they are free)",
@@ -642,7 +641,7 @@ register(Method(
     paper="Hyeon-Woo et al. 2022, FedPara: Low-Rank Hadamard Product for Communication-Efficient Federated "
           "Learning (ICLR 2022); as packaged by LyCORIS (Yeh et al. 2024, arXiv:2309.14859)",
     arxiv_id="2108.06098",
-    taxonomy=Taxonomy(xu=NOT_COVERED, wang=NOT_COVERED, lialin=NOT_COVERED),
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang=NOT_PLACED, lialin=NOT_PLACED),
     chapter="04_reparameterized",
     hyperparams=(*LYCORIS_HPS, *TARGET_HPS),
     apply=apply_loha,
@@ -689,7 +688,7 @@ register(Method(
     paper="Yeh et al. 2024, Navigating Text-To-Image Customization: From LyCORIS Fine-Tuning to Model "
           "Evaluation (ICLR 2024)",
     arxiv_id="2309.14859",
-    taxonomy=Taxonomy(xu=NOT_COVERED, wang=NOT_COVERED, lialin=NOT_COVERED),
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang=NOT_PLACED, lialin=NOT_PLACED),
     chapter="04_reparameterized",
     hyperparams=(
         *LYCORIS_HPS,

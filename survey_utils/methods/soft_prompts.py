@@ -45,7 +45,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig
 from survey_utils.architecture import layout
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import freeze, model_label, new_parameter
-from survey_utils.methods.registry import HyperParam, Method, Taxonomy, register
+from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register
 
 ADAPTION_MODEL_TYPES = ("llama", "mistral")  # the llama-like decoders peft's adaption prompt implements
 
@@ -535,7 +535,7 @@ register(Method(
     name="p_tuning", title="P-tuning",
     paper="Liu et al. 2021, GPT Understands, Too (AI Open 2023)",
     arxiv_id="2103.10385",
-    taxonomy=Taxonomy(xu="not located", wang="additive / soft prompt", lialin="not located"),
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang="additive / soft prompt", lialin=NOT_PLACED),
     chapter="02_additive_soft_prompts",
     hyperparams=(N_TOKENS,
                  HyperParam("encoder_reparameterization_type", "str", "MLP", "prompt encoder network",
@@ -564,7 +564,7 @@ register(Method(
     paper="Liu et al. 2022, P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally Across "
           "Scales and Tasks (ACL 2022)",
     arxiv_id="2110.07602",
-    taxonomy=Taxonomy(xu="not located", wang="not located", lialin="not located"),
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang=NOT_PLACED, lialin=NOT_PLACED),
     chapter="02_additive_soft_prompts",
     hyperparams=(N_TOKENS, HyperParam("prefix_projection", "bool", False,
                                       "reparameterise through an MLP (optional in P-tuning v2)"), ENCODER_SIZE),
@@ -579,7 +579,7 @@ register(Method(
     paper="Zhang et al. 2023, LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init "
           "Attention (ICLR 2024)",
     arxiv_id="2303.16199",
-    taxonomy=Taxonomy(xu="not located", wang="not located", lialin="not located"),
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang=NOT_PLACED, lialin=NOT_PLACED),
     chapter="02_additive_soft_prompts",
     hyperparams=(HyperParam("adapter_len", "int", 10, "K: adaption prompt length per layer (paper: 10)",
                             minimum=1),
