@@ -38,6 +38,9 @@ def test_regenerating_gives_byte_identical_png_and_svg(tmp_path: Path) -> None:
         for path in paths:
             twin = tmp_path / "b" / path.name
             assert path.read_bytes() == twin.read_bytes(), f"{path.name} differs between two runs"
+            committed = ROOT / "figures" / path.name
+            assert committed.is_file() and committed.read_bytes() == path.read_bytes(), \
+                f"figures/{path.name} is stale: regenerate it with `make figures`"
             if path.suffix == ".png":
                 assert path.stat().st_size < 300_000, f"{path.name} is {path.stat().st_size} bytes"
             else:
