@@ -6,26 +6,17 @@ Goals (issues 2 and 3): the 405B closed form answers in milliseconds; a widget u
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import matplotlib
 
 matplotlib.use("Agg")
 
+from _timing import median_ms  # noqa: E402
+
 from survey_utils.counting import count  # noqa: E402
 from survey_utils.widgets import MethodExplorer  # noqa: E402
 from survey_utils.zoo import load_config  # noqa: E402
-
-
-def median_ms(fn, repeats: int = 20) -> float:
-    fn()  # warm caches once: the first call parses the config and derives the layout
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def main() -> None:

@@ -6,25 +6,16 @@ and a memory-widget update (< 30 ms).
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _timing import median_ms  # noqa: E402
+
 from survey_utils.memory import estimate, simulate  # noqa: E402
 from survey_utils.zoo import load_config  # noqa: E402
-
-
-def median_ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
 
 if __name__ == "__main__":
     config = load_config("llama-3.1-405b")
