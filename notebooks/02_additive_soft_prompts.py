@@ -49,7 +49,6 @@
 import inspect
 import warnings
 
-import matplotlib.pyplot as plt
 import torch
 from IPython.display import Code, Markdown, display
 
@@ -60,6 +59,7 @@ from survey_utils.methods import get_method
 from survey_utils.methods import soft_prompts as sp
 from survey_utils.plotting import human, human_bytes
 from survey_utils.widgets import MethodExplorer
+from survey_utils.widgets.prompts import PromptLengthExplorer
 from survey_utils.zoo import build_model, load_config
 
 warnings.filterwarnings("ignore", module="peft")
@@ -181,27 +181,24 @@ explorer
 # %% [markdown]
 # ### The cost in positions
 #
-# A prompt of $n$ tokens makes every attention layer attend over $n + L$ keys. Prompt methods also push $n$
-# more query rows through every block (activations); prefix methods only add keys and values. Left: the
-# key/value cache of Llama-2-7B at $L = 512$ (bf16); right: the peak memory of one training step from
-# chapter 00's memory model (batch 1, AdamW, bf16). The memory model counts $n$ extra positions in every
-# block for both kinds, exact for prompts and an upper bound for prefixes.
+# A prompt of $n$ tokens makes every prompted attention layer attend over $n + L$ keys. Prompt methods
+# (prompt tuning, P-tuning) also push $n$ more query rows through every block, so activations and logits
+# grow; prefix methods (prefix tuning, P-tuning v2) add only keys and values. Move $n$, $L$ and the batch:
+# left, trainable parameters; middle, the peak memory of one training step from chapter 00's memory model
+# (bf16, AdamW; it counts the extra positions the way each kind adds them); right, the key/value cache.
+# Untick the checkbox to see prefix tuning without its reparameterisation MLP. A prompt that no longer fits
+# the model's context shows a one-line message naming both lengths.
+
+# %%
+prompt_costs = PromptLengthExplorer(model="llama-2-7b")
+prompt_costs
+
+# %% [markdown]
+# The same numbers without the widget: at $n = 400$ the prompt is still a rounding error in parameters,
+# while the positions it adds are not.
 
 # %%
 config = load_config("llama-2-7b")
-lengths = [1, 10, 20, 50, 100, 200, 400]
-with plt.ioff():
-    fig, (ax_kv, ax_mem) = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
-for name in ["prompt_tuning", "prefix_tuning", "p_tuning_v2"]:
-    kv = [sp.sequence_costs(config, name, n, 512)["kv cache bytes"] for n in lengths]
-    peak = [estimate(config, name, {"num_virtual_tokens": n}, seq_len=512).total for n in lengths]
-    ax_kv.plot(lengths, [b / 2**20 for b in kv], "o-", ms=3, label=name)
-    ax_mem.plot(lengths, [b / 2**30 for b in peak], "o-", ms=3, label=name)
-ax_kv.set(xlabel="virtual tokens n", ylabel="KV cache (MiB)", title="keys and values, L = 512")
-ax_mem.set(xlabel="virtual tokens n", ylabel="peak memory (GiB)", title="one training step")
-ax_mem.legend(fontsize=8)
-fig.canvas.draw_idle()
-display(fig.canvas if hasattr(fig.canvas, "layout") else fig)
 for name in ["prompt_tuning", "prefix_tuning"]:
     low, high = (estimate(config, name, {"num_virtual_tokens": n}, seq_len=512).total for n in (1, 400))
     print(f"{name}: peak {human_bytes(low)} at n=1, {human_bytes(high)} at n=400; "
