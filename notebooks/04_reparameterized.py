@@ -116,6 +116,19 @@ explorer = MethodExplorer(["lora", "full"], model="llama-2-7b", title="LoRA: tra
 explorer
 
 # %% [markdown]
+# A slider is a plain value: setting it from code runs the same callback as dragging it, and the black dot
+# of the plot above moves. Doubling the rank doubles the count, as $r(d_\text{in} + d_\text{out})$ says
+# (the slider is put back afterwards):
+
+# %%
+start = explorer.current_point.get_ydata()[0]
+explorer.hp_controls["r"].value = 16
+moved = explorer.current_point.get_ydata()[0]
+explorer.hp_controls["r"].value = 8
+print(f"r=8: {start:,.0f} trainable -> r=16: {moved:,.0f} (the plot redrew {explorer.updates} times so far)")
+assert moved == 2 * start
+
+# %% [markdown]
 # The explorer's state is plain Python, so the same numbers are one call away, here with targets on every
 # linear layer of Llama-2-7B, the setting QLoRA popularised:
 
