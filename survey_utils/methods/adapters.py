@@ -246,10 +246,6 @@ def bottleneck_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: 
     return {"adapter inputs": inputs, "bottleneck activations": inner}
 
 
-def _memory(placement: str) -> Any:
-    return lambda config, b, s, a, tb, **hp: bottleneck_memory_terms(config, b, s, a, tb, placement, **hp)
-
-
 def adapter_memory_sites(config: PretrainedConfig, placement: str, layers_to_transform: list[int] | None = None,
                          drop_layers: int = 0, **_: Any) -> list[ModuleSpec]:
     """The modules whose outputs the adapters join (``Method.extras["memory_sites"]``): the memory estimate
@@ -257,12 +253,19 @@ def adapter_memory_sites(config: PretrainedConfig, placement: str, layers_to_tra
     return [spec for spec, _ffn_in in adapter_sites(config, placement, layers_to_transform, drop_layers)]
 
 
-def _sites(placement: str) -> dict[str, Any]:
-    return {"memory_sites": lambda config, **hp: adapter_memory_sites(config, placement, **hp)}
-
-
 def _validate_bottleneck(config: PretrainedConfig, **hp: Any) -> None:
     bottleneck_params(config, **hp)
+
+
+def _fixed_placement(placement: str) -> dict[str, Any]:
+    """The registration fields a bottleneck method with one fixed placement shares with the others."""
+    return {
+        "validate": lambda config, **hp: _validate_bottleneck(config, placement=placement, **hp),
+        "memory_terms": lambda config, b, s, a, tb, **hp: bottleneck_memory_terms(config, b, s, a, tb, placement,
+                                                                                  **hp),
+        "extras": {"memory_sites": lambda config, **hp: adapter_memory_sites(config, placement, **hp)},
+        "param_prefixes": ("adapter_",),
+    }
 
 
 def _check(_result: Any) -> None:
@@ -329,9 +332,7 @@ register(Method(
     arxiv_id="1902.00751", taxonomy=_ADAPTER_TAXONOMY, chapter="01_additive_adapters",
     hyperparams=_bottleneck_hps(16.0, "swish"),
     apply=_houlsby, trainable_params=_houlsby_params,
-    validate=lambda config, **hp: _validate_bottleneck(config, placement="houlsby", **hp),
-    memory_terms=_memory("houlsby"), extras=_sites("houlsby"),
-    param_prefixes=("adapter_",),
+    **_fixed_placement("houlsby"),
     notes="after the attention output projection and after the FFN output projection of every block",
 ))
 register(Method(
@@ -341,9 +342,7 @@ register(Method(
     taxonomy=Taxonomy(xu=NOT_PLACED, wang=NOT_PLACED, lialin="A:adapters"), chapter="01_additive_adapters",
     hyperparams=_bottleneck_hps(16.0, "relu"),
     apply=_pfeiffer, trainable_params=_pfeiffer_params,
-    validate=lambda config, **hp: _validate_bottleneck(config, placement="pfeiffer", **hp),
-    memory_terms=_memory("pfeiffer"), extras=_sites("pfeiffer"),
-    param_prefixes=("adapter_",),
+    **_fixed_placement("pfeiffer"),
     notes="one adapter per block, after the FFN output projection",
 ))
 register(Method(
@@ -353,9 +352,7 @@ register(Method(
     hyperparams=(*_bottleneck_hps(2.0, "relu"),
                  HyperParam("scaling", "float", 4.0, "scale s of the adapter branch", minimum=0, maximum=100)),
     apply=_parallel, trainable_params=_parallel_params,
-    validate=lambda config, **hp: _validate_bottleneck(config, placement="parallel", **hp),
-    memory_terms=_memory("parallel"), extras=_sites("parallel"),
-    param_prefixes=("adapter_",),
+    **_fixed_placement("parallel"),
     notes="y = FFN(x) + s * adapter(x), with x the FFN's input",
 ))
 register(Method(
