@@ -39,11 +39,17 @@ notebooks: env
 benchmarks: env
 	$(PY) benchmarks/run_all.py
 
+# Chromium counts as installed where tests/browser/conftest.py's chromium_executable() would find it:
+# $CHROMIUM, else chromium on the PATH, else /usr/bin/chromium. `env` sets the variable for apt-get both
+# as root (SUDO empty: a bare VAR=value after an expansion is a command name) and under sudo (which drops
+# the caller's environment).
 browser-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian chromium for the browser test"; \
+	@chromium="$${CHROMIUM:-$$(command -v chromium || echo /usr/bin/chromium)}"; \
+	[ -x "$$chromium" ] || { \
+	  echo "installing Debian chromium for the browser test ($$chromium not found)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: env browser-deps
 	$(BIN)/ruff check survey_utils tests notebooks benchmarks
