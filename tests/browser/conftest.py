@@ -13,6 +13,7 @@ is never skipped, in CI or anywhere else.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
@@ -78,12 +79,25 @@ class LabServer:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def _copy_chapters(root: Path) -> None:
+def copy_chapters(root: Path) -> None:
+    """Copy the chapters folder into ``root/notebooks`` (no executed notebooks), as the lab's root holds it."""
     shutil.copytree(CHAPTERS_DIR, root / "notebooks",
                     ignore=shutil.ignore_patterns("*.ipynb", ".ipynb_checkpoints", "__pycache__"))
     # Chapters find data/ through the installed package; the link serves any relative path too.
     if (REPO / "data").is_dir():
         (root / "data").symlink_to(REPO / "data", target_is_directory=True)
+
+
+def stray_notebooks(root: Path) -> list[str]:
+    """Every ``.ipynb`` under the lab's root, checkpoints included: saving a chapter must write none."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.ipynb"))
+
+
+def changes(original: bytes, saved: bytes, lines: int = 30) -> str:
+    """The first lines of a unified diff from the repository's chapter to what was saved."""
+    diff = difflib.unified_diff(original.decode(errors="replace").splitlines(True),
+                                saved.decode(errors="replace").splitlines(True), "repository", "saved", n=0)
+    return "".join(list(diff)[:lines])
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -105,7 +119,7 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     root.mkdir()
     config.mkdir()
     shutil.copytree(LAB_SETTINGS, settings)
-    _copy_chapters(root)
+    copy_chapters(root)
     port = _free_port()
     log = base / "lab.log"
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(config), "JUPYTER_RUNTIME_DIR": str(base / "runtime"),

@@ -11,6 +11,9 @@ For each ``notebooks/NN_name.py`` (new chapters join by existing) the test
 6. asserts that nothing is an error: no traceback in a cell, no widget that failed to render, no
    traceback from a widget callback (JupyterLab shows those in its log console), no dead kernel, no
    JavaScript error on the page.
+7. saves the notebook (File > Save Notebook), waits for the file to be written, and asserts that the
+   chapter in the lab's root is byte-identical to the repository's and that no ``.ipynb`` appeared:
+   reading a chapter in JupyterLab must leave a clone unmodified.
 
 Screenshots (``NN_name-before.png``, ``-after.png``, ``-page.png``) go to ``tests/browser/screenshots/``
 (git-ignored) for a person to look at, with ``timings.json``: the seconds per chapter of this run (also in
@@ -27,11 +30,12 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from tests.browser.conftest import CHAPTERS_DIR, LabServer, chapter_paths
+from tests.browser.conftest import CHAPTERS_DIR, LabServer, changes, chapter_paths, stray_notebooks
 
 CHAPTERS = chapter_paths()
 RUN_TIMEOUT_S = 180        # a chapter must run in < 30 s headless; the browser adds kernel start and rendering
 REDRAW_TIMEOUT_S = 30
+SAVE_TIMEOUT_S = 30
 SLIDER_HANDLE = ".widget-slider .noUi-handle"
 FIGURE = ".jupyter-matplotlib-canvas-div"
 FIGURE_CANVAS = "canvas"   # the first canvas of the figure holds the image; the second is the zoom rubber band
@@ -190,6 +194,20 @@ def _errors_on_page(page, server_log: str) -> list[str]:
     return problems
 
 
+def _save_and_wait(page, saved: Path, name: str) -> None:
+    """File > Save Notebook, then wait until the file on disk is rewritten and the tab is no longer dirty."""
+    before = saved.stat().st_mtime_ns
+    page.locator(".lm-MenuBar-item", has_text=re.compile(r"^File$")).click()
+    page.locator(".lm-Menu-item[data-command='docmanager:save']").click()
+    deadline = time.monotonic() + SAVE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        dirty = page.locator(".lm-TabBar-tab.jp-mod-current.jp-mod-dirty").count()
+        if saved.stat().st_mtime_ns != before and not dirty:
+            return
+        time.sleep(0.25)
+    pytest.fail(f"{name}: File > Save Notebook did not rewrite {saved} within {SAVE_TIMEOUT_S} s", pytrace=False)
+
+
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[p.stem for p in CHAPTERS])
 def test_chapter_in_browser(chapter: Path, lab_server: LabServer, browser, screenshots: Path,
                             record_property) -> None:
@@ -257,9 +275,16 @@ def test_chapter_in_browser(chapter: Path, lab_server: LabServer, browser, scree
         assert _differs(before, after), (
             f"{name}: moving slider '{found['description']}' from {value_before} to {value_after} did not "
             f"change the figure's pixels within {REDRAW_TIMEOUT_S} s (see {after_path})")
+
+        saved = lab_server.root / "notebooks" / chapter.name
+        _save_and_wait(page, saved, name)
+        original = chapter.read_bytes()
+        assert saved.read_bytes() == original, (
+            f"{name}: saving the chapter in JupyterLab changed its .py:\n{changes(original, saved.read_bytes())}")
+        assert stray_notebooks(lab_server.root) == [], f"{name}: saving wrote a notebook next to the chapter"
         changed = ImageChops.difference(before, after).getbbox()
         outcome = (f"passed: slider '{found['description']}' {value_before} -> {value_after}, "
-                   f"pixels changed in box {changed}")
+                   f"pixels changed in box {changed}; saved byte-identical")
     finally:
         total_s = time.perf_counter() - start
         record_property("browser_seconds", round(total_s, 1))
