@@ -6,7 +6,9 @@ Goals (issues 2 and 3): the 405B closed form answers in milliseconds; a widget u
 
 from __future__ import annotations
 
+import io
 import time
+from contextlib import redirect_stdout
 
 import matplotlib
 
@@ -30,13 +32,16 @@ def main() -> None:
     start = time.perf_counter()
     count(config, "lora", "peft", r=8)
     print(f"count peft (meta build + get_peft_model), 405b      : {(time.perf_counter() - start) * 1e3:8.0f} ms (once)")
-    explorer = MethodExplorer(["lora", "full"], model="llama-3.1-405b")
-    ranks = iter([4, 8] * 50)
-    print(f"widget update (rank slider), llama-3.1-405b         : "
-          f"{median_ms(lambda: setattr(explorer.hp_controls['r'], 'value', next(ranks))):8.2f} ms (median of 20)")
-    explorer.model_control.value = "llama-2-7b"
-    print(f"widget update (rank slider), llama-2-7b             : "
-          f"{median_ms(lambda: setattr(explorer.hp_controls['r'], 'value', next(ranks))):8.2f} ms (median of 20)")
+    # Off a kernel each update's display(fig) prints "Figure(1000x380)" (and clear_output an escape code):
+    # the same calls are timed, with their stdout dropped.
+    with redirect_stdout(io.StringIO()):
+        explorer = MethodExplorer(["lora", "full"], model="llama-3.1-405b")
+        ranks = iter([4, 8] * 50)
+        ms_405b = median_ms(lambda: setattr(explorer.hp_controls['r'], 'value', next(ranks)))
+        explorer.model_control.value = "llama-2-7b"
+        ms_7b = median_ms(lambda: setattr(explorer.hp_controls['r'], 'value', next(ranks)))
+    print(f"widget update (rank slider), llama-3.1-405b         : {ms_405b:8.2f} ms (median of 20)")
+    print(f"widget update (rank slider), llama-2-7b             : {ms_7b:8.2f} ms (median of 20)")
 
 
 if __name__ == "__main__":
