@@ -49,7 +49,8 @@ import matplotlib.pyplot as plt
 from IPython.display import Code, display
 
 from survey_utils.architecture import params_by_component, total_params
-from survey_utils.memory import estimate, format_bytes, simulate
+from survey_utils.memory import estimate, simulate
+from survey_utils.units import format_bytes
 from survey_utils.widgets.memory import MemoryExplorer
 from survey_utils.zoo import DATA_DIR, load_config
 

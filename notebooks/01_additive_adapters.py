@@ -163,7 +163,7 @@ for model in ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5"]:
 # 8 x 512 tokens, bf16, AdamW).
 
 # %%
-explorer = EqualBudgetExplorer([*CHAPTER, "lora"], model="roberta-base", title="Additive methods: trainable parameters")
+explorer = EqualBudgetExplorer([*CHAPTER, "lora"], model="roberta-base", reference="lora", title="Additive methods: trainable parameters")
 explorer
 
 # %% [markdown]

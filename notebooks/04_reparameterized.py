@@ -160,8 +160,9 @@ print(format_rows([three_way("llama-2-7b", "lora", r=r, target_modules=all_linea
 # %%
 import matplotlib.pyplot as plt
 
+from survey_utils.experiments.ch04_reparameterized import adalora_allocation, update_spectra
 from survey_utils.memory.estimate import estimate
-from survey_utils.methods import _lowrank
+from survey_utils.methods.layers import lowrank
 from survey_utils.methods.reparameterized import DoRALinear
 
 FAMILY = ["lora", "rslora", "dora", "adalora", "vera", "loha", "lokr", "krona"]
@@ -186,14 +187,14 @@ display(Code(inspect.getsource(DoRALinear.forward), language="python"))
 # LoKr and KronA differ in where the Kronecker factors come from and in how the product meets the input:
 
 # %%
-display(Code(inspect.getsource(_lowrank.LoKrLinear.delta_weight), language="python"))
-display(Code(inspect.getsource(_lowrank.KronALinear.delta_output), language="python"))
+display(Code(inspect.getsource(lowrank.LoKrLinear.delta_weight), language="python"))
+display(Code(inspect.getsource(lowrank.KronALinear.delta_output), language="python"))
 
 # %% [markdown]
 # AdaLoRA's budget, written from the paper's Algorithm 1 (and peft's `RankAllocator`):
 
 # %%
-display(Code(inspect.getsource(_lowrank.RankAllocator.update_and_allocate), language="python"))
+display(Code(inspect.getsource(lowrank.RankAllocator.update_and_allocate), language="python"))
 
 # %% [markdown]
 # ## Check 1 — counts for Llama-2-7B, $r=8$ on `q_proj` and `v_proj`
@@ -304,11 +305,11 @@ from survey_utils.zoo import build_model  # noqa: E402
 tiny = build_model("tiny-llama", seed=0)
 q_proj = tiny.model.layers[0].self_attn.q_proj
 adapters = {"LoRA r=4": LoRALinear(copy.deepcopy(q_proj), 4, 4.0),
-            "LoHa r=2": _lowrank.LoHaLinear(copy.deepcopy(q_proj), 2, 2.0),
-            "LoKr r=8 (factor 4)": _lowrank.LoKrLinear(copy.deepcopy(q_proj), 8, 8.0, decompose_factor=4)}
+            "LoHa r=2": lowrank.LoHaLinear(copy.deepcopy(q_proj), 2, 2.0),
+            "LoKr r=8 (factor 4)": lowrank.LoKrLinear(copy.deepcopy(q_proj), 8, 8.0, decompose_factor=4)}
 for adapter in adapters.values():
     adapter.base_layer.weight.requires_grad_(False)
-spectra = _lowrank.update_spectra(q_proj, adapters, steps=50, samples=256)
+spectra = update_spectra(q_proj, adapters, steps=50, samples=256)
 with plt.ioff():
     fig, ax = plt.subplots(figsize=(7, 3), layout="constrained")
 for name, result in spectra.items():
@@ -348,7 +349,7 @@ with torch.no_grad():
 student = apply_method(build_model("tiny-llama", seed=0), "adalora", init_r=8, target_r=3, lora_alpha=8.0,
                        total_step=30, tinit=4, tfinal=4)
 batch = {"input_ids": torch.randint(0, tiny.config.vocab_size, (1, 16), generator=generator)}
-history = _lowrank.adalora_allocation(student, batch, teacher, steps=30)
+history = adalora_allocation(student, batch, teacher, steps=30)
 with plt.ioff():
     fig, (ax_heat, ax_budget) = plt.subplots(1, 2, figsize=(10, 3), width_ratios=(2, 1), layout="constrained")
 image = ax_heat.imshow(torch.tensor(history["ranks"]).T, aspect="auto", cmap="viridis", vmin=0, vmax=8)

@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING
 
 from survey_utils.errors import SurveyError
+
+if TYPE_CHECKING:  # typing only: the layout is arithmetic on the config and never needs transformers
+    from transformers import PretrainedConfig
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head", "method")
 
@@ -51,6 +53,27 @@ class ModuleSpec:
     @property
     def short_name(self) -> str:
         return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def input_key(self) -> tuple[str, str]:
+        """Which tensor this module reads: modules with equal keys read one tensor, which autograd saves
+        once however many of them use it. q/k/v read the attention's input, gate/up the MLP's input, and
+        the cross-attention keys and values of every decoder block read the one encoder output. The memory
+        estimate and every method's ``memory_terms`` group saved inputs by this key (chapter 00)."""
+        parent, _, short = self.name.rpartition(".")
+        if ".EncDecAttention." in self.name and short in _CROSS_KV:
+            return ("encoder output", "kv")
+        if short in _ATTENTION_INPUTS:
+            return (parent, "attention input")
+        if short in _MLP_INPUTS:
+            return (parent, "mlp input")
+        return (parent, short)
+
+
+# Linear layers that read the same tensor as their siblings (transformers' names per family).
+_ATTENTION_INPUTS = frozenset({"q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v"})
+_MLP_INPUTS = frozenset({"gate_proj", "up_proj", "wi_0", "wi_1"})
+_CROSS_KV = frozenset({"k", "v"})
 
 
 @dataclass(frozen=True)

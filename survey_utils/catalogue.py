@@ -205,12 +205,12 @@ def implemented_keys(entries: list[Entry] | None = None) -> set[str]:
 
 
 def uncatalogued_methods(entries: list[Entry] | None = None) -> list[str]:
-    """Registered methods with no catalogue row (``full``, the baseline, needs none)."""
+    """Registered methods with no catalogue row (the baseline, full fine-tuning, needs none)."""
     from survey_utils.methods import list_methods
 
     entries = load_catalogue() if entries is None else entries
     keys = {e.key for e in entries}
-    return [m.name for m in list_methods() if m.name != "full" and m.name not in keys]
+    return [m.name for m in list_methods() if not m.is_baseline and m.name not in keys]
 
 
 def summary(entries: list[Entry] | None = None) -> dict[str, int]:

@@ -86,7 +86,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(trainable, total, {c: (t, n) for c, (t, n) in split.items() if n})
 
 
-def closed_form(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method = "full",
+def closed_form(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method,
                 **overrides: Any) -> ParameterCount:
     """Trainable and total parameters from the config alone (no model is built)."""
     config = load_config(model)
@@ -96,7 +96,7 @@ def closed_form(model: str | os.PathLike[str] | PretrainedConfig, method: str | 
     added = method.added_params(config, **hp)
     base = params_by_component(config)
     split = {c: (0, n) for c, n in base.items() if n}
-    if method.name == "full":
+    if method.trains_whole_model:
         split = {c: (n, n) for c, n in base.items() if n}
     elif added:
         split["method"] = (trainable, added)
@@ -121,13 +121,12 @@ def peft_model(model: nn.Module, method: str | Method, **overrides: Any) -> nn.M
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns about meta tensors and fan_in_fan_out; neither matters here
         wrapped = peft.get_peft_model(model, method.peft_config(model.config, **hp))
-    fixup = method.extras.get("peft_fixup")  # undoes an artifact of building peft's model on meta, if any
-    if fixup is not None:
-        fixup(wrapped)
+    if method.peft_fixup is not None:  # undoes an artifact of building peft's model on meta
+        method.peft_fixup(wrapped)
     return wrapped
 
 
-def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method = "full",
+def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method,
           implementation: str = "formula", **overrides: Any) -> ParameterCount:
     """Trainable and total parameters of ``model`` under ``method``, by one of :data:`IMPLEMENTATIONS`."""
     if implementation not in IMPLEMENTATIONS:
@@ -145,7 +144,7 @@ def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method
     return ParameterCount(trainable, total, split)
 
 
-def three_way(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method = "lora",
+def three_way(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method,
               **overrides: Any) -> dict[str, Any]:
     """Trainable parameters by the formula, by counting our built model, and by peft, with ``match``.
 

@@ -4,7 +4,8 @@
 peft's to the other, gives both the same non-trivial adapter values (peft's initial values would make many
 updates zero and the check vacuous), and compares the outputs; for mergeable methods it also compares the
 merged model with the unmerged one. The method maps its parameter names to peft's through
-``Method.extras["peft_param_map"]``, e.g. ``{"lora_A": "lora_A.default.weight"}``.
+``Method.peft_param_map``, e.g. ``{"lora_A": "lora_A.default.weight"}``, or, where its modules sit
+elsewhere than peft's (soft prompts), copies peft's values into its own with ``Method.peft_state_sync``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def example_inputs(config: PretrainedConfig, batch: int = 2, seq_len: int = 12, 
     """Random token ids (and decoder ids for encoder-decoder models) for a forward pass."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
-    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.ones_like(ids)
+    mask[-1, : seq_len // 4] = 0  # a left-padded row: prompt methods must extend the mask as peft does
+    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.randint(0, config.vocab_size, (batch, seq_len // 2), generator=generator)
     return inputs
@@ -63,14 +66,14 @@ def randomise_method_params(model: nn.Module, method: Method, seed: int = 1, std
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if any(prefix in name for prefix in method.param_prefixes):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std + parameter.mean() * 0)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
                 count += 1
     return count
 
 
 def copy_into_peft(ours: nn.Module, theirs: nn.Module, method: Method) -> int:
-    """Copy our method's parameter values into peft's model through ``extras['peft_param_map']``."""
-    mapping: dict[str, str] = dict(method.extras.get("peft_param_map", {}))
+    """Copy our method's parameter values into peft's model through ``Method.peft_param_map``."""
+    mapping: dict[str, str] = dict(method.peft_param_map)
     if not mapping:
         raise SurveyError(f"method '{method.name}' declares no peft_param_map for output parity")
     their_params = dict(theirs.named_parameters())
@@ -88,15 +91,18 @@ def copy_into_peft(ours: nn.Module, theirs: nn.Module, method: Method) -> int:
     return copied
 
 
-def parity(model: str = "tiny-llama", method: str | Method = "lora", atol: float = 1e-5,
+def parity(model: str, method: str | Method, atol: float = 1e-5,
            **overrides: Any) -> ParityReport:
     """Our method vs peft's on real tensors of a tiny model, with equal adapter values."""
     method = get_method(method) if isinstance(method, str) else method
     config = load_config(model)
     ours = apply_method(build_model(config, device="cpu", seed=0, dtype=torch.float64), method, **overrides)
     theirs = peft_model(build_model(config, device="cpu", seed=0, dtype=torch.float64), method, **overrides)
-    randomise_method_params(ours, method)
-    copied = copy_into_peft(ours, theirs, method)
+    if method.peft_state_sync is not None:
+        copied = method.peft_state_sync(ours, theirs)
+    else:
+        randomise_method_params(ours, method)
+        copied = copy_into_peft(ours, theirs, method)
     inputs = example_inputs(config)
     ours.eval()
     theirs.eval()

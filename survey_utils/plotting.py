@@ -62,9 +62,4 @@ def human(n: float) -> str:
     return f"{n:.3g}"
 
 
-def human_bytes(n: float) -> str:
-    """``2**30 -> '1.00 GiB'``."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
+

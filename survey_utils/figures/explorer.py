@@ -21,6 +21,7 @@ from survey_utils.figures.base import FIGURES, FigureUnavailable, run_figure
 from survey_utils.figures.measured import ComparisonRow, Setting, comparison_rows, table_cells
 from survey_utils.methods import list_methods
 from survey_utils.plotting import FAMILY_COLOURS
+from survey_utils.units import DTYPES, OPTIMIZERS
 from survey_utils.widgets.base import Explorer
 from survey_utils.zoo import list_models
 
@@ -48,8 +49,8 @@ class ComparisonExplorer(Explorer):
                                       continuous_update=False, style=_STYLE),
             "seq_len": W.Dropdown(options=[128, 256, 512, 1024, 2048, 4096], value=seq_len,
                                   description="sequence length", style=_STYLE),
-            "dtype": W.Dropdown(options=["bf16", "fp16", "fp32"], value=dtype, description="dtype", style=_STYLE),
-            "optimizer": W.Dropdown(options=["adamw", "adamw8bit", "sgd", "adafactor"], value=optimizer,
+            "dtype": W.Dropdown(options=list(DTYPES), value=dtype, description="dtype", style=_STYLE),
+            "optimizer": W.Dropdown(options=list(OPTIMIZERS), value=optimizer,
                                     description="optimizer", style=_STYLE),
         }
         super().__init__(controls, figsize=(10, 0.22 * len(self.methods) + 1.4),

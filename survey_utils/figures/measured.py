@@ -37,11 +37,11 @@ from survey_utils.memory.figure import FIGURE_NAME as VALIDATION_STEM
 from survey_utils.methods import list_methods
 from survey_utils.methods.common import merge
 from survey_utils.methods.registry import Method, get_method
-from survey_utils.plotting import FAMILY_COLOURS, human, human_bytes, save_figure
+from survey_utils.plotting import FAMILY_COLOURS, human, save_figure
+from survey_utils.units import DTYPE_BYTES, format_bytes
 from survey_utils.zoo import DATA_DIR, build_model, list_models, load_config
 
 LATENCY_CSV = DATA_DIR / "inference_overhead.csv"
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # The tiny model of each architecture family, where real forward passes are cheap.
 TINY_FOR_TYPE = {"llama": "tiny-llama", "mistral": "tiny-llama", "qwen2": "tiny-llama", "gpt2": "tiny-gpt2",
                  "bert": "tiny-bert", "roberta": "tiny-bert", "t5": "tiny-t5"}
@@ -87,7 +87,7 @@ class ComparisonRow:
 
 def lialin_type(method: Method) -> str:
     """Lialin et al.'s class (A, S, R or a hybrid like A+R) from the method's taxonomy; '-' when not placed."""
-    if method.name == "full":
+    if method.is_baseline:
         return "(baseline)"
     parts = method.taxonomy.lialin.split("+")
     classes = [c for c in LIALIN_CLASSES if any(p.split(":")[0] == c for p in parts)]
@@ -279,7 +279,7 @@ def comparison_rows(setting: Setting = TABLE_SETTING, flops: str = "measure") ->
             pass
         except SurveyError:
             memory = None
-        if method.name == "full":
+        if method.is_baseline:
             full_memory = memory
         try:
             row = bench.get((tiny, method.name))
@@ -336,10 +336,10 @@ def table_cells(rows: list[ComparisonRow]) -> tuple[list[str], list[list[str]]]:
         if r.error:
             cells.append([r.method, r.type, *["n/a (see note)" for _ in header[2:]]])
             continue
-        memory = "n/a" if r.memory_bytes is None else human_bytes(r.memory_bytes) + (
+        memory = "n/a" if r.memory_bytes is None else format_bytes(r.memory_bytes) + (
             f" ({r.memory_full_ratio:.0%})" if r.memory_full_ratio else "")
         cells.append([
-            r.method, r.type, human_bytes(r.storage_bytes or 0), memory,
+            r.method, r.type, format_bytes(r.storage_bytes or 0), memory,
             "yes" if r.backprop_through_backbone else "no",
             "n/a" if r.extra_flops_pct is None else ("none" if abs(r.extra_flops_pct) < 1e-9
                                                      else f"+{r.extra_flops_pct:.2f}%"),
@@ -410,7 +410,7 @@ def trainable_across_zoo(models: list[str] | None = None) -> dict[str, list[tupl
     models = [m for m in list_models() if not m.startswith("tiny")] if models is None else models
     result: dict[str, list[tuple[str, int, float]]] = {}
     for method in list_methods():
-        if method.name == "full":
+        if method.is_baseline:
             continue
         points = []
         for name in models:
@@ -521,7 +521,7 @@ def memory_breakdown(out_dir: Path, setting: Setting = MEMORY_SETTING) -> list[P
                     label=None if term in labelled else term)
             labelled.add(term)
             left += value / gib
-        ax.text(terms["total"] / gib, i, f" {human_bytes(terms['total'])}", va="center", fontsize=7)
+        ax.text(terms["total"] / gib, i, f" {format_bytes(terms['total'])}", va="center", fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("GiB (peak of one training step; allocated, no CUDA context or allocator cache)")

@@ -16,17 +16,10 @@ from typing import Any
 from survey_utils.memory.estimate import MemoryEstimate, estimate
 from survey_utils.memory.measure import Measurement, measure
 from survey_utils.memory.simulate import Simulation, simulate
+from survey_utils.units import format_bytes
 
 __all__ = ["MemoryEstimate", "Measurement", "Simulation", "cli_memory", "estimate", "format_bytes", "measure",
            "simulate", "validation_figure"]
-
-
-def format_bytes(n: float) -> str:
-    """Bytes in binary units (GiB, MiB, KiB), three significant figures."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}" if n / size < 1000 else f"{n / size:,.0f} {unit}"
-    return f"{int(n)} B"
 
 
 def cli_memory(args: argparse.Namespace) -> int:

@@ -370,23 +370,21 @@ def start_of(specs: list[ModuleSpec]) -> Start | None:
 
 
 def trainable_start(method: Any, config: PretrainedConfig, hp: dict[str, Any]) -> Start:
-    """Where the method's gradients start: full trains everything; soft prompts at the input; methods with
-    ``target_modules`` at their lowest target; others through ``Method.extras["memory_sites"]``."""
+    """Where the method's gradients start: a method training the whole model at the embeddings; others at
+    ``Method.gradient_sites``, else their lowest ``target_modules``; methods adding positions at the input."""
     from survey_utils.methods.common import target_specs
 
-    if method.name == "full":
+    if method.trains_whole_model:
         return Start(0, INPUT, embeddings=True)
-    hook = method.extras.get("memory_sites") if method.extras else None
-    if hook is not None:
-        sites = hook(config, **hp)
+    if method.gradient_sites is not None:
+        sites = method.gradient_sites(config, **hp)
         if sites == "input":
             return Start(0, INPUT, embeddings=True)
         return start_of(list(sites)) or Start(0, INPUT)
     if "target_modules" in hp:
         values = dict(hp)
-        defaults = method.extras.get("default_targets") if method.extras else None
-        if values.get("target_modules") is None and defaults is not None:
-            values.update(defaults(config))
+        if values.get("target_modules") is None and method.default_targets is not None:
+            values.update(method.default_targets(config))
         found = start_of(target_specs(config, method.name, values))
         if found is not None:
             return found

@@ -22,21 +22,17 @@ The peak of *allocated* memory in a steady-state step (the optimizer states alre
 A method joins with no change here: trainable parameters come from the registry's closed form; a method
 whose tensors saved for backward matter sets ``Method.memory_terms`` (see the registry docstring); where
 its gradients enter the backbone comes from its ``target_modules`` or, for other methods, from
-``Method.extras["memory_sites"]`` (the modules its trainable branch joins, or ``"input"``); prefix-like
-methods mark ``Method.extras["memory_positions"] = "key_value"`` (their virtual positions are keys and
-values only).
-Parameters of the base model count as trainable only under ``full`` fine-tuning.
+``Method.gradient_sites`` (the modules its trainable branch joins, or ``"input"``); prefix-like methods set
+``Method.key_value_positions`` (their virtual positions are keys and values only). Parameters of the base
+model train under methods with ``Method.trains_whole_model``; the adapter dtype applies only to the
+parameters a method adds (as peft's ``autocast_adapter_dtype``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from survey_utils.architecture import Layout, layout, total_params
 from survey_utils.errors import SurveyError
@@ -55,14 +51,12 @@ from survey_utils.memory.activations import (
     trainable_start,
 )
 from survey_utils.methods.registry import Method, get_method
+from survey_utils.units import ATTENTIONS, DTYPE_BYTES, DTYPES, OPTIMIZERS, QUANTIZATIONS
 from survey_utils.zoo import load_config
 
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
-DTYPES = ("fp32", "bf16", "fp16")
-QUANTIZATIONS = ("nf4", "int8")
-ATTENTIONS = ("sdpa", "eager")
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 
 # bitsandbytes NF4 (QLoRA, Dettmers et al. 2023, arXiv:2305.14314, section 3): 4-bit codes, one absmax
 # per block of 64 weights, itself quantized to 8 bits with one fp32 constant per 256 blocks (double
@@ -129,7 +123,7 @@ def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any],
                    dtype: str, adapter_dtype: str | None, optimizer: str, quantization: str | None,
                    attention: str, device: str = "cuda", gradient_checkpointing: bool = False) -> dict[str, Any]:
     """Validate every setting (one-line :class:`SurveyError`) and return the method's resolved hyper-parameters."""
-    if gradient_checkpointing and method.extras.get("memory_positions") == "key_value":
+    if gradient_checkpointing and method.key_value_positions:
         # transformers' GradientCheckpointingLayer drops past_key_values, so the prefixes would silently vanish.
         raise SurveyError(f"method '{method.name}' feeds its prefixes through past_key_values, which transformers' "
                           "gradient-checkpointed layers drop: turn gradient checkpointing off")
@@ -148,7 +142,7 @@ def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any],
         raise SurveyError(f"attention '{attention}' is not one of {', '.join(ATTENTIONS)}")
     if device not in DEVICES:
         raise SurveyError(f"device '{device}' is not one of {', '.join(DEVICES)}")
-    if quantization is not None and method.name == "full":
+    if quantization is not None and method.trains_whole_model:
         raise SurveyError(f"quantization '{quantization}' freezes the base weights; full fine-tuning cannot use it")
     resolved = method.resolve(config, **hp)
     shape = layout(config)
@@ -159,7 +153,7 @@ def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any],
     return resolved
 
 
-def estimate(model_or_config: str | PretrainedConfig, method: str | Method = "full",
+def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
              hp: dict[str, Any] | None = None, batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16",
              adapter_dtype: str | None = None, optimizer: str = "adamw", gradient_checkpointing: bool = False,
              quantization: str | None = None, attention: str = "sdpa", device: str = "cuda") -> MemoryEstimate:
@@ -175,9 +169,9 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method = "fu
                               quantization, attention, device, gradient_checkpointing)
     shape = layout(config)
     a = DTYPE_BYTES[dtype]
-    tdtype = adapter_dtype or dtype
+    full = method.trains_whole_model
+    tdtype = method.trainable_dtype(dtype, adapter_dtype)
     tb = DTYPE_BYTES[tdtype]
-    full = method.name == "full"
     trainable = method.trainable_params(config, **resolved)
     added = method.added_params(config, **resolved)
     base_total = total_params(config)
@@ -217,7 +211,7 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method = "fu
 
     # Activations -----------------------------------------------------------------------------------
     extra = method.extra_positions(config, **resolved) if method.extra_positions else 0
-    key_value_only = bool(method.extras.get("memory_positions") == "key_value") if method.extras else False
+    key_value_only = method.key_value_positions
     s = seq_len if key_value_only else seq_len + extra
     if extra and key_value_only:
         assumptions.append(f"{extra} virtual key/value positions in every prefixed attention: keys and values "
@@ -241,8 +235,8 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method = "fu
     else:
         saved = Activations({}, 0, 0, 0)
         assumptions.append("the method does not back-propagate through the backbone: the backbone saves nothing")
-    if shape.family not in RECIPES_DOCUMENTED:
-        assumptions.append(f"{config.model_type}: no recipe of its own, approximated by the nearest family's")
+    if shape.family not in RECIPES:  # a layout without an activation recipe of its own (issue 12's generic ones)
+        assumptions.append(f"{config.model_type}: no recipe of its own, approximated by GPT-2's")
     assumptions.extend(ctx.notes)
     terms = saved.terms
     method_terms = _method_terms(method, config, batch_size, s, a, tb, resolved)
@@ -328,11 +322,8 @@ def _largest_trainable(shape: Layout, method: Method, config: PretrainedConfig, 
     """Elements of the biggest trainable tensor (the optimizer's temporaries are this big)."""
     if full:
         return max(n for m in shape.modules if not m.tied_to for _, n in m.params)
-    if method.name == "lora":
-        from survey_utils.methods.common import target_specs
-
-        specs = target_specs(config, "lora", hp)
-        return max(hp["r"] * max(m.in_features, m.out_features) for m in specs)
+    if method.largest_trainable_tensor is not None:
+        return method.largest_trainable_tensor(config, **hp)
     return trainable
 
 
@@ -374,64 +365,8 @@ _DEVICE_NOTES = {
     "cpu": "device CPU (what the fake-tensor simulation runs): SDPA with attention dropout takes the fp32 math "
            "path, dropout keeps its noise in the activation dtype, LayerNorm statistics in the activation dtype",
 }
-RECIPES_DOCUMENTED = tuple(RECIPES)
-
-
-def lora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
-                      adapter_bytes: int, r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
-    """LoRA's tensors saved for backward: each target's input (once per distinct input), ``x A`` and dropout.
-
-    The input of q/k/v (and of gate/up) is one tensor, saved once; with dropout every target keeps its own
-    mask (1 B) and dropped input; an adapter dtype unlike the model's keeps a cast copy per target.
-    """
-    from survey_utils.methods.common import target_specs
-
-    t = batch_size * seq_len
-    specs = target_specs(config, "lora", hp)
-    inputs: dict[tuple[int | None, str], int] = {}
-    per_target = 0
-    low_rank = 0
-    for spec in specs:
-        low_rank += adapter_bytes * t * r
-        if lora_dropout > 0:
-            per_target += t * spec.in_features * (1 + adapter_bytes)
-        elif adapter_bytes != act_bytes:
-            per_target += adapter_bytes * t * spec.in_features
-        else:
-            inputs[_input_key(spec.name)] = act_bytes * t * spec.in_features
-    return {"adapter inputs": sum(inputs.values()) + per_target, "x A (rank r)": low_rank}
-
-
-def _input_group(short_name: str) -> str:
-    """Linears that read the same tensor (q/k/v read the norm output; gate/up read it too); kept for
-    ``methods.reparameterized``, which groups by ``(layer, group)``."""
-    if short_name in ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v"):
-        return "attn_in"
-    if short_name in ("gate_proj", "up_proj", "wi_0", "wi_1"):
-        return "mlp_in"
-    return short_name
-
-
-def _input_key(name: str) -> tuple[str, str]:
-    """Linears that read the same tensor share one saved input: q/k/v read the norm output, gate/up too;
-    the cross-attention keys and values of every decoder block read the one encoder output."""
-    parent, _, short = name.rpartition(".")
-    if ".EncDecAttention." in name and short in ("k", "v"):
-        return ("encoder output", "kv")
-    if short in ("q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v"):
-        return (parent, "attn_in")
-    if short in ("gate_proj", "up_proj", "wi_0", "wi_1"):
-        return (parent, "mlp_in")
-    return (parent, short)
-
-
-# Methods of the foundation whose family file predates the registry's ``memory_terms`` field.
-BUILTIN_TERMS: dict[str, Callable[..., dict[str, int]]] = {"lora": lora_memory_terms}
 
 
 def _method_terms(method: Method, config: PretrainedConfig, b: int, s: int, a: int, tb: int,
                   hp: dict[str, Any]) -> dict[str, int]:
-    terms_fn = getattr(method, "memory_terms", None) or BUILTIN_TERMS.get(method.name)
-    if terms_fn is None:
-        return {}
-    return {k: int(v) for k, v in terms_fn(config, b, s, a, tb, **hp).items()}
+    return {k: int(v) for k, v in method.memory_terms(config, b, s, a, tb, **hp).items()}

@@ -43,7 +43,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def measure(model_or_config: str | PretrainedConfig, method: str | Method = "full", hp: dict[str, Any] | None = None,
+def measure(model_or_config: str | PretrainedConfig, method: str | Method, hp: dict[str, Any] | None = None,
             batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16", adapter_dtype: str | None = None,
             optimizer: str = "adamw", gradient_checkpointing: bool = False, quantization: str | None = None,
             attention: str = "sdpa", device: str | None = None) -> Measurement:

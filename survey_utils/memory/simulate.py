@@ -39,8 +39,9 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from transformers import PretrainedConfig
 
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import OPTIMIZERS, TORCH_DTYPES, check_settings, supports_sdpa
+from survey_utils.memory.estimate import check_settings, supports_sdpa
 from survey_utils.methods.registry import Method, get_method
+from survey_utils.units import OPTIMIZERS, torch_dtype
 from survey_utils.zoo import build_model, load_config
 
 # bitsandbytes' 8-bit optimizers keep 32-bit states for tensors below this many elements
@@ -225,10 +226,10 @@ def build_step(config: PretrainedConfig, method: Method, hp: dict[str, Any], bat
     config._attn_implementation = attention if supports_sdpa(config) else "eager"
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    base_dtype = TORCH_DTYPES[dtype]
+    base_dtype = torch_dtype(dtype)
     model = build_model(config, device=device, seed=seed, dtype=base_dtype)
     method.apply(model, **hp)
-    trainable_dtype = TORCH_DTYPES[adapter_dtype or dtype]
+    trainable_dtype = torch_dtype(method.trainable_dtype(dtype, adapter_dtype))
     if trainable_dtype != base_dtype:
         _retype_trainable(model, trainable_dtype)
     model.train()
@@ -285,7 +286,7 @@ def _quiet() -> Iterator[None]:
         masking.is_tracing = original
 
 
-def simulate(model_or_config: str | PretrainedConfig, method: str | Method = "full",
+def simulate(model_or_config: str | PretrainedConfig, method: str | Method,
              hp: dict[str, Any] | None = None, batch_size: int = 1, seq_len: int = 512, dtype: str = "bf16",
              adapter_dtype: str | None = None, optimizer: str = "adamw", gradient_checkpointing: bool = False,
              quantization: str | None = None, attention: str = "sdpa", fake: bool = True,

@@ -248,7 +248,7 @@ def bottleneck_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: 
 
 def adapter_memory_sites(config: PretrainedConfig, placement: str, layers_to_transform: list[int] | None = None,
                          drop_layers: int = 0, **_: Any) -> list[ModuleSpec]:
-    """The modules whose outputs the adapters join (``Method.extras["memory_sites"]``): the memory estimate
+    """The modules whose outputs the adapters join (``Method.gradient_sites``): the memory estimate
     starts back-propagation at the lowest one, so the blocks below it save nothing for backward."""
     return [spec for spec, _ffn_in in adapter_sites(config, placement, layers_to_transform, drop_layers)]
 
@@ -263,7 +263,7 @@ def _fixed_placement(placement: str) -> dict[str, Any]:
         "validate": lambda config, **hp: _validate_bottleneck(config, placement=placement, **hp),
         "memory_terms": lambda config, b, s, a, tb, **hp: bottleneck_memory_terms(config, b, s, a, tb, placement,
                                                                                   **hp),
-        "extras": {"memory_sites": lambda config, **hp: adapter_memory_sites(config, placement, **hp)},
+        "gradient_sites": lambda config, **hp: adapter_memory_sites(config, placement, **hp),
         "param_prefixes": ("adapter_",),
     }
 
@@ -368,7 +368,7 @@ register(Method(
         *_bottleneck_hps(16.0, "relu", layers=False),
     ),
     apply=_adapterdrop, trainable_params=bottleneck_params, validate=_validate_bottleneck,
-    memory_terms=bottleneck_memory_terms, extras={"memory_sites": adapter_memory_sites},
+    memory_terms=bottleneck_memory_terms, gradient_sites=adapter_memory_sites,
     param_prefixes=("adapter_",),
     notes="static AdapterDrop: backward stops at the lowest adapted block, which is its training speed-up",
 ))
@@ -481,7 +481,7 @@ register(Method(
         *_bottleneck_hps(32.0, "gelu"),
     ),
     apply=apply_compacter, trainable_params=compacter_params,
-    memory_terms=compacter_memory_terms, extras={"memory_sites": adapter_memory_sites},
+    memory_terms=compacter_memory_terms, gradient_sites=adapter_memory_sites,
     validate=lambda config, **hp: _check(compacter_params(config, **hp)),
     param_prefixes=("phm_",),
     notes="the n x n x n rule A is shared by every PHM layer and counted once",
@@ -637,9 +637,9 @@ register(Method(
     memory_terms=ia3_memory_terms,
     validate=lambda config, **hp: _check(ia3_specs(config, **hp)),
     param_prefixes=("ia3_",), mergeable=True,
-    extras={"peft_param_map": {"ia3_l": "ia3_l.default"},
-            "default_targets": lambda config: dict(zip(("target_modules", "feedforward_modules"),
-                                                       ia3_defaults(config, None, None), strict=True))},
+    peft_param_map={"ia3_l": "ia3_l.default"},
+    default_targets=lambda config: dict(zip(("target_modules", "feedforward_modules"),
+                                            ia3_defaults(config, None, None), strict=True)),
 ))
 
 
@@ -818,12 +818,3 @@ register(Method(
     param_prefixes=("lst_",), backprop_through_backbone=False,
     notes="the side network reads detached backbone states: no backward pass through the backbone",
 ))
-
-
-def lora_rank_for_budget(config: PretrainedConfig, budget: int, target_modules: Any = None) -> int:
-    """The LoRA rank whose trainable count on the same model is closest to ``budget`` (chapter 01 compares
-    adapters with LoRA at an equal budget); ``target_modules=None`` takes LoRA's default targets."""
-    from survey_utils.methods.registry import get_method
-
-    per_rank = get_method("lora").count(config, r=1, target_modules=target_modules)
-    return max(1, round(budget / per_rank))

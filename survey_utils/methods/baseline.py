@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import nn
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from survey_utils.architecture import total_params
-from survey_utils.methods.registry import Method, Taxonomy, register
+from survey_utils.methods.registry import BASELINE, Method, Taxonomy, register, saves_nothing
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PretrainedConfig
 
 
 def apply_full(model: nn.Module, **_: Any) -> nn.Module:
@@ -28,10 +29,12 @@ register(Method(
     title="Full fine-tuning",
     paper="Howard & Ruder 2018, Universal Language Model Fine-tuning (ACL 2018); the baseline of all three surveys",
     arxiv_id="1801.06146",
-    taxonomy=Taxonomy(xu="baseline", wang="baseline", lialin="baseline"),
+    taxonomy=Taxonomy(xu=BASELINE, wang=BASELINE, lialin=BASELINE),
     chapter="00_preliminaries",
     hyperparams=(),
     apply=apply_full,
     trainable_params=full_trainable_params,
-    selective=True,
+    memory_terms=saves_nothing,
+    adds_parameters=False,
+    trains_whole_model=True,
 ))

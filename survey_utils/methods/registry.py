@@ -5,28 +5,11 @@ A family module (``methods/<family>.py``) defines a method's from-scratch ``appl
 :func:`register` once. Everything else (the CLI, the counting tests, the memory model, widgets and
 figures) finds methods here, so a new method appears everywhere with no other change.
 
-Contract of the callables (``hp`` is the resolved hyper-parameter dict, defaults filled in and validated):
-
-- ``apply(model, **hp) -> model``: add the method's modules in place, freeze every other parameter,
-  return the model. New parameters are created on the base weight's device and dtype (never moved with
-  ``.to()``), so the same code builds on ``cpu``, on ``meta`` and under ``FakeTensorMode``.
-- ``trainable_params(config, **hp) -> int``: the exact count, by arithmetic on the config's layout.
-- ``peft_config(config, **hp) -> peft.PeftConfig``: the equivalent peft configuration.
-- ``extra_positions(config, **hp) -> int``: sequence positions the method adds (soft prompts); default 0.
-- ``validate(config, **hp)``: raise :class:`SurveyError` for values that are wrong for this model.
-- ``frozen_added_params(config, **hp) -> int``: frozen parameters the method adds (e.g. shared random
-  projections stored as parameters); default 0.
-- ``memory_terms(config, batch_size, seq_len, act_bytes, adapter_bytes, **hp) -> dict[str, int]``: bytes of
-  the tensors the method's own modules save for backward, summed over the whole model, by a short label
-  (e.g. ``{"adapter inputs": ..., "bottleneck": ...}``); ``seq_len`` already includes ``extra_positions``,
-  ``act_bytes`` is the model dtype's size and ``adapter_bytes`` the trainable parameters'. Used by
-  ``survey_utils.memory.estimate``; default: the method saves nothing beyond the backbone (with
-  ``backprop_through_backbone=False`` the backbone itself saves nothing).
-
-``selective=True`` marks methods that train existing weights and add none (full fine-tuning, BitFit), so
-the model's total is unchanged; otherwise the total grows by the trainable (and frozen added) parameters.
-``param_prefixes`` are the name fragments of the method's own parameters (``lora_``), used to attribute
-parameters to the ``method`` component when counting.
+The contract is the :class:`Method` record: every property that counting, the memory model, parity,
+widgets and figures read from a method is one of its typed, documented fields, so no module anywhere tests
+a method by its name. A method's section of its family file defines the callables and the record; the
+nn.Module layers it builds live in ``methods/layers/`` (imported inside ``apply``), so that the registry
+and every closed form load without torch (the command line answers in well under a second).
 """
 
 from __future__ import annotations
@@ -34,11 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from survey_utils.errors import SurveyError, closest
+
+if TYPE_CHECKING:  # typing only: importing transformers costs seconds, and the closed forms never need it
+    from transformers import PretrainedConfig
 
 HP_TYPES = ("int", "float", "bool", "str", "str_list", "int_list", "targets")
 
@@ -128,6 +112,7 @@ class HyperParam:
 
 
 NOT_PLACED = "not placed"
+BASELINE = "baseline"  # the taxonomy entry of the reference every method is compared with (full fine-tuning)
 
 
 @dataclass(frozen=True)
@@ -143,30 +128,95 @@ class Taxonomy:
     lialin: str
 
 
+def saves_nothing(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int, adapter_bytes: int,
+                  **hp: Any) -> dict[str, int]:
+    """``memory_terms`` of a method whose own modules save no tensor for backward (declared, not forgotten)."""
+    return {}
+
+
 @dataclass(frozen=True)
 class Method:
-    """A PEFT method, as registered. See the module docstring for the callables' contract."""
+    """A PEFT method, as registered: everything the rest of the package may know about it.
+
+    ``hp`` below is the resolved hyper-parameter dict (defaults filled in, each value checked).
+    """
 
     name: str
+    """Registry key, used on the command line and in ``data/catalogue.csv``."""
     title: str
     paper: str
+    """Authors, year, title and venue of the paper that introduced the method."""
     arxiv_id: str | None
     taxonomy: Taxonomy
     chapter: str
+    """The chapter (notebook stem) that explains the method."""
     hyperparams: tuple[HyperParam, ...]
     apply: Callable[..., Any]
+    """``apply(model, **hp) -> model``: add the method's modules in place, freeze every other parameter,
+    return the model. New parameters are created on the base weight's device and dtype (never moved with
+    ``.to()``), so the same code builds on ``cpu``, on ``meta`` and under ``FakeTensorMode``."""
     trainable_params: Callable[..., int]
+    """``trainable_params(config, **hp) -> int``: the exact count, by arithmetic on the config's layout."""
+    memory_terms: Callable[..., dict[str, int]]
+    """``memory_terms(config, batch_size, seq_len, act_bytes, adapter_bytes, **hp) -> {label: bytes}``: the
+    tensors the method's own modules save for backward, summed over the model (``seq_len`` already includes
+    :attr:`extra_positions`; ``act_bytes`` is the model dtype's size, ``adapter_bytes`` the trainable
+    parameters'). Required: a method that saves nothing says so with :func:`saves_nothing`."""
     peft_config: Callable[..., Any] | None = None
+    """``peft_config(config, **hp) -> peft.PeftConfig``: the equivalent HF peft configuration, if peft has
+    the method. Its defaults must equal ours (tested on several zoo models)."""
+    peft_param_map: Mapping[str, str] = field(default_factory=dict)
+    """Our parameter leaf name -> peft's (``{"lora_A": "lora_A.default.weight"}``): how output parity copies
+    our values into peft's model. Every method with a ``peft_config`` declares it."""
+    peft_variant: Mapping[str, Any] = field(default_factory=dict)
+    """Fields of peft's config that select this method among its variants (rsLoRA: ``use_rslora=True``):
+    peft's defaults for the method are its config class's defaults updated with these."""
+    peft_state_sync: Callable[[Any, Any], int] | None = None
+    """``peft_state_sync(ours, theirs) -> tensors copied``: for methods whose modules sit elsewhere than
+    peft's (prompt encoders, adaption prompts), copy peft's values of the method's parameters into ours,
+    making them non-trivial first where peft starts them at zero. Output parity uses it instead of
+    :attr:`peft_param_map`."""
+    peft_fixup: Callable[[Any], None] | None = None
+    """Called on peft's wrapped model after ``get_peft_model``, to undo an artifact of building it on ``meta``."""
     validate: Callable[..., None] | None = None
+    """``validate(config, **hp)``: raise :class:`SurveyError` for values that are wrong for this model."""
     extra_positions: Callable[..., int] | None = None
-    param_prefixes: tuple[str, ...] = ()
-    selective: bool = False
+    """``extra_positions(config, **hp) -> int``: sequence positions the method adds (soft prompts)."""
+    key_value_positions: bool = False
+    """The extra positions are keys and values only (prefix tuning): queries, MLP and logits keep the
+    real length, and gradient checkpointing (which drops ``past_key_values``) is refused."""
+    gradient_sites: Callable[..., Any] | None = None
+    """``gradient_sites(config, **hp) -> list[ModuleSpec] | "input"``: the modules whose outputs the
+    method's trainable branch joins, where its gradients enter the backbone. ``None``: the method's
+    ``target_modules`` (with :attr:`default_targets`), else the input for methods that add positions."""
+    default_targets: Callable[..., dict[str, list[str]]] | None = None
+    """``default_targets(config) -> {hp name: [module names]}``: per-architecture targets used when the
+    ``targets`` hyper-parameters are ``None`` (peft's mapping, as for (IA)^3). ``None``: the layout's
+    query and value projections."""
+    largest_trainable_tensor: Callable[..., int] | None = None
+    """``largest_trainable_tensor(config, **hp) -> int``: elements of the biggest trainable tensor (the
+    optimizer's temporaries are this big). ``None``: bounded by the whole trainable count."""
     frozen_added_params: Callable[..., int] | None = None
-    memory_terms: Callable[..., dict[str, int]] | None = None
+    """``frozen_added_params(config, **hp) -> int``: frozen parameters the method adds (e.g. shared random
+    projections stored as parameters)."""
+    param_prefixes: tuple[str, ...] = ()
+    """Name fragments of the method's own parameters (``lora_``): the ``method`` component when counting."""
+    adds_parameters: bool = True
+    """False for methods that only unfreeze existing weights (full fine-tuning, BitFit): the model's total
+    is unchanged."""
+    trains_whole_model: bool = False
+    """Every base parameter trains (full fine-tuning): weights, gradients and optimizer states for the whole
+    model, every block saves activations, and the base cannot be quantized."""
     mergeable: bool = False
+    """The update folds into the base weights after training (no inference cost)."""
     backprop_through_backbone: bool = True
+    """False for side networks (LST): gradients never flow through the frozen backbone."""
     notes: str = ""
-    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_baseline(self) -> bool:
+        """The reference point of all three surveys (full fine-tuning): not itself a PEFT method."""
+        return self.taxonomy.xu == BASELINE
 
     @property
     def family(self) -> str:
@@ -181,6 +231,13 @@ class Method:
             f"method '{self.name}' has no hyper-parameter '{name}'; it has: "
             f"{closest(name, [h.name for h in self.hyperparams])}"
         )
+
+    def trainable_dtype(self, dtype: str, adapter_dtype: str | None) -> str:
+        """The dtype of the parameters that train: ``adapter_dtype`` applies to parameters the method adds
+        (as peft's ``autocast_adapter_dtype``); base weights that train stay in the model's ``dtype``."""
+        if self.trains_whole_model or not self.adds_parameters:
+            return dtype
+        return adapter_dtype or dtype
 
     def defaults(self) -> dict[str, Any]:
         return {hp.name: hp.default for hp in self.hyperparams}
@@ -212,7 +269,7 @@ class Method:
 
     def added_params(self, config: PretrainedConfig, **hp: Any) -> int:
         """Parameters the method adds to the model (``hp`` resolved): the closed form of total - base."""
-        if self.selective:
+        if not self.adds_parameters:
             return 0
         frozen = self.frozen_added_params(config, **hp) if self.frozen_added_params else 0
         return self.trainable_params(config, **hp) + frozen
@@ -232,6 +289,9 @@ def register(method: Method) -> Method:
         hp.check(hp.default)
     if not method.paper:
         raise ValueError(f"method '{method.name}' must cite its paper")
+    if method.peft_config is not None and not (method.peft_param_map or method.peft_state_sync):
+        raise ValueError(f"method '{method.name}' has a peft_config but neither a peft_param_map nor a "
+                         "peft_state_sync for output parity")
     _REGISTRY[method.name] = method
     return method
 

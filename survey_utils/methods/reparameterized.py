@@ -16,7 +16,6 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from survey_utils.errors import SurveyError
-from survey_utils.methods import _lowrank
 from survey_utils.methods.common import (
     LINEAR_KINDS,
     adapt_targets,
@@ -26,6 +25,7 @@ from survey_utils.methods.common import (
     replace_module,
     target_specs,
 )
+from survey_utils.methods.layers import lowrank as _lowrank
 from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register
 
 TARGET_HPS = (
@@ -125,8 +125,144 @@ def lora_peft_config(config: PretrainedConfig, r: int, lora_alpha: float, lora_d
     )
 
 
-def validate_targets(config: PretrainedConfig, **hp: Any) -> None:
-    target_specs(config, "lora", hp)
+def check_targets(method: str, kinds: tuple[str, ...] = LINEAR_KINDS):
+    """A ``validate`` for ``method``: targets exist and are of ``kinds``; peft's rules on the layer options."""
+
+    def validate(config: PretrainedConfig, **hp: Any) -> None:
+        if isinstance(hp.get("target_modules"), str) and hp.get("layers_to_transform") is not None:
+            raise SurveyError("layers_to_transform cannot be combined with a regex target_modules (peft's rule)")
+        if hp.get("layers_pattern") and hp.get("layers_to_transform") is None:
+            raise SurveyError(f"layers_pattern={hp['layers_pattern']!r} needs layers_to_transform (peft's rule)")
+        target_specs(config, method, hp, kinds)
+
+    return validate
+
+
+def _peft_targets(config: PretrainedConfig, method: str, hp: dict[str, Any],
+                  kinds: tuple[str, ...] = LINEAR_KINDS) -> dict[str, Any]:
+    """peft's target fields for the modules we adapt (the architecture default spelt out when None)."""
+    specs = target_specs(config, method, hp, kinds)
+    targets = hp["target_modules"]
+    if targets is None:
+        targets = sorted({spec.short_name for spec in specs})
+    return {"target_modules": targets, "layers_to_transform": hp["layers_to_transform"],
+            "layers_pattern": hp["layers_pattern"]}
+
+
+def _fan_in_fan_out(config: PretrainedConfig, method: str, hp: dict[str, Any]) -> bool:
+    return any(spec.kind == "conv1d" for spec in target_specs(config, method, hp))
+
+
+def _targets(hp: dict[str, Any]) -> dict[str, Any]:
+    return {k: hp[k] for k in ("target_modules", "layers_to_transform", "layers_pattern")}
+
+
+# --- memory: the tensors each method's modules save for backward (``Method.memory_terms``) ------------------
+
+def _saved_inputs(specs: list, tokens: int, act_bytes: int, adapter_bytes: int, dropout: float) -> int:
+    """Bytes of the adapters' saved inputs: a shared input once (q/k/v read one tensor); with dropout a mask
+    (1 B) and a dropped copy per target; in another dtype a cast copy per target (as LoRA's terms)."""
+    shared: dict[tuple[str, str], int] = {}
+    own = 0
+    for spec in specs:
+        if dropout > 0:
+            own += tokens * spec.in_features * (1 + adapter_bytes)
+        elif adapter_bytes != act_bytes:
+            own += adapter_bytes * tokens * spec.in_features
+        else:
+            shared[spec.input_key] = act_bytes * tokens * spec.in_features
+    return sum(shared.values()) + own
+
+
+def _lora_like_terms(config: PretrainedConfig, method: str, batch_size: int, seq_len: int, act_bytes: int,
+                     adapter_bytes: int, rank: int, dropout: float, hp: dict[str, Any]) -> dict[str, int]:
+    t = batch_size * seq_len
+    specs = target_specs(config, method, hp)
+    return {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, dropout),
+            "x A (rank r)": len(specs) * adapter_bytes * t * rank}
+
+
+def lora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                      adapter_bytes: int, r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
+    """LoRA's tensors saved for backward: each target's input (once per distinct input: q/k/v read one
+    tensor, :attr:`ModuleSpec.input_key`) and ``x A``; with dropout every target keeps its own mask (1 B)
+    and dropped input; an adapter dtype unlike the model's keeps a cast copy per target. rsLoRA's scale
+    changes none of this, so rsLoRA registers the same function."""
+    return _lora_like_terms(config, "lora", batch_size, seq_len, act_bytes, adapter_bytes, r, lora_dropout,
+                            _targets(hp))
+
+
+def lora_largest_tensor(config: PretrainedConfig, r: int, **hp: Any) -> int:
+    """The biggest of A (r x d_in) and B (d_out x r) over the targets: the optimizer's temporaries."""
+    return max(r * max(m.in_features, m.out_features) for m in target_specs(config, "lora", _targets(hp)))
+
+
+def dora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                      adapter_bytes: int, r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
+    r"""LoRA's saved tensors plus two of size ``t x d_out`` per layer: :math:`W_0x` and :math:`BAx`, both
+    kept for the gradient of the magnitude. The norm of :math:`W_0 + \Delta W` is computed without grad:
+    a full-size ``d_out x d_in`` transient (two, with :math:`\Delta W`) for one layer at a time during the
+    forward, freed before the backward peak, so not a saved term."""
+    terms = _lora_like_terms(config, "dora", batch_size, seq_len, act_bytes, adapter_bytes, r, lora_dropout, hp)
+    t = batch_size * seq_len
+    terms["W0 x and B A x (d_out each)"] = sum(t * s.out_features * (act_bytes + adapter_bytes)
+                                              for s in target_specs(config, "dora", hp))
+    return terms
+
+
+def adalora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                         adapter_bytes: int, init_r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
+    """LoRA's saved tensors at ``init_r``: pruned triplets are zeroed, not removed."""
+    targets = {k: hp[k] for k in ("target_modules", "layers_to_transform", "layers_pattern")}
+    return _lora_like_terms(config, "adalora", batch_size, seq_len, act_bytes, adapter_bytes, init_r,
+                            lora_dropout, targets)
+
+
+def vera_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                      adapter_bytes: int, r: int, vera_dropout: float, **hp: Any) -> dict[str, int]:
+    """A and B are frozen, so the input is not saved; ``A x`` (t x r) and ``B(d * A x)`` (t x d_out) are,
+    for the gradients of d and b: with VeRA's large r this is more than LoRA's, for far fewer parameters."""
+    t = batch_size * seq_len
+    specs = target_specs(config, "vera", hp)
+    terms = {"A x (rank r)": len(specs) * adapter_bytes * t * r,
+             "B d A x (d_out)": sum(adapter_bytes * t * s.out_features for s in specs)}
+    if vera_dropout > 0:
+        terms["dropout masks"] = sum(t * s.in_features for s in specs)
+    return terms
+
+
+def _materialised_terms(method: str, config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                        adapter_bytes: int, hp: dict[str, Any]) -> dict[str, int]:
+    """LoHa and LoKr build the full ``d_out x d_in`` update and multiply the input by it: both are saved."""
+    specs = target_specs(config, method, hp, LINEAR_ONLY)
+    t = batch_size * seq_len
+    return {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, 0.0),
+            "full-size update (d_out x d_in)": sum(adapter_bytes * s.in_features * s.out_features for s in specs)}
+
+
+def loha_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                      adapter_bytes: int, **hp: Any) -> dict[str, int]:
+    """Inputs, and the materialised update (its two factor products are recomputed in backward)."""
+    return _materialised_terms("loha", config, batch_size, seq_len, act_bytes, adapter_bytes, hp)
+
+
+def lokr_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                      adapter_bytes: int, **hp: Any) -> dict[str, int]:
+    """Inputs, and the materialised Kronecker product."""
+    return _materialised_terms("lokr", config, batch_size, seq_len, act_bytes, adapter_bytes, hp)
+
+
+def krona_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                       adapter_bytes: int, krona_factor: int, **hp: Any) -> dict[str, int]:
+    """Inputs and the intermediate :math:`A X` (``t x a_1 x b_2``); the Kronecker matrix is never formed."""
+    specs = target_specs(config, "krona", hp)
+    t = batch_size * seq_len
+    middle = 0
+    for s in specs:
+        a1, _ = _lowrank.factorization(s.out_features, krona_factor)
+        _, b2 = _lowrank.factorization(s.in_features, krona_factor)
+        middle += adapter_bytes * t * a1 * b2
+    return {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, 0.0), "A X (t x a1 x b2)": middle}
 
 
 LORA = register(Method(
@@ -149,10 +285,12 @@ LORA = register(Method(
     apply=apply_lora,
     trainable_params=lora_trainable_params,
     peft_config=lora_peft_config,
-    validate=validate_targets,
+    memory_terms=lora_memory_terms,
+    validate=check_targets("lora"),
+    largest_trainable_tensor=lora_largest_tensor,
     param_prefixes=("lora_",),
     mergeable=True,
-    extras={"peft_param_map": {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"}},
+    peft_param_map={"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight"},
 ))
 
 
@@ -232,139 +370,6 @@ class DoRALinear(LoRALinear):
             self._merge_norm = None
 
 
-def check_targets(method: str, kinds: tuple[str, ...] = LINEAR_KINDS):
-    """A ``validate`` for ``method``: targets exist and are of ``kinds``; peft's rules on the layer options."""
-
-    def validate(config: PretrainedConfig, **hp: Any) -> None:
-        if isinstance(hp.get("target_modules"), str) and hp.get("layers_to_transform") is not None:
-            raise SurveyError("layers_to_transform cannot be combined with a regex target_modules (peft's rule)")
-        if hp.get("layers_pattern") and hp.get("layers_to_transform") is None:
-            raise SurveyError(f"layers_pattern={hp['layers_pattern']!r} needs layers_to_transform (peft's rule)")
-        target_specs(config, method, hp, kinds)
-
-    return validate
-
-
-def _peft_targets(config: PretrainedConfig, method: str, hp: dict[str, Any],
-                  kinds: tuple[str, ...] = LINEAR_KINDS) -> dict[str, Any]:
-    """peft's target fields for the modules we adapt (the architecture default spelt out when None)."""
-    specs = target_specs(config, method, hp, kinds)
-    targets = hp["target_modules"]
-    if targets is None:
-        targets = sorted({spec.short_name for spec in specs})
-    return {"target_modules": targets, "layers_to_transform": hp["layers_to_transform"],
-            "layers_pattern": hp["layers_pattern"]}
-
-
-def _fan_in_fan_out(config: PretrainedConfig, method: str, hp: dict[str, Any]) -> bool:
-    return any(spec.kind == "conv1d" for spec in target_specs(config, method, hp))
-
-
-def _targets(hp: dict[str, Any]) -> dict[str, Any]:
-    return {k: hp[k] for k in ("target_modules", "layers_to_transform", "layers_pattern")}
-
-
-# --- memory: the tensors each method's modules save for backward (``Method.memory_terms``) ------------------
-
-def _saved_inputs(specs: list, tokens: int, act_bytes: int, adapter_bytes: int, dropout: float) -> int:
-    """Bytes of the adapters' saved inputs: a shared input once (q/k/v read one tensor); with dropout a mask
-    (1 B) and a dropped copy per target; in another dtype a cast copy per target (as LoRA's terms)."""
-    from survey_utils.memory.estimate import _input_group
-
-    shared: dict[tuple[int | None, str], int] = {}
-    own = 0
-    for spec in specs:
-        if dropout > 0:
-            own += tokens * spec.in_features * (1 + adapter_bytes)
-        elif adapter_bytes != act_bytes:
-            own += adapter_bytes * tokens * spec.in_features
-        else:
-            shared[(spec.layer, _input_group(spec.short_name))] = act_bytes * tokens * spec.in_features
-    return sum(shared.values()) + own
-
-
-def _lora_like_terms(config: PretrainedConfig, method: str, batch_size: int, seq_len: int, act_bytes: int,
-                     adapter_bytes: int, rank: int, dropout: float, hp: dict[str, Any]) -> dict[str, int]:
-    t = batch_size * seq_len
-    specs = target_specs(config, method, hp)
-    return {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, dropout),
-            "x A (rank r)": len(specs) * adapter_bytes * t * rank}
-
-
-def rslora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
-                        adapter_bytes: int, r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
-    """LoRA's saved tensors (the scale changes nothing): inputs and ``x A``."""
-    return _lora_like_terms(config, "rslora", batch_size, seq_len, act_bytes, adapter_bytes, r, lora_dropout, hp)
-
-
-def dora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
-                      adapter_bytes: int, r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
-    r"""LoRA's saved tensors plus two of size ``t x d_out`` per layer: :math:`W_0x` and :math:`BAx`, both
-    kept for the gradient of the magnitude. The norm of :math:`W_0 + \Delta W` is computed without grad:
-    a full-size ``d_out x d_in`` transient (two, with :math:`\Delta W`) for one layer at a time during the
-    forward, freed before the backward peak, so not a saved term."""
-    terms = _lora_like_terms(config, "dora", batch_size, seq_len, act_bytes, adapter_bytes, r, lora_dropout, hp)
-    t = batch_size * seq_len
-    terms["W0 x and B A x (d_out each)"] = sum(t * s.out_features * (act_bytes + adapter_bytes)
-                                              for s in target_specs(config, "dora", hp))
-    return terms
-
-
-def adalora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
-                         adapter_bytes: int, init_r: int, lora_dropout: float, **hp: Any) -> dict[str, int]:
-    """LoRA's saved tensors at ``init_r``: pruned triplets are zeroed, not removed."""
-    targets = {k: hp[k] for k in ("target_modules", "layers_to_transform", "layers_pattern")}
-    return _lora_like_terms(config, "adalora", batch_size, seq_len, act_bytes, adapter_bytes, init_r,
-                            lora_dropout, targets)
-
-
-def vera_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
-                      adapter_bytes: int, r: int, vera_dropout: float, **hp: Any) -> dict[str, int]:
-    """A and B are frozen, so the input is not saved; ``A x`` (t x r) and ``B(d * A x)`` (t x d_out) are,
-    for the gradients of d and b: with VeRA's large r this is more than LoRA's, for far fewer parameters."""
-    t = batch_size * seq_len
-    specs = target_specs(config, "vera", hp)
-    terms = {"A x (rank r)": len(specs) * adapter_bytes * t * r,
-             "B d A x (d_out)": sum(adapter_bytes * t * s.out_features for s in specs)}
-    if vera_dropout > 0:
-        terms["dropout masks"] = sum(t * s.in_features for s in specs)
-    return terms
-
-
-def _materialised_terms(method: str, config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
-                        adapter_bytes: int, hp: dict[str, Any]) -> dict[str, int]:
-    """LoHa and LoKr build the full ``d_out x d_in`` update and multiply the input by it: both are saved."""
-    specs = target_specs(config, method, hp, LINEAR_ONLY)
-    t = batch_size * seq_len
-    return {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, 0.0),
-            "full-size update (d_out x d_in)": sum(adapter_bytes * s.in_features * s.out_features for s in specs)}
-
-
-def loha_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
-                      adapter_bytes: int, **hp: Any) -> dict[str, int]:
-    """Inputs, and the materialised update (its two factor products are recomputed in backward)."""
-    return _materialised_terms("loha", config, batch_size, seq_len, act_bytes, adapter_bytes, hp)
-
-
-def lokr_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
-                      adapter_bytes: int, **hp: Any) -> dict[str, int]:
-    """Inputs, and the materialised Kronecker product."""
-    return _materialised_terms("lokr", config, batch_size, seq_len, act_bytes, adapter_bytes, hp)
-
-
-def krona_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
-                       adapter_bytes: int, krona_factor: int, **hp: Any) -> dict[str, int]:
-    """Inputs and the intermediate :math:`A X` (``t x a_1 x b_2``); the Kronecker matrix is never formed."""
-    specs = target_specs(config, "krona", hp)
-    t = batch_size * seq_len
-    middle = 0
-    for s in specs:
-        a1, _ = _lowrank.factorization(s.out_features, krona_factor)
-        _, b2 = _lowrank.factorization(s.in_features, krona_factor)
-        middle += adapter_bytes * t * a1 * b2
-    return {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, 0.0), "A X (t x a1 x b2)": middle}
-
-
 # --- DoRA -------------------------------------------------------------------------------------------------
 
 def apply_dora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
@@ -404,8 +409,8 @@ register(Method(
     param_prefixes=("lora_",),
     mergeable=True,
     notes="peft: LoraConfig(use_dora=True); the magnitude is lora_magnitude_vector there.",
-    extras={"peft_param_map": {"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
-                               "lora_magnitude": "lora_magnitude_vector.default.weight"}},
+    peft_param_map={"lora_A": "lora_A.default.weight", "lora_B": "lora_B.default.weight",
+                    "lora_magnitude": "lora_magnitude_vector.default.weight"},
 ))
 
 
@@ -421,15 +426,15 @@ register(dataclasses.replace(
     hyperparams=tuple(dataclasses.replace(hp, default=True) if hp.name == "use_rslora" else hp
                       for hp in LORA.hyperparams),
     notes="LoRA with the scale alpha / sqrt(r), so the update's size does not shrink as r grows.",
-    memory_terms=rslora_memory_terms,
+    peft_variant={"use_rslora": True},
 ))
 
 
 # --- AdaLoRA ----------------------------------------------------------------------------------------------
 
 def apply_adalora(model: nn.Module, init_r: int, lora_alpha: float, lora_dropout: float, **hp: Any) -> nn.Module:
-    """Freeze ``model``, wrap each target in :class:`~survey_utils.methods._lowrank.SVDLinear`, and attach
-    ``model.rank_allocator`` (a :class:`~survey_utils.methods._lowrank.RankAllocator`): call its
+    """Freeze ``model``, wrap each target in :class:`~survey_utils.methods.layers.lowrank.SVDLinear`, and attach
+    ``model.rank_allocator`` (a :class:`~survey_utils.methods.layers.lowrank.RankAllocator`): call its
     ``update_and_allocate(step)`` after each optimizer step, and add
     ``orth_reg_weight * orthogonal_regularization(model)`` to the loss."""
     freeze(model)
@@ -466,7 +471,7 @@ def adalora_peft_fixup(wrapped: nn.Module) -> None:
     ``_move_adapter_to_device_of_base_layer`` replaces it by ``ranknum.to("meta")``, which the
     ``ParameterDict`` re-wraps as a *trainable* parameter: built on ``meta`` peft reports one extra trainable
     parameter per layer (on a real device it does not; ``tests/methods/test_reparameterized.py`` pins both).
-    Counting runs on ``meta``, so :func:`survey_utils.counting.peft_model` calls this (``extras["peft_fixup"]``).
+    Counting runs on ``meta``, so :func:`survey_utils.counting.peft_model` calls this (``Method.peft_fixup``).
     """
     for name, parameter in wrapped.named_parameters():
         if ".ranknum." in name:
@@ -526,8 +531,8 @@ register(Method(
     param_prefixes=("lora_",),
     mergeable=True,
     notes="Counts are at init_r (peft's convention); the final update uses about target_r per layer.",
-    extras={"peft_fixup": adalora_peft_fixup,
-            "peft_param_map": {p: f"{p}.default" for p in ("lora_A", "lora_B", "lora_E")}},
+    peft_fixup=adalora_peft_fixup,
+    peft_param_map={p: f"{p}.default" for p in ("lora_A", "lora_B", "lora_E")},
 ))
 
 
@@ -536,7 +541,7 @@ register(Method(
 def apply_vera(model: nn.Module, r: int, projection_prng_key: int, vera_dropout: float, d_initial: float,
                **targets: Any) -> nn.Module:
     """Freeze ``model``; create the shared random A, B once (``model.vera_projections``), sized for the
-    largest adapted layer; wrap each target in :class:`~survey_utils.methods._lowrank.VeRALinear`."""
+    largest adapted layer; wrap each target in :class:`~survey_utils.methods.layers.lowrank.VeRALinear`."""
     freeze(model)
     specs = target_specs(model.config, "vera", targets)
     max_in = max(s.in_features for s in specs)
@@ -596,7 +601,7 @@ register(Method(
     param_prefixes=("vera_lambda_",),
     mergeable=True,
     notes="The shared random matrices are buffers (not counted as parameters), as in peft.",
-    extras={"peft_param_map": {p: f"{p}.default" for p in ("vera_lambda_b", "vera_lambda_d")}},
+    peft_param_map={p: f"{p}.default" for p in ("vera_lambda_b", "vera_lambda_d")},
 ))
 
 
@@ -615,7 +620,7 @@ LINEAR_ONLY = ("linear",)  # peft's LoHa and LoKr adapt nn.Linear, not GPT-2's C
 
 def apply_loha(model: nn.Module, r: int, alpha: float, rank_dropout: float, module_dropout: float,
                **targets: Any) -> nn.Module:
-    """Freeze ``model`` and wrap each target ``nn.Linear`` in :class:`~survey_utils.methods._lowrank.LoHaLinear`."""
+    """Freeze ``model`` and wrap each target ``nn.Linear`` in :class:`~survey_utils.methods.layers.lowrank.LoHaLinear`."""
     freeze(model)
     adapt_targets(model, "loha", targets,
                   lambda base: _lowrank.LoHaLinear(base, r, alpha, rank_dropout, module_dropout), LINEAR_ONLY)
@@ -652,13 +657,13 @@ register(Method(
     param_prefixes=("hada_",),
     mergeable=True,
     notes="Linear layers only, as peft's LoHa (GPT-2's Conv1D is refused).",
-    extras={"peft_param_map": {p: f"{p}.default" for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}},
+    peft_param_map={p: f"{p}.default" for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
 ))
 
 
 def apply_lokr(model: nn.Module, r: int, alpha: float, rank_dropout: float, module_dropout: float,
                decompose_both: bool, decompose_factor: int, rank_dropout_scale: bool, **targets: Any) -> nn.Module:
-    """Freeze ``model`` and wrap each target ``nn.Linear`` in :class:`~survey_utils.methods._lowrank.LoKrLinear`."""
+    """Freeze ``model`` and wrap each target ``nn.Linear`` in :class:`~survey_utils.methods.layers.lowrank.LoKrLinear`."""
     freeze(model)
     adapt_targets(model, "lokr", targets,
                   lambda base: _lowrank.LoKrLinear(base, r, alpha, rank_dropout, module_dropout, decompose_both,
@@ -706,15 +711,15 @@ register(Method(
     param_prefixes=("lokr_",),
     mergeable=True,
     notes="Linear layers only, as peft's LoKr (GPT-2's Conv1D is refused).",
-    extras={"peft_param_map": {p: f"{p}.default" for p in
-                               ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}},
+    peft_param_map={p: f"{p}.default" for p in
+                    ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
 ))
 
 
 # --- KronA ------------------------------------------------------------------------------------------------
 
 def apply_krona(model: nn.Module, krona_factor: int, scale: float, **targets: Any) -> nn.Module:
-    """Freeze ``model`` and wrap each target linear layer in :class:`~survey_utils.methods._lowrank.KronALinear`."""
+    """Freeze ``model`` and wrap each target linear layer in :class:`~survey_utils.methods.layers.lowrank.KronALinear`."""
     freeze(model)
     adapt_targets(model, "krona", targets, lambda base: _lowrank.KronALinear(base, krona_factor, scale))
     return model

@@ -45,7 +45,7 @@ from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig
 from survey_utils.architecture import layout
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import freeze, model_label, new_parameter
-from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register
+from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register, saves_nothing
 
 ADAPTION_MODEL_TYPES = ("llama", "mistral")  # the llama-like decoders peft's adaption prompt implements
 
@@ -236,7 +236,8 @@ def apply_p_tuning(model: nn.Module, num_virtual_tokens: int, encoder_reparamete
                    **_: Any) -> nn.Module:
     """Freeze ``model`` and prepend the output of a trainable prompt encoder."""
     encoder = PromptEncoder(num_virtual_tokens, _like(model), encoder_reparameterization_type,
-                            encoder_hidden_size, encoder_num_layers, encoder_dropout)
+                            encoder_hidden_size or embedding_width(model.config), encoder_num_layers,
+                            encoder_dropout)
     return _install(model, encoder, _prompt_pre_hook)
 
 
@@ -248,7 +249,8 @@ def prompt_tuning_params(config: PretrainedConfig, num_virtual_tokens: int, **_:
 def p_tuning_params(config: PretrainedConfig, num_virtual_tokens: int, encoder_reparameterization_type: str,
                     encoder_hidden_size: int, encoder_num_layers: int, **_: Any) -> int:
     r""":math:`n d + \text{MLP}(d{\to}e{\to}e{\to}d)`, or :math:`n d + \text{BiLSTM}_k(d, e) + \text{MLP}(2e{\to}2e{\to}d)`."""
-    d, e = embedding_width(config), encoder_hidden_size
+    d = embedding_width(config)
+    e = encoder_hidden_size or d
     if encoder_reparameterization_type == "MLP":
         return num_virtual_tokens * d + (d * e + e) + (e * e + e) + (e * d + d)
     lstm = sum(2 * (4 * e * ((d if layer == 0 else 2 * e) + e) + 8 * e) for layer in range(encoder_num_layers))
@@ -339,7 +341,7 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, prefix_projec
     """Freeze ``model`` and give every (decoder) attention layer n trainable key/value positions."""
     shape = layout(model.config)
     encoder = PrefixEncoder(num_virtual_tokens, prefix_layers(model.config), shape.num_kv_heads, shape.head_dim,
-                            prefix_projection, encoder_hidden_size, _like(model))
+                            prefix_projection, encoder_hidden_size or kv_width(model.config), _like(model))
     return _install(model, encoder, _prefix_pre_hook)
 
 
@@ -349,7 +351,7 @@ def prefix_tuning_params(config: PretrainedConfig, num_virtual_tokens: int, pref
     t, two_l = kv_width(config), 2 * prefix_layers(config)
     if not prefix_projection:
         return num_virtual_tokens * two_l * t
-    e = encoder_hidden_size
+    e = encoder_hidden_size or t
     return num_virtual_tokens * t + (t * e + e) + (e * two_l * t + two_l * t)
 
 
@@ -434,7 +436,7 @@ def virtual_positions(config: PretrainedConfig, num_virtual_tokens: int, **_: An
 
 
 def prefix_memory_sites(config: PretrainedConfig, **_: Any) -> list[Any]:
-    """Where the prefixes' gradients enter (``Method.extras["memory_sites"]``, read by the memory estimate):
+    """Where the prefixes' gradients enter (``Method.gradient_sites``, read by the memory estimate):
     the key/value projections of every prefixed attention (T5: the decoder's self-attention)."""
     enc_dec = bool(getattr(config, "is_encoder_decoder", False))
     names = ("k_proj", "v_proj", "c_attn", "key", "value", "k", "v", "query_key_value")
@@ -459,7 +461,6 @@ def llama_adapter_memory_terms(config: PretrainedConfig, batch_size: int, seq_le
     return {"adaption queries and scores": adapter_layers * (query + 4 * probs + 2 * act_bytes * probs)}
 
 
-_PREFIX_MEMORY = {"memory_positions": "key_value", "memory_sites": prefix_memory_sites}
 
 
 def _prompt_learning_common(config: PretrainedConfig, num_virtual_tokens: int) -> dict[str, Any]:
@@ -489,7 +490,8 @@ def p_tuning_peft_config(config: PretrainedConfig, num_virtual_tokens: int, enco
     return PromptEncoderConfig(**_prompt_learning_common(config, num_virtual_tokens),
                                token_dim=embedding_width(config),
                                encoder_reparameterization_type=encoder_reparameterization_type,
-                               encoder_hidden_size=encoder_hidden_size, encoder_num_layers=encoder_num_layers,
+                               encoder_hidden_size=encoder_hidden_size or embedding_width(config),
+                               encoder_num_layers=encoder_num_layers,
                                encoder_dropout=encoder_dropout)
 
 
@@ -500,19 +502,60 @@ def prefix_tuning_peft_config(config: PretrainedConfig, num_virtual_tokens: int,
 
     shape = layout(config)
     return PrefixTuningConfig(task_type=peft_task_type(config), num_virtual_tokens=num_virtual_tokens,
-                              prefix_projection=prefix_projection, encoder_hidden_size=encoder_hidden_size,
+                              prefix_projection=prefix_projection,
+                              encoder_hidden_size=encoder_hidden_size or kv_width(config),
                               token_dim=kv_width(config), num_attention_heads=shape.num_kv_heads,
                               num_layers=prefix_layers(config))
 
 
+def load_prompt_from_peft(ours: nn.Module, theirs: nn.Module) -> int:
+    """Copy peft's prompt table (and encoder) into ours (``Method.peft_state_sync``); returns tensors copied.
+
+    For T5 prefixes peft feeds decoder layer i the blocks (4i, 4i+1) mod 2L of its table (half of the
+    table is never read); those blocks are copied into our layer i.
+    """
+    state = theirs.prompt_encoder["default"]
+    with torch.no_grad():
+        if layout(ours.config).is_encoder_decoder and isinstance(ours.prompt_encoder, PrefixEncoder):
+            ours.prompt_encoder.load_state_dict(state.state_dict())
+            ours.prompt_encoder.fold()
+            layers, width = prefix_layers(ours.config), kv_width(ours.config)
+            table = state.transform(state.embedding.weight) if state.prefix_projection else state.embedding.weight
+            blocks = [b % (2 * layers) for i in range(layers) for b in (4 * i, 4 * i + 1)]
+            n = ours.prompt_encoder.num_virtual_tokens
+            ours.prompt_encoder.embedding.weight.copy_(table.view(n, 2 * layers, width)[:, blocks].reshape(n, -1))
+        else:
+            ours.prompt_encoder.load_state_dict(state.state_dict())
+    return len(state.state_dict())
+
+
+def load_adaption_from_peft(ours: nn.Module, theirs: nn.Module) -> int:
+    """Open peft's zero-initialised gates (0.7, so that the prompts matter) and copy its adaption prompts
+    and gates into ours (``Method.peft_state_sync``); returns tensors copied."""
+    copied = 0
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "adaption_" in name:
+                if name.endswith("adaption_gate"):
+                    parameter.fill_(0.7)
+                ours.get_parameter(name.replace("base_model.model.", "", 1)).copy_(parameter)
+                copied += 1
+    return copied
+
+
 # --- registration ---------------------------------------------------------------------------------------
 N_TOKENS = HyperParam("num_virtual_tokens", "int", 20, "n: virtual tokens (prompt length)", minimum=1)
-ENCODER_SIZE = HyperParam("encoder_hidden_size", "int", 512,
-                          "hidden width e of the reparameterisation network (peft's default: the model width)",
-                          minimum=1)
+# peft's defaults: encoder_hidden_size=None (P-tuning: the embedding width; prefix tuning has no default and
+# needs one with the MLP, so None takes the key/value width there) and prefix_projection=False. Chapter 02
+# passes the papers' settings (Li & Liang's MLP, e=512) explicitly.
+ENCODER_SIZE = HyperParam("encoder_hidden_size", "int", None,
+                          "hidden width e of the reparameterisation network; None: the embedding width "
+                          "(P-tuning, peft's default) or the key/value width (prefix tuning's MLP)",
+                          minimum=1, nullable=True)
 SOFT = Taxonomy(xu="additive / soft prompt-based", wang="additive / soft prompt", lialin="A:soft_prompts")
-PREFIX_HPS = (N_TOKENS, HyperParam("prefix_projection", "bool", True,
-                                   "train the prefixes through an MLP (Li & Liang's reparameterisation)"),
+PREFIX_HPS = (N_TOKENS, HyperParam("prefix_projection", "bool", False,
+                                   "train the prefixes through an MLP (Li & Liang's reparameterisation; "
+                                   "peft's default: off)"),
               ENCODER_SIZE)
 
 register(Method(
@@ -528,7 +571,7 @@ register(Method(
                             nullable=True)),
     apply=apply_prompt_tuning, trainable_params=prompt_tuning_params, peft_config=prompt_tuning_peft_config,
     validate=validate_prompt, extra_positions=virtual_positions, param_prefixes=("prompt_encoder",),
-    backprop_through_backbone=True,
+    memory_terms=saves_nothing, peft_state_sync=load_prompt_from_peft,
 ))
 
 register(Method(
@@ -547,6 +590,7 @@ register(Method(
                             maximum=0.99)),
     apply=apply_p_tuning, trainable_params=p_tuning_params, peft_config=p_tuning_peft_config,
     validate=validate_prompt, extra_positions=virtual_positions, param_prefixes=("prompt_encoder",),
+    memory_terms=saves_nothing, peft_state_sync=load_prompt_from_peft,
 ))
 
 register(Method(
@@ -556,7 +600,8 @@ register(Method(
     hyperparams=PREFIX_HPS,
     apply=apply_prefix_tuning, trainable_params=prefix_tuning_params, peft_config=prefix_tuning_peft_config,
     validate=validate_prompt, extra_positions=virtual_positions, param_prefixes=("prompt_encoder",),
-    extras=_PREFIX_MEMORY,
+    memory_terms=saves_nothing, peft_state_sync=load_prompt_from_peft,
+    key_value_positions=True, gradient_sites=prefix_memory_sites,
 ))
 
 register(Method(
@@ -570,7 +615,8 @@ register(Method(
                                       "reparameterise through an MLP (optional in P-tuning v2)"), ENCODER_SIZE),
     apply=apply_prefix_tuning, trainable_params=prefix_tuning_params, peft_config=prefix_tuning_peft_config,
     validate=validate_prompt, extra_positions=virtual_positions, param_prefixes=("prompt_encoder",),
-    extras=_PREFIX_MEMORY,
+    memory_terms=saves_nothing, peft_state_sync=load_prompt_from_peft,
+    key_value_positions=True, gradient_sites=prefix_memory_sites,
     notes="deep prompts in every layer = prefix tuning without the MLP by default (peft: PrefixTuningConfig)",
 ))
 
@@ -587,94 +633,7 @@ register(Method(
                             minimum=1)),
     apply=apply_llama_adapter, trainable_params=llama_adapter_params, peft_config=llama_adapter_peft_config,
     validate=validate_llama_adapter, param_prefixes=("adaption_",),
-    memory_terms=llama_adapter_memory_terms, extras={"memory_sites": llama_adapter_memory_sites},
+    memory_terms=llama_adapter_memory_terms, gradient_sites=llama_adapter_memory_sites,
+    peft_state_sync=load_adaption_from_peft,
     notes="extra key positions only inside the adapted layers' separate softmax; no position is added",
 ))
-
-
-# --- what chapter 02 shows: parity with peft and the cost in positions ----------------------------------
-def compare_with_peft(model: str, method: str, seed: int = 0, **hp: Any) -> float:
-    """Max |ours - peft| over the outputs of a tiny model, with our method's tensors copied from peft's.
-
-    LLaMA-Adapter's gates are opened (0.7) in both so that the prompts matter. For T5 prefixes peft feeds
-    decoder layer i the blocks (4i, 4i+1) mod 2L of its table (half of the table is never read); those
-    blocks are copied into our layer i.
-    """
-    import warnings
-
-    from survey_utils.counting import apply_method, peft_model
-    from survey_utils.zoo import build_model
-
-    ours = apply_method(build_model(model, device="cpu", seed=seed), method, **hp)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft_model(build_model(model, device="cpu", seed=seed), method, **hp)
-    config = ours.config
-    with torch.no_grad():
-        if method == "llama_adapter":
-            for name, parameter in theirs.named_parameters():
-                if "adaption_" in name:
-                    if name.endswith("adaption_gate"):
-                        parameter.fill_(0.7)
-                    ours.get_parameter(name.replace("base_model.model.", "", 1)).copy_(parameter)
-        elif layout(config).is_encoder_decoder and isinstance(ours.prompt_encoder, PrefixEncoder):
-            state = theirs.prompt_encoder["default"]
-            ours.prompt_encoder.load_state_dict(state.state_dict())
-            ours.prompt_encoder.fold()
-            layers, width = prefix_layers(config), kv_width(config)
-            table = state.transform(state.embedding.weight) if state.prefix_projection else state.embedding.weight
-            blocks = [b % (2 * layers) for i in range(layers) for b in (4 * i, 4 * i + 1)]
-            n = ours.prompt_encoder.num_virtual_tokens
-            ours.prompt_encoder.embedding.weight.copy_(table.view(n, 2 * layers, width)[:, blocks].reshape(n, -1))
-        else:
-            ours.prompt_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())
-        generator = torch.Generator().manual_seed(seed)
-        inputs: dict[str, torch.Tensor] = {"input_ids": torch.randint(5, 200, (2, 8), generator=generator),
-                                           "attention_mask": torch.ones(2, 8, dtype=torch.long)}
-        inputs["attention_mask"][1, :3] = 0
-        if layout(config).is_encoder_decoder:
-            inputs["decoder_input_ids"] = torch.randint(5, 200, (2, 5), generator=generator)
-        a, b = ours(**inputs), theirs(**inputs)
-        a, b = (a.logits, b.logits) if hasattr(a, "logits") else (a.last_hidden_state, b.last_hidden_state)
-    if a.shape != b.shape:
-        raise SurveyError(f"{method} on {model}: output shapes differ, ours {tuple(a.shape)} vs peft {tuple(b.shape)}")
-    return float((a - b).abs().max())
-
-
-def sequence_costs(config: PretrainedConfig, method: str, num_virtual_tokens: int, seq_len: int,
-                   batch_size: int = 1, bytes_per_value: int = 2) -> dict[str, int]:
-    """Positions and key/value-cache bytes of one forward with ``num_virtual_tokens`` of this method.
-
-    ``query positions``: rows each block computes (prompt methods: n + L; prefix methods: L);
-    ``key positions``: what each prefixed/prompted attention layer attends over (n + L);
-    ``kv cache bytes``: keys and values of every attention layer that sees the prompt, at ``bytes_per_value``.
-    """
-    shape = layout(config)
-    n = num_virtual_tokens
-    check_context(config, n, seq_len)
-    prompt = method in ("prompt_tuning", "p_tuning")
-    layers = shape.num_layers if prompt else prefix_layers(config)
-    if prompt and shape.is_encoder_decoder:  # the prompt lengthens the encoder only
-        layers = shape.num_layers - prefix_layers(config)
-    keys = seq_len + n
-    return {"query positions": keys if prompt else seq_len, "key positions": keys,
-            "kv cache bytes": 2 * layers * batch_size * keys * kv_width(config) * bytes_per_value}
-
-
-def peft_default_trainable(model: str, method: str, num_virtual_tokens: int) -> int:
-    """peft's trainable count with only ``task_type`` and ``num_virtual_tokens`` set (peft's own defaults:
-    for T5, ``num_transformer_submodules=2``, i.e. two prompt tables)."""
-    import warnings
-
-    import peft
-
-    from survey_utils.zoo import build_model
-
-    built = build_model(model, device="meta")
-    kinds = {"prompt_tuning": peft.PromptTuningConfig, "p_tuning": peft.PromptEncoderConfig,
-             "prefix_tuning": peft.PrefixTuningConfig, "p_tuning_v2": peft.PrefixTuningConfig}
-    extra = {"prefix_projection": True} if method == "prefix_tuning" else {}
-    config = kinds[method](task_type=peft_task_type(built.config), num_virtual_tokens=num_virtual_tokens, **extra)
-    with warnings.catch_warnings(), torch.device("meta"):  # peft's prompt encoders built on meta: no memory
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(built, config).get_nb_trainable_parameters()[0]

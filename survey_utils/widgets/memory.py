@@ -19,9 +19,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import OPTIMIZERS, MemoryEstimate, estimate
+from survey_utils.memory.estimate import MemoryEstimate, estimate
 from survey_utils.methods.registry import get_method, list_methods
-from survey_utils.plotting import human_bytes
+from survey_utils.units import DTYPES, OPTIMIZERS, format_bytes
 from survey_utils.widgets.base import Explorer
 from survey_utils.zoo import list_models
 
@@ -49,7 +49,7 @@ class MemoryExplorer(Explorer):
     """Estimate (and on demand simulate) one training step's peak memory, term by term."""
 
     def __init__(self, models: Sequence[str] | None = None, methods: Sequence[str] | None = None,
-                 model: str = "llama-2-7b", method: str = "lora") -> None:
+                 model: str = "llama-2-7b", method: str | None = None) -> None:
         models = list(models or list_models())
         methods = list(methods or [m.name for m in list_methods()])
         self._sim_cache: dict[tuple, dict[str, int]] = {}
@@ -64,7 +64,7 @@ class MemoryExplorer(Explorer):
                                       style=_STYLE),
             "seq_len": W.IntSlider(value=512, min=16, max=8192, step=16, description="seq len",
                                    continuous_update=False, style=_STYLE),
-            "dtype": W.Dropdown(options=["bf16", "fp16", "fp32"], value="bf16", description="dtype", style=_STYLE),
+            "dtype": W.Dropdown(options=list(DTYPES), value="bf16", description="dtype", style=_STYLE),
             "optimizer": W.Dropdown(options=list(OPTIMIZERS), value="adamw", description="optimizer",
                                     style=_STYLE),
             "device": W.Dropdown(options=["cuda", "cpu"], value="cuda", description="kernels of",
@@ -151,10 +151,10 @@ class MemoryExplorer(Explorer):
         top = max(bottoms) * 1.25 or 1
         self.ax_bar.set_ylim(0, top)
         est = view.estimate.total
-        text = f"estimate {human_bytes(est)}"
+        text = f"estimate {format_bytes(est)}"
         if view.simulated:
             sim = view.simulated["_peak"]
-            text += f"  simulation (CPU) {human_bytes(sim)} ({100 * (est - sim) / sim:+.1f}%)"
+            text += f"  simulation (CPU) {format_bytes(sim)} ({100 * (est - sim) / sim:+.1f}%)"
         self.bar_text.set_text(text)
         self.line_fixed.set_data(view.seq_lens, [v / gib for v in view.fixed])
         self.line_growing.set_data(view.seq_lens, [v / gib for v in view.growing])

@@ -87,7 +87,7 @@ def hyperparam_widget(hp: HyperParam, model: str, current: Any = None,
     """A control for one hyper-parameter on ``model``, keeping ``current`` when it is still valid.
 
     A ``targets`` control starts from the method's per-architecture defaults when it declares them
-    (``extras["default_targets"](config) -> {hp name: [module names]}``, as peft's (IA)^3 mapping), else
+    (``Method.default_targets(config) -> {hp name: [module names]}``, as peft's (IA)^3 mapping), else
     from the architecture's query and value projections.
     """
     config = load_config(model)
@@ -95,7 +95,7 @@ def hyperparam_widget(hp: HyperParam, model: str, current: Any = None,
     if hp.type == "targets":
         names = shape.linear_names()
         defaults = list(shape.default_lora_targets)
-        declared = method.extras.get("default_targets") if method is not None else None
+        declared = method.default_targets if method is not None else None
         if declared is not None:
             try:
                 defaults = list(declared(config).get(hp.name, defaults))

@@ -19,9 +19,10 @@ from matplotlib.figure import Figure
 
 from survey_utils.architecture import layout
 from survey_utils.errors import SurveyError
+from survey_utils.experiments.ch02_soft_prompts import sequence_costs
 from survey_utils.memory import estimate
 from survey_utils.methods import get_method
-from survey_utils.methods.soft_prompts import check_context, sequence_costs
+from survey_utils.methods.soft_prompts import check_context
 from survey_utils.plotting import human
 from survey_utils.widgets.base import Explorer
 from survey_utils.zoo import list_models, load_config

@@ -9,7 +9,7 @@ from survey_utils.errors import SurveyError
 from survey_utils.memory import estimate, simulate
 from survey_utils.memory.estimate import NF4_BYTES_PER_WEIGHT
 from survey_utils.methods import list_methods
-from survey_utils.zoo import load_config
+from survey_utils.zoo import list_models, load_config
 
 
 def test_weights_gradients_and_adam_states_of_full_fine_tuning() -> None:
@@ -164,3 +164,24 @@ def test_prefix_methods_refuse_gradient_checkpointing_in_one_line() -> None:
     with pytest.raises(SurveyError, match="past_key_values"):
         estimate("tiny-llama", "prefix_tuning", {}, batch_size=1, seq_len=32, gradient_checkpointing=True)
     assert estimate("tiny-llama", "prompt_tuning", {}, batch_size=1, seq_len=32, gradient_checkpointing=True).total > 0
+
+
+@pytest.mark.parametrize("model", list_models())
+def test_methods_that_save_the_same_tensors_get_the_same_estimate(model: str) -> None:
+    """LoRA and rsLoRA differ only in a scale: one rule for their saved tensors, on every zoo model."""
+    for settings in ({}, {"lora_dropout": 0.1}, {"target_modules": "all-linear"}):
+        try:
+            lora = estimate(model, "lora", settings, batch_size=4, seq_len=64)
+        except SurveyError:
+            continue
+        assert estimate(model, "rslora", settings, batch_size=4, seq_len=64).as_dict() == lora.as_dict()
+
+
+def test_adapter_dtype_applies_only_to_added_parameters() -> None:
+    """Full fine-tuning adds nothing, so ``adapter_dtype`` changes nothing (peft's autocast_adapter_dtype)."""
+    bf16 = estimate("llama-2-7b", "full", batch_size=1, seq_len=512, dtype="bf16", adapter_dtype="bf16")
+    fp32 = estimate("llama-2-7b", "full", batch_size=1, seq_len=512, dtype="bf16", adapter_dtype="fp32")
+    assert fp32.as_dict() == bf16.as_dict()
+    lora_fp32 = estimate("llama-2-7b", "lora", batch_size=1, seq_len=512, dtype="bf16", adapter_dtype="fp32")
+    lora_bf16 = estimate("llama-2-7b", "lora", batch_size=1, seq_len=512, dtype="bf16", adapter_dtype="bf16")
+    assert lora_fp32.weights > lora_bf16.weights  # LoRA's own parameters do take the adapter dtype

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from survey_utils.errors import SurveyError
+from survey_utils.experiments.ch02_soft_prompts import peft_trainable_at_defaults
 from survey_utils.methods import get_method, list_methods
-from survey_utils.methods.registry import HyperParam, Method, Taxonomy, register
+from survey_utils.methods.registry import HyperParam, Method, Taxonomy, register, saves_nothing
+from survey_utils.parity import parity
+from survey_utils.zoo import load_config
 
 
 def test_every_method_cites_its_paper_and_chapter() -> None:
@@ -46,7 +51,90 @@ def test_registering_twice_is_refused() -> None:
 def test_bad_default_is_refused_at_registration() -> None:
     bad = Method(name="bad-default", title="x", paper="p", arxiv_id=None, taxonomy=Taxonomy("", "", ""),
                  chapter="99", hyperparams=(HyperParam("r", "int", 0, "rank", minimum=1),),
-                 apply=lambda model, **hp: model, trainable_params=lambda config, **hp: 0)
+                 apply=lambda model, **hp: model, trainable_params=lambda config, **hp: 0,
+                 memory_terms=saves_nothing)
     with pytest.raises(SurveyError, match="r=0"):
         register(bad)
     assert "bad-default" not in {m.name for m in list_methods()}
+
+
+def test_a_peft_method_must_say_how_parity_copies_its_values() -> None:
+    lora = get_method("lora")
+    orphan = dataclasses.replace(lora, name="orphan", peft_param_map={}, peft_state_sync=None)
+    with pytest.raises(ValueError, match="peft_param_map"):
+        register(orphan)
+
+
+def test_no_method_leaves_its_memory_terms_to_chance() -> None:
+    """``memory_terms`` is a required field: forgetting it fails at construction, not silently at zero."""
+    with pytest.raises(TypeError, match="memory_terms"):
+        Method(name="x", title="x", paper="p", arxiv_id=None, taxonomy=Taxonomy("", "", ""), chapter="99",
+               hyperparams=(), apply=lambda model, **hp: model, trainable_params=lambda config, **hp: 0)
+
+
+@pytest.mark.parametrize("method", [m.name for m in list_methods()])
+def test_every_method_declares_its_memory_terms(method: str) -> None:
+    """Each method's terms run at its defaults on a model it applies to and give whole bytes."""
+    registered = get_method(method)
+    for model in ("llama-2-7b", "roberta-base", "gpt2", "t5-base"):
+        config = load_config(model)
+        try:
+            hp = registered.resolve(config)
+        except SurveyError:
+            continue
+        terms = registered.memory_terms(config, 2, 16, 2, 2, **hp)
+        assert isinstance(terms, dict) and all(isinstance(v, int) and v >= 0 for v in terms.values()), method
+        return
+    pytest.fail(f"{method} applies to none of the models")
+
+
+PEFT_METHODS = [m.name for m in list_methods() if m.peft_config is not None]
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_defaults_are_pefts_defaults(method: str) -> None:
+    """Every hyper-parameter we share with peft's config has peft's default (where peft sets one)."""
+    registered = get_method(method)
+    config = load_config("llama-2-7b")
+    explicit = registered.peft_config(config, **registered.resolve(config))
+    defaults = {f.name: f.default for f in dataclasses.fields(explicit) if f.default is not dataclasses.MISSING}
+    defaults.update(registered.peft_variant)
+    differ = {hp.name: (hp.default, defaults[hp.name]) for hp in registered.hyperparams
+              if hp.name in defaults and defaults[hp.name] is not None and hp.default != defaults[hp.name]}
+    assert not differ, f"{method}: ours vs peft's default {differ}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", PEFT_METHODS)
+@pytest.mark.parametrize("model", ["tiny-llama", "gpt2", "roberta-base", "t5-base", "llama-2-7b"])
+def test_counts_at_defaults_equal_pefts(method: str, model: str) -> None:
+    """Our closed form at our defaults == peft's trainable count with peft's own defaults, on the same model."""
+    registered = get_method(method)
+    config = load_config(model)
+    try:
+        ours = registered.count(config)
+    except SurveyError:
+        pytest.skip(f"{method} does not apply to {model}")
+    assert ours == peft_trainable_at_defaults(model, method)
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_every_peft_method_has_output_parity(method: str) -> None:
+    """Output parity at the method's defaults on the first tiny model it applies to (the registry drives it)."""
+    registered = get_method(method)
+    try:
+        model = _first_model_for(registered)
+    except LookupError as reason:  # e.g. LLaMA-Adapter's 30 adapted layers: its own tests pass a smaller value
+        pytest.skip(str(reason))
+    report = parity(model, method)
+    assert report.ok, report
+
+
+def _first_model_for(method: Method) -> str:
+    for model in ("tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5"):
+        try:
+            method.resolve(load_config(model))
+            return model
+        except SurveyError:
+            continue
+    raise LookupError(f"{method.name} at its defaults applies to no tiny model")

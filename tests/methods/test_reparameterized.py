@@ -13,7 +13,8 @@ from torch import nn
 
 from survey_utils.counting import apply_method, closed_form, count, peft_model
 from survey_utils.errors import SurveyError
-from survey_utils.methods import _lowrank, get_method, merge, unmerge
+from survey_utils.methods import get_method, merge, unmerge
+from survey_utils.methods.layers import lowrank as _lowrank
 from survey_utils.methods.reparameterized import DoRALinear
 from survey_utils.parity import example_inputs, forward, parity, randomise_method_params
 from survey_utils.zoo import build_model, load_config

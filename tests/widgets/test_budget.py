@@ -8,12 +8,12 @@ from survey_utils.zoo import load_config
 
 
 def test_lora_rank_tracks_the_adapter_budget_and_memory_redraws() -> None:
-    explorer = EqualBudgetExplorer(["houlsby", "lora"], model="roberta-base")
+    explorer = EqualBudgetExplorer(["houlsby", "lora"], model="roberta-base", reference="lora")
     first = explorer.view
     per_rank = get_method("lora").count(load_config("roberta-base"), r=1)
-    assert abs(first.lora_trainable - first.trainable) <= per_rank / 2
+    assert abs(first.reference_trainable - first.trainable) <= per_rank / 2
     widths = [p.get_width() for p in explorer.ax_memory.patches]
     explorer.hp_controls["reduction_factor"].value = 4
-    assert explorer.view.trainable > first.trainable and explorer.view.lora_rank > first.lora_rank
+    assert explorer.view.trainable > first.trainable and explorer.view.reference_rank > first.reference_rank
     assert [p.get_width() for p in explorer.ax_memory.patches] != widths
     assert explorer.error is None
