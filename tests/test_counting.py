@@ -33,7 +33,7 @@ def test_component_split_of_a_built_model_attributes_the_method() -> None:
 
 
 def test_full_fine_tuning_trains_everything_once() -> None:
-    result = closed_form("gpt2")
+    result = closed_form("gpt2", "full")
     assert result.trainable == result.total == 124_439_808  # tied lm_head counted once
 
 

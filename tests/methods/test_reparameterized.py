@@ -15,7 +15,7 @@ from survey_utils.counting import apply_method, closed_form, count, peft_model
 from survey_utils.errors import SurveyError
 from survey_utils.methods import get_method, merge, unmerge
 from survey_utils.methods.layers import lowrank as _lowrank
-from survey_utils.methods.reparameterized import DoRALinear
+from survey_utils.methods.layers.lowrank import DoRALinear
 from survey_utils.parity import example_inputs, forward, parity, randomise_method_params
 from survey_utils.zoo import build_model, load_config
 from tests.conftest import TINY
@@ -92,7 +92,7 @@ def test_dora_gradients_match_peft() -> None:
     for m in (ours, theirs):
         m(**inputs).logits.pow(2).mean().backward()
     their_params = dict(theirs.named_parameters())
-    mapping = method.extras["peft_param_map"]
+    mapping = method.peft_param_map
     checked = 0
     for name, p in ours.named_parameters():
         if p.requires_grad:
@@ -141,7 +141,7 @@ def test_adalora_counts_pinned_against_peft() -> None:
     """peft counts P, Q and lambda at init_r (pruned triplets stay allocated), plus one frozen ranknum each.
 
     On a real device peft's trainable count is ours. Built on meta (how counting runs) peft's device move
-    turns ranknum trainable: one more per layer. ``extras['peft_fixup']`` undoes that for counting.
+    turns ranknum trainable: one more per layer. ``Method.peft_fixup`` undoes that for counting.
     """
     hp = {"init_r": 12, "target_r": 8}
     layers = 2 * 4  # q_proj and v_proj of 4 blocks; d_in = 128, d_out = 128 and 64
