@@ -371,26 +371,13 @@ def start_of(specs: list[ModuleSpec]) -> Start | None:
 
 def trainable_start(method: Any, config: PretrainedConfig, hp: dict[str, Any]) -> Start:
     """Where the method's gradients start: a method training the whole model at the embeddings; others at
-    ``Method.gradient_sites``, else their lowest ``target_modules``; methods adding positions at the input."""
-    from survey_utils.methods.common import target_specs
-
+    the lowest of :meth:`Method.sites` (the input for methods that add positions)."""
     if method.trains_whole_model:
         return Start(0, INPUT, embeddings=True)
-    if method.gradient_sites is not None:
-        sites = method.gradient_sites(config, **hp)
-        if sites == "input":
-            return Start(0, INPUT, embeddings=True)
-        return start_of(list(sites)) or Start(0, INPUT)
-    if "target_modules" in hp:
-        values = dict(hp)
-        if values.get("target_modules") is None and method.default_targets is not None:
-            values.update(method.default_targets(config))
-        found = start_of(target_specs(config, method.name, values))
-        if found is not None:
-            return found
-    if method.extra_positions is not None:
+    sites = method.sites(config, **hp)
+    if sites == "input":
         return Start(0, INPUT, embeddings=True)
-    return Start(0, INPUT)
+    return (start_of(list(sites)) if sites else None) or Start(0, INPUT)
 
 
 # ----------------------------------------------------------------------------------------- the total

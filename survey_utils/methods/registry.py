@@ -211,6 +211,16 @@ class Method:
     """The update folds into the base weights after training (no inference cost)."""
     backprop_through_backbone: bool = True
     """False for side networks (LST): gradients never flow through the frozen backbone."""
+    unfrozen_params: Callable[..., list[tuple[Any, str]]] | None = None
+    """``unfrozen_params(config, **hp) -> [(ModuleSpec, parameter name)]``: the base model's own parameters the
+    method makes trainable (selective methods: BitFit's biases, LN tuning's norms, partial tuning's blocks), read
+    from the layout. Counting splits the trainable count by component with it, and the trained / changed / stored
+    measurement of chapter 03 reads it. ``None``: the method trains only parameters it adds (or, with
+    :attr:`trains_whole_model`, every parameter)."""
+    peft_frozen_copies: Callable[..., int] | None = None
+    """``peft_frozen_copies(config, **hp) -> int``: frozen parameters peft's implementation holds that ours does
+    not (peft's LN tuning deep-copies every target norm, trains the copy and keeps the original): peft's total is
+    our total plus this; its trainable count equals ours."""
     notes: str = ""
 
     @property
@@ -238,6 +248,23 @@ class Method:
         if self.trains_whole_model or not self.adds_parameters:
             return dtype
         return adapter_dtype or dtype
+
+    def sites(self, config: PretrainedConfig, **hp: Any) -> list[Any] | str | None:
+        """Where the method's gradients enter the backbone (``hp`` resolved): :attr:`gradient_sites` if
+        declared, else its ``target_modules`` (with :attr:`default_targets`), else ``"input"`` for methods
+        that add positions; ``None`` when nothing says (the memory model then assumes the input)."""
+        from survey_utils.methods.common import target_specs
+
+        if self.gradient_sites is not None:
+            return self.gradient_sites(config, **hp)
+        if "target_modules" in hp:
+            values = dict(hp)
+            if values.get("target_modules") is None and self.default_targets is not None:
+                values.update(self.default_targets(config))
+            return target_specs(config, self.title, values)
+        if self.extra_positions is not None:
+            return "input"
+        return None
 
     def defaults(self) -> dict[str, Any]:
         return {hp.name: hp.default for hp in self.hyperparams}
