@@ -221,6 +221,9 @@ class Method:
     """``peft_frozen_copies(config, **hp) -> int``: frozen parameters peft's implementation holds that ours does
     not (peft's LN tuning deep-copies every target norm, trains the copy and keeps the original): peft's total is
     our total plus this; its trainable count equals ours."""
+    parts: tuple[Any, ...] = ()
+    """For a hybrid built by :func:`survey_utils.methods.composition.compose`: its parts (each a registered
+    method with the recipe's settings); empty for a method of its own."""
     notes: str = ""
 
     @property
