@@ -16,6 +16,9 @@ from nbclient import NotebookClient
 from survey_utils.errors import SurveyError
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+# The chapters carry no jupytext header (so saving one in JupyterLab changes no byte); the executed
+# notebooks get the kernel they ran on, so that Jupyter opens them without asking.
+KERNELSPEC = {"name": "python3", "display_name": "Python 3 (PEFT companion)", "language": "python"}
 
 
 def chapters() -> list[Path]:
@@ -38,6 +41,7 @@ def execute_chapter(path: str | Path, timeout: int = 300) -> tuple[nbformat.Note
                             resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     client.execute()
+    notebook.metadata["kernelspec"] = dict(KERNELSPEC)
     return notebook, time.perf_counter() - start
 
 
