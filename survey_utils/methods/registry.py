@@ -211,6 +211,9 @@ class Method:
     """The update folds into the base weights after training (no inference cost)."""
     backprop_through_backbone: bool = True
     """False for side networks (LST): gradients never flow through the frozen backbone."""
+    base_quantization: str | None = None
+    """The storage of the frozen base linears the method itself implies (``"nf4"`` for QLoRA; one of
+    ``units.QUANTIZATIONS``): the memory model's ``quantization`` for this method. ``None``: the model's dtype."""
     unfrozen_params: Callable[..., list[tuple[Any, str]]] | None = None
     """``unfrozen_params(config, **hp) -> [(ModuleSpec, parameter name)]``: the base model's own parameters the
     method makes trainable (selective methods: BitFit's biases, LN tuning's norms, partial tuning's blocks), read
