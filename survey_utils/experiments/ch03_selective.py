@@ -78,13 +78,14 @@ def footprint(model: str, method: str | Method, dtype: str = "bf16", **hp: Any) 
     return Footprint(model, chosen.name, count.trainable, changed, base_total, stored)
 
 
-def footprint_table(models: tuple[str, ...] = ("llama-2-7b", "roberta-base"), dtype: str = "bf16"
-                    ) -> list[Footprint | tuple[str, str, str]]:
-    """:func:`footprint` of every registered method on each model; ``(model, method, reason)`` where a method
-    does not apply (BitFit on Llama). Defined for chapter 03, section "Summary"."""
+def footprint_table(models: tuple[str, ...] = ("llama-2-7b", "roberta-base"), dtype: str = "bf16",
+                    methods: tuple[str, ...] | None = None) -> list[Footprint | tuple[str, str, str]]:
+    """:func:`footprint` of every registered method (or of ``methods``) on each model; ``(model, method, reason)``
+    where a method does not apply (BitFit on Llama). Defined for chapter 03, section "Summary"."""
     rows: list[Footprint | tuple[str, str, str]] = []
+    chosen = list_methods() if methods is None else [get_method(name) for name in methods]
     for model in models:
-        for method in list_methods():
+        for method in chosen:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
