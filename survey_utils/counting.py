@@ -98,6 +98,11 @@ def closed_form(model: str | os.PathLike[str] | PretrainedConfig, method: str | 
     split = {c: (0, n) for c, n in base.items() if n}
     if method.trains_whole_model:
         split = {c: (n, n) for c, n in base.items() if n}
+    elif method.unfrozen_params is not None:  # selective methods: base parameters that train, by component
+        for spec, name in method.unfrozen_params(config, **hp):
+            if not spec.tied_to:
+                done, n = split[spec.component]
+                split[spec.component] = (done + dict(spec.params)[name], n)
     elif added:
         split["method"] = (trainable, added)
     return ParameterCount(trainable, total_params(config) + added, split)
