@@ -6,7 +6,15 @@
 Importing this package imports every family file, which registers its methods.
 """
 
-from survey_utils.methods import adapters, baseline, quantized, reparameterized, selective, soft_prompts  # noqa: F401  (registration side effects)
+from survey_utils.methods import (  # noqa: F401  (registration side effects)
+    adapters,
+    baseline,
+    hybrid,
+    quantized,
+    reparameterized,
+    selective,
+    soft_prompts,
+)
 from survey_utils.methods.common import freeze, merge, unmerge
 from survey_utils.methods.registry import HyperParam, Method, Taxonomy, get_method, list_methods, register
 

@@ -82,7 +82,8 @@ def _namespaced(part: Part) -> tuple[HyperParam, ...]:
 
 
 def _target_names(method: Method, config: PretrainedConfig, hp: dict[str, Any]) -> set[str]:
-    if "target_modules" not in hp:
+    """Modules a part wraps: its targets, or the sites its branch joins (adapters); prompts wrap nothing."""
+    if "target_modules" not in hp and method.extra_positions is not None:
         return set()
     sites = method.sites(config, **hp)
     return {spec.name for spec in sites} if isinstance(sites, list) else set()
@@ -170,13 +171,20 @@ def compose(name: str, title: str, paper: str, arxiv_id: str | None, taxonomy: T
         return sum(p.registered.frozen_added_params(config, **by_part[p.label]) for p in parts
                    if p.registered.frozen_added_params is not None)
 
+    def largest_trainable_tensor(config: PretrainedConfig, **hp: Any) -> int:
+        """The biggest part's biggest tensor (a part that declares none is bounded by its whole count)."""
+        by_part = resolved_parts(config, hp)
+        sizes = [(p.registered.largest_trainable_tensor or p.registered.trainable_params)(config, **by_part[p.label])
+                 for p in parts]
+        return max(sizes + ([extra.trainable_params(config, by_part)] if extra is not None else []))
+
     members = [p.registered for p in parts]
     positional = any(m.extra_positions is not None for m in members)
     apply.__doc__ = f"{title}: " + " + ".join(f"{m.title} ({p.label})" for p, m in zip(parts, members, strict=True))
     return Method(
         name=name, title=title, paper=paper, arxiv_id=arxiv_id, taxonomy=taxonomy, chapter=chapter,
         hyperparams=hyperparams, apply=apply, trainable_params=trainable_params, memory_terms=memory_terms,
-        validate=validate, gradient_sites=gradient_sites,
+        validate=validate, gradient_sites=gradient_sites, largest_trainable_tensor=largest_trainable_tensor,
         extra_positions=extra_positions if positional else None,
         key_value_positions=positional and all(m.key_value_positions for m in members if m.extra_positions),
         frozen_added_params=frozen_added_params if any(m.frozen_added_params for m in members) else None,
