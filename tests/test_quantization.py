@@ -18,7 +18,7 @@ def _bnb_reference_dequantize(packed, absmax, shape):
     """bitsandbytes' pure-torch dequantization (its C kernel on CPU is checked separately below)."""
     from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
-    return _dequantize_4bit_compute(packed.reshape(-1), absmax, bnb_functional.get_4bit_type("nf4", device="cpu"),
+    return _dequantize_4bit_compute.__wrapped__(packed.reshape(-1), absmax, bnb_functional.get_4bit_type("nf4", device="cpu"),
                                     64, shape, torch.float32)
 
 

@@ -1,0 +1,203 @@
+# %% [markdown]
+# # Chapter 06 — Quantized and memory-efficient PEFT: NF4, int8, QLoRA, LoftQ
+#
+# Parameter-efficient is not memory-efficient (chapter 00): LoRA trains 0.3% of Llama-2-7B's parameters but
+# still holds all of its frozen weights in 16 bits. Quantized PEFT stores the frozen base in 4 or 8 bits and
+# trains the adapters in 16. Wang et al. 2024 make it a family of its own (QLoRA, QA-LoRA, LoftQ, ...); Xu et
+# al. 2023 list QLoRA among LoRA's derivatives for "quantization adaption".
+#
+# ## The idea
+#
+# A frozen weight $W_0$ is stored as $q(W_0)$ and dequantized on the fly, one layer at a time, in the
+# compute dtype:
+#
+# $$h = \mathrm{dequant}\bigl(q(W_0)\bigr)\,x + \frac{\alpha}{r}\,B A x .$$
+#
+# Gradients flow through $\mathrm{dequant}(q(W_0))$ to the input; $W_0$ itself gets none. The storage
+# drops from 2 bytes per weight (bf16) to about 0.52 (NF4 with double quantization).
+
+# %%
+# %matplotlib widget
+from survey_utils.counting import format_rows, three_way
+from survey_utils.experiments import ch06_quantized as ch06
+from survey_utils.methods import get_method
+from survey_utils.parity import parity
+from survey_utils.quantization import nf4_codebook
+from survey_utils.widgets.quantization import QLoRAMemoryExplorer, QuantizationExplorer
+
+qlora = get_method("qlora")
+
+# %% [markdown]
+# ## NF4 from scratch
+#
+# QLoRA's NormalFloat (Dettmers et al. 2023, arXiv:2305.14314, section 3) puts its 16 values at quantiles of
+# $\mathcal N(0,1)$, because pretrained weights are roughly normal: each value then covers the same share of
+# the weights. With $\delta = \frac12(\frac1{30} + \frac1{32})$,
+#
+# $$q_i = \Phi^{-1}\!\bigl(\mathrm{linspace}(1-\delta, \tfrac12, 9)_i\bigr)\ (i<8), \qquad
+#   -\Phi^{-1}\!\bigl(\mathrm{linspace}(1-\delta, \tfrac12, 8)_i\bigr)\ (i<7), \qquad 0,$$
+#
+# divided by the largest: 8 positive values, 7 negative and an exact zero. A weight is cut into blocks of 64,
+# each divided by its absolute maximum; each value becomes the index of its nearest $q_i$. *Double
+# quantization* stores the block maxima in 8 bits too (256 per block), saving $\frac{4}{64} - \frac{1}{64} -
+# \frac{4}{64 \cdot 256} \approx 0.047$ bytes per weight. Our codebook, codes and dequantized tensors against
+# `bitsandbytes.functional.quantize_4bit` on CPU, for a weight of Qwen2.5-0.5B's query projection's shape
+# (896 x 896; the tests add its MLP's 896 x 4864):
+
+# %%
+print("NF4 codebook:", [round(v, 4) for v in nf4_codebook().tolist()])
+weight = ch06.real_shaped_weight(896, 896)
+for double_quant in (False, True):
+    print(f"double quantization {double_quant}:", ch06.nf4_vs_bitsandbytes(weight, double_quant))
+
+# %% [markdown]
+# Without double quantization everything is equal, bit for bit. With it, the 4-bit codes, the offset and
+# the second-level constants are equal, but bitsandbytes' CPU kernel rounds about 0.2% of the 8-bit absmax
+# codes to the farther of two neighbours (ours takes the nearest), so a few blocks differ by one absmax step
+# (`tests/test_quantization.py` pins both facts, and a third: its CPU dequantization errs when blocks cross
+# rows, e.g. rows of 96).
+#
+# ## int8, and LLM.int8's outliers
+#
+# Absmax int8 stores $\mathrm{round}(127\,w / \max|w|)$ with one maximum per tensor or per row. LLM.int8
+# (Dettmers et al. 2022, arXiv:2208.07339) multiplies the input features holding a magnitude of at least 6.0
+# in 16 bits and the rest in int8, since a few outlier features would otherwise set every row's scale.
+# The reconstruction errors of each storage, against fp32 (relative Frobenius error):
+
+# %%
+errors = ch06.reconstruction_table(weight)
+for row in errors:
+    print(f"{row['storage']:<30} relative {row['relative']:.4f}   max {row['max_abs']:.5f}   "
+          f"{row['bytes/weight']:.4f} B/weight")
+int8_matmul = ch06.llm_int8_errors(weight)
+print("x @ W.T with 2 outlier features:", int8_matmul)
+
+# %% [markdown]
+# The explorer quantizes a real-shaped weight with the settings you choose: the histogram of the
+# reconstruction shows the few values each block can take; the bars give its error and its bytes per
+# weight. A block size that does not divide the tensor is refused in the message line.
+
+# %%
+QuantizationExplorer()
+
+# %% [markdown]
+# ## QLoRA
+#
+# QLoRA is LoRA (chapter 04) on an NF4 base, on *every* linear layer of the blocks (the paper's finding:
+# adapting all of them is what recovers 16-bit quality), computing in bf16. Our `QLoRALinear` is LoRA's
+# layer unchanged around an `NF4Linear`. Counted three ways (peft: `LoraConfig` on the same targets):
+
+# %%
+print(format_rows([three_way("tiny-llama", qlora)]))
+print(parity("tiny-llama", qlora))
+
+# %% [markdown]
+# **Packed and unpacked.** With bitsandbytes, a 4-bit weight is a `Params4bit` of $d_\text{out} d_\text{in}/2$
+# uint8 elements (two codes per byte). peft's `get_nb_trainable_parameters` multiplies it by 2 and reports
+# the weights' count, as we do (our `NF4Linear` keeps one code per uint8 element, and `packed()` gives
+# bitsandbytes' bytes); summing `numel()` over the bitsandbytes model gives the packed count instead.
+# Here on a real tiny model, with peft on bitsandbytes' `Linear4bit` layers:
+
+# %%
+counts = ch06.peft_bitsandbytes_counts("tiny-llama")
+for name, value in counts.items():
+    print(f"{name:<36}{value:>12,}")
+
+# %% [markdown]
+# QLoRA trains: eight AdamW steps on one batch of tiny-llama (the loss falls; the 4-bit base is unchanged):
+
+# %%
+trained = ch06.train_tiny("qlora", steps=8)
+print([round(loss, 3) for loss in trained["losses"]], "base unchanged:", trained["base unchanged"])
+
+# %% [markdown]
+# ## LoftQ
+#
+# QLoRA starts from $B = 0$, i.e. from $q(W)$, carrying the whole quantization error. LoftQ (Li et al. 2024,
+# arXiv:2310.08659) alternates $Q_t = q(W - A_{t-1}B_{t-1}^\top)$ and $A_tB_t^\top = \mathrm{SVD}_r(W - Q_t)$,
+# so that $Q + BA$ starts closer to $W$. The relative error $\lVert W - (Q + \frac{\alpha}{r}BA)\rVert_F /
+# \lVert W \rVert_F$ for a 128 x 256 weight at $r = 8$, for 1 to 5 iterations (peft's `loftq_init` moves its
+# tensors to CUDA unconditionally, so it does not run here):
+
+# %%
+loftq_rows = ch06.loftq_errors(ch06.real_shaped_weight(128, 256), r=8, lora_alpha=16, iterations=5)
+for row in loftq_rows:
+    print(f"T={row['iterations']}  QLoRA init {row['QLoRA init (B=0)']:.4f}   LoftQ {row['LoftQ']:.4f}   "
+          f"reduction {100 * row['reduction']:.1f}%")
+
+# %% [markdown]
+# ## QLoRA's memory, and the optimizer's
+#
+# * **8-bit AdamW** (bitsandbytes) stores both moments in uint8 with one fp32 absmax per 256 values, but
+#   only for tensors of at least 4096 elements; smaller ones keep fp32 moments (8 bytes per parameter).
+# * **Paged optimizers** put the states in CUDA unified memory: when a long sequence spikes the activations,
+#   the driver pages states out to CPU RAM and back. They change no byte of the steady state; they turn an
+#   out-of-memory error at the rare peak into a slower step.
+# * **Gradient checkpointing** keeps each block's input only and recomputes the block in backward: about
+#   one more forward pass of time for most of the activations' memory.
+#
+# bitsandbytes' `AdamW8bit` state tensors after one step, against the per-tensor rule and the memory model:
+
+# %%
+adam8 = ch06.adamw8bit_state_bytes("tiny-llama", "qlora")
+print(adam8)
+
+# %% [markdown]
+# The per-tensor rule is exact; the memory model applies the 4096-element rule to the *total* trainable
+# count, so for tiny-llama's LoRA tensors (each under 4096 elements) it counts 2 bytes per parameter where
+# bitsandbytes keeps 8. On a 7B model every LoRA tensor is above the threshold and the two agree.
+#
+# The explorer below stacks one step's memory terms for LoRA on every linear layer with the base in bf16,
+# int8 or NF4 (LLaMA-65B is built from the transcribed architecture in `data/quantization_claims.csv`);
+# the dashed line is the 48 GB GPU of QLoRA's claim.
+
+# %%
+QLoRAMemoryExplorer(["llama-65b", "llama-2-70b", "llama-2-13b", "llama-2-7b", "qwen2.5-0.5b", "tiny-llama"])
+
+# %% [markdown]
+# ## What the surveys report, recomputed
+#
+# Each claim beside our memory model (allocated bytes, no CUDA context; GB = $10^9$ B as the papers write),
+# with the settings stated. Claims, architectures and settings come from `data/quantization_claims.csv`,
+# each with its source.
+
+# %%
+claims = ch06.claims_table()
+print(ch06.format_claims(claims))
+
+# %% [markdown]
+# * **QLoRA's 65B on 48 GB** holds: our estimate is below 48 GB at batch 1 x 512 with checkpointing.
+# * **"780 GB"** for 16-bit full fine-tuning: our fp16 + fp32-master + fp32-Adam accounting gives 16 bytes
+#   per parameter, about 1.05 TB; 780 GB is 12 bytes per parameter (16-bit weights and gradients plus two
+#   fp32 moments, no master copy).
+# * **GPT-3 175B, 1.2 TB**: our 16 bytes per parameter give 2.8 TB, 2.3x the claim; 1.2 TB is under 7 bytes
+#   per parameter, which a single-copy 16-bit accounting cannot reach: the figure likely reflects a sharded
+#   or otherwise different setup that the paper does not spell out.
+# * **350 GB with LoRA** agrees within 10%: the 16-bit weights (350 GB) dominate.
+# * **Lialin's 12-20x**: read as multiples of the weights' bytes, our full fine-tuning with AdamW costs 4x
+#   (fp32) to 8x (fp16 mixed precision) at batch 1; read as bytes per parameter it is 16, inside 12-20.
+#
+# ## Summary
+#
+# The closing numbers, computed above: NF4's and int8's reconstruction errors, LoftQ's error reduction, the
+# 8-bit optimizer's state bytes against our estimate, and the claims.
+
+# %%
+for row in errors:
+    print(f"{row['storage']:<30} relative error {row['relative']:.4f}")
+print(f"LoftQ, 5 iterations: {100 * loftq_rows[-1]['reduction']:.1f}% less initial error than QLoRA's B = 0")
+print(f"AdamW8bit states: bitsandbytes {adam8['bitsandbytes state bytes']:,} B, memory model "
+      f"{adam8['memory model estimate']:,} B")
+for row in claims:
+    print(f"{row['claim'][:60]:<61} claimed {row['claimed']:g} {row['unit']}, ours {row['ours']:g}")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Set the explorer's block size to 256: by how much do the error and the bytes per weight change? Which
+#    would you rather spend 0.05 B per weight on?
+# 2. Why does NF4 use 8 positive and 7 negative values rather than a symmetric 16?
+# 3. Which rank on every linear layer of LLaMA-65B still fits 48 GB at batch 1 x 512 (use the memory
+#    explorer)? What about without gradient checkpointing?
+# 4. Why does merging a QLoRA adapter into its NF4 base change the model's outputs, while merging LoRA does
+#    not? (Look at `QLoRALinear.merge`.)
