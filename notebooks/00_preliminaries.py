@@ -133,23 +133,33 @@ print("assumptions:", *checkpointed.assumptions, sep="\n  - ")
 #
 # ## The memory explorer
 #
-# Pick a model, a method, its rank, the batch, the sequence length, the dtype, the optimizer and whether
-# to checkpoint. Left: the estimate's terms at the peak; tick *simulate* to run the fake-tensor step beside
-# it (seconds for 7B). Right: the peak against sequence length; the dashed line marks where the
-# activations overtake the weights and optimizer states.
+# It opens on Llama-2-7B with LoRA ($r = 8$), batch 1, 512 tokens, bf16, AdamW. Pick a model, a method, its
+# rank (greyed out for methods without one), the batch, the sequence length, the dtype, the optimizer and
+# whether to checkpoint.
+#
+# * Left: the estimate's terms at the peak, in GiB. Tick *simulate* to run the fake-tensor step beside it:
+#   it runs in the background (seconds for 7B, the line above the plot says so) and the other controls stay live.
+# * Right: against the sequence length, the weights and optimizer states (flat), the activations and the
+#   logits (they grow with $s$), the gradients and the optimizer's temporaries, and the peak, which is the first
+#   plus the batch plus the larger of the two phases. The dotted line is the current length; the dashed line
+#   marks where the activations and logits overtake the weights and optimizer states.
 
 # %%
 explorer = MemoryExplorer(model="llama-2-7b", method="lora")
 explorer
 
-# %%
+# %% [markdown]
 # The explorer is a pure function of its controls: setting a value redraws it, as a reader's click would.
-explorer.controls["model"].value = "tiny-llama"
-explorer.controls["seq_len"].value = 128
-explorer.controls["simulate"].value = True
-view = explorer.view
+# A second one, not displayed (the one above keeps the state the text describes), on the tiny model with the
+# simulation run in place:
+
+# %%
+tiny = MemoryExplorer(model="tiny-llama", method="lora", background=False)
+tiny.controls["seq_len"].value = 128
+tiny.controls["simulate"].value = True
+view = tiny.view
 print(f"estimate {format_bytes(view.estimate.total)}  simulation {format_bytes(view.simulated['_peak'])}  "
-      f"activations overtake at s = {view.crossover}")
+      f"activations + logits overtake the weights and optimizer states at s = {view.crossover}")
 
 # %% [markdown]
 # ## Across the zoo

@@ -18,8 +18,8 @@
 # This chapter rebuilds each of them from two things this project can vouch for: a **catalogue** of every
 # method the taxonomies name, each fact with its source (`data/catalogue.csv`), and **measurements** of our own
 # from-scratch implementations. The figures are made by `python -m survey_utils figures`; each one is shown
-# below beside a description, in words, of the survey figure it corresponds to. We do not reproduce the
-# surveys' images.
+# below at full width with, under it, a description in words of the survey figure it corresponds to (open the
+# SVG in `figures/` to zoom). We do not reproduce the surveys' images.
 #
 # **An honest limit.** When the catalogue was built, the survey figures and tables themselves could not be
 # read: Lialin et al.'s placements were checked against the survey's own v1 text, Xu et al.'s against secondary
@@ -140,18 +140,21 @@ side_by_side("lialin_comparison")
 #
 # The widget recomputes the whole table for any zoo model (big ones are built on `meta`) and any batch,
 # sequence length, dtype and optimizer. The two panels show % trainable and the peak memory of every
-# method; the table below them has every column. Extra FLOPs are read from the benchmark's CSV where it
+# method; the table below them has every column, and every "n/a" or "noisy" cell has its one-line reason in
+# the notes under the table (a method that cannot adapt the model, a sequence longer than its context). Extra FLOPs are read from the benchmark's CSV where it
 # measured the method on that tiny model, and measured on the spot otherwise.
 
 # %%
 explorer = ComparisonExplorer(model="roberta-base")
 explorer
 
+# %% [markdown]
+# The widget is a pure function of its controls: set one, and the panels and table follow. A second one, not
+# displayed, so that the one above stays on roberta-base as the text says:
+
 # %%
-# The widget is a pure function of its controls: set one, and the panels and table follow.
-explorer.controls["model"].value = "llama-2-7b"
-explorer.controls["seq_len"].value = 512
-lora = next(r for r in explorer.view if r.method == "lora")
+llama = ComparisonExplorer(model="llama-2-7b", seq_len=512)
+lora = next(r for r in llama.view if r.method == "lora")
 print(f"llama-2-7b, LoRA: {lora.trainable_pct:.3f}% trainable, {lora.changed_pct:.2f}% changed after merging")
 
 # %% [markdown]
@@ -160,7 +163,8 @@ print(f"llama-2-7b, LoRA: {lora.trainable_pct:.3f}% trainable, {lora.changed_pct
 # **In the surveys.** The surveys report one % trainable per method, each measured on the model its paper used
 # (Lialin et al.'s Table 2; Wang et al.'s per-method tables). **Ours**: the closed-form % for every implemented
 # method on every model of the zoo, which shows how much a single number depends on the model. The memory
-# breakdown splits one training step of every method into weights, optimizer states, gradients, activations.
+# breakdown splits one training step of every method into weights, optimizer states, gradients, activations;
+# the last figure checks the memory model's estimate against a simulated step (chapter 00).
 
 # %%
 side_by_side("trainable_vs_size")
@@ -169,7 +173,7 @@ side_by_side("trainable_vs_size")
 side_by_side("memory_breakdown")
 
 # %%
-side_by_side("memory_validation")  # the memory model's estimate against a simulated step (chapter 00)
+side_by_side("memory_validation")
 
 # %% [markdown]
 # ## 6 · What the surveys report

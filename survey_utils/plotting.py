@@ -11,16 +11,24 @@ from pathlib import Path
 import matplotlib as mpl
 from matplotlib.figure import Figure
 
-# One palette for the families, so a method has the same colour in every chapter and figure.
-FAMILY_COLOURS = {
-    "baseline": "#4d4d4d",
-    "adapters": "#1b9e77",
-    "soft_prompts": "#d95f02",
-    "selective": "#7570b3",
-    "reparameterized": "#e7298a",
-    "hybrid": "#66a61e",
-    "quantized": "#e6ab02",
-}
+from survey_utils import palette
+
+# The palette lives in survey_utils.palette (the lowest layer); re-exported for the figure modules.
+FAMILY_COLOURS = palette.FAMILY_COLOURS
+TERM_COLOURS = palette.TERM_COLOURS
+
+
+def method_style(name: str) -> tuple[str, str]:
+    """``(colour, marker)`` of a registered method, the same in every figure and widget (registry order)."""
+    from survey_utils.methods import list_methods
+
+    return palette.method_style(name, [m.name for m in list_methods()])
+
+
+def method_colour(name: str) -> str:
+    """The colour of a registered method in every figure and widget."""
+    return method_style(name)[0]
+
 
 _METADATA = {
     "png": {"Software": None},
@@ -60,6 +68,3 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
     return f"{n:.3g}"
-
-
-

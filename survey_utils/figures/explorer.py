@@ -18,10 +18,11 @@ from matplotlib.figure import Figure
 
 from survey_utils.errors import SurveyError
 from survey_utils.figures.base import FIGURES, FigureUnavailable, run_figure
-from survey_utils.figures.measured import ComparisonRow, Setting, comparison_rows, table_cells
+from survey_utils.figures.measured import ComparisonRow, Setting, comparison_rows, table_cells, table_notes
 from survey_utils.methods import list_methods
-from survey_utils.plotting import FAMILY_COLOURS
-from survey_utils.units import DTYPES, OPTIMIZERS
+from survey_utils.palette import NOT_APPLICABLE
+from survey_utils.plotting import method_colour
+from survey_utils.units import DTYPES, OPTIMIZERS, format_bytes
 from survey_utils.widgets.base import Explorer
 from survey_utils.zoo import list_models
 
@@ -60,15 +61,17 @@ class ComparisonExplorer(Explorer):
     def setup(self, fig: Figure) -> None:
         self.ax_pct, self.ax_mem = fig.subplots(1, 2, sharey=True)
         y = np.arange(len(self.methods))
-        from survey_utils.methods import get_method
-
-        colours = [FAMILY_COLOURS.get(get_method(m).family, "#333333") for m in self.methods]
+        colours = [method_colour(m) for m in self.methods]
         self.pct_bars = self.ax_pct.barh(y, np.ones(len(y)), color=colours)
         self.mem_bars = self.ax_mem.barh(y, np.zeros(len(y)), color=colours)
+        self.pct_labels = [self.ax_pct.text(0, i, "", va="center", fontsize=7) for i in y]
+        self.mem_labels = [self.ax_mem.text(0, i, "", va="center", fontsize=7) for i in y]
+        self.mem_note = self.ax_mem.text(0.5, 0.5, "", transform=self.ax_mem.transAxes, ha="center", va="center",
+                                         fontsize=9, color=NOT_APPLICABLE, wrap=True)
         self.ax_pct.set_yticks(y, self.methods, fontsize=8)
         self.ax_pct.invert_yaxis()
         self.ax_pct.set_xscale("log")
-        self.ax_pct.set_xlabel("% trainable (of the base model)")
+        self.ax_pct.set_xlabel("% trainable (of the base model's parameters)")
         self.ax_mem.set_xlabel("peak memory of a training step (GiB, memory model)")
 
     def compute(self, model: str, batch_size: int, seq_len: int, dtype: str, optimizer: str
@@ -77,27 +80,46 @@ class ComparisonExplorer(Explorer):
 
     def draw(self, view: list[ComparisonRow]) -> None:
         by_name = {r.method: r for r in view}
-        pcts, mems = [], []
-        for bar_p, bar_m, name in zip(self.pct_bars, self.mem_bars, self.methods, strict=True):
+        pcts = [by_name[n].trainable_pct if n in by_name else None for n in self.methods]
+        mems = [by_name[n].memory_bytes / 2**30 if n in by_name and by_name[n].memory_bytes else None
+                for n in self.methods]
+        shown_pct = [p for p in pcts if p] or [1.0]
+        shown_mem = [m for m in mems if m] or [1.0]
+        low_pct = min(shown_pct) / 4
+        for i, name in enumerate(self.methods):
             row = by_name.get(name)
-            pct = row.trainable_pct if row and row.trainable_pct else None
-            mem = row.memory_bytes / 2**30 if row and row.memory_bytes else 0.0
-            bar_p.set_width(pct or 1e-9)
-            bar_m.set_width(mem)
-            pcts.append(pct)
-            mems.append(mem)
-        shown = [p for p in pcts if p]
-        if shown:
-            self.ax_pct.set_xlim(min(shown) / 2, max(shown) * 2)
-        self.ax_mem.set_xlim(0, max(mems + [1e-3]) * 1.1)
-        self.table.value = _html_table(*table_cells(view))
+            reason = (row.error if row and row.error else "not computed") if not pcts[i] else ""
+            self.pct_bars[i].set_width(pcts[i] or low_pct)
+            self.pct_bars[i].set_alpha(1.0 if pcts[i] else 0.0)
+            self.pct_labels[i].set_position((pcts[i] or low_pct, i))
+            self.pct_labels[i].set_text(f" {pcts[i]:.3g}%" if pcts[i] else f" n/a: {reason[:60]}")
+            self.pct_labels[i].set_color("#222222" if pcts[i] else NOT_APPLICABLE)
+            self.mem_bars[i].set_width(mems[i] or 0.0)
+            self.mem_labels[i].set_position((mems[i] or 0.0, i))
+            if mems[i]:
+                self.mem_labels[i].set_text(f" {format_bytes(row.memory_bytes)}")
+            elif any(mems):
+                why = row.error or row.memory_error if row else "not computed"
+                self.mem_labels[i].set_text(f" n/a: {(why or 'no estimate')[:60]}")
+            else:
+                self.mem_labels[i].set_text("")
+            self.mem_labels[i].set_color("#222222" if mems[i] else NOT_APPLICABLE)
+        errors = {r.memory_error for r in view if not r.error and r.memory_error}
+        first = next((r.memory_error for r in view if not r.error and r.memory_error), "no estimate")
+        self.mem_note.set_text("" if any(mems) else "no method has a memory estimate here:\n" + first[:70]
+                               + ("\n(and similar reasons; notes below the table)" if len(errors) > 1 else ""))
+        self.ax_pct.set_xlim(low_pct / 2, max(shown_pct) * 6)
+        self.ax_mem.set_xlim(0, max(shown_mem) * 1.45)
+        self.table.value = _html_table(*table_cells(view), table_notes(view))
 
 
-def _html_table(header: list[str], cells: list[list[str]]) -> str:
+def _html_table(header: list[str], cells: list[list[str]], notes: list[str] = ()) -> str:
     head = "".join(f"<th style='padding:2px 6px'>{html.escape(h).replace(chr(10), '<br>')}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td style='padding:1px 6px'>{html.escape(c)}</td>" for c in row) + "</tr>"
                    for row in cells)
-    return f"<table style='font-size:12px;border-collapse:collapse'><tr>{head}</tr>{body}</table>"
+    listed = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    foot = f"<div style='font-size:12px'><b>Notes</b> (why a cell is n/a or noisy)<ul>{listed}</ul></div>" if notes else ""
+    return f"<table style='font-size:12px;border-collapse:collapse'><tr>{head}</tr>{body}</table>{foot}"
 
 
 FIGURES_DIR = Path(__file__).resolve().parents[2] / "figures"
@@ -112,16 +134,20 @@ def figure_file(name: str, figures_dir: Path = FIGURES_DIR) -> Path:
     return next(p for p in run_figure(name, out) if p.suffix == ".png")
 
 
-def side_by_side(name: str, width: str = "72%") -> W.HBox:
-    """The survey figure it corresponds to and what ours shows (left), our figure (right)."""
+def side_by_side(name: str, width: str = "100%") -> W.VBox:
+    """Our figure at full width, and below it the survey figure it corresponds to and what ours shows.
+
+    (The name stays for the chapters that call it; the figure used to sit beside a text column, too narrow
+    to read its labels.)
+    """
     spec = FIGURES[name]
-    text = (f"<b>{html.escape(spec.title)}</b><br><br><b>Survey counterpart:</b> "
-            f"{html.escape(spec.survey_counterpart)}<br><br><b>Ours shows:</b> {html.escape(spec.shows)}<br><br>"
-            f"<b>Data:</b> {html.escape(spec.source)}<br><br><code>figures/{spec.file_stem}.png</code>, "
-            f"<code>.svg</code>")
-    left = W.HTML(text, layout=W.Layout(width="26%", padding="0 12px 0 0"))
+    text = (f"<b>{html.escape(spec.title)}</b><br><b>Survey counterpart:</b> "
+            f"{html.escape(spec.survey_counterpart)}<br><b>Ours shows:</b> {html.escape(spec.shows)}<br>"
+            f"<b>Data:</b> {html.escape(spec.source)}. Files: <code>figures/{spec.file_stem}.png</code>, "
+            f"<code>.svg</code> (open the SVG to zoom)")
     try:
-        right: W.Widget = W.Image(value=figure_file(name).read_bytes(), format="png", layout=W.Layout(width=width))
+        figure_widget: W.Widget = W.Image(value=figure_file(name).read_bytes(), format="png",
+                                          layout=W.Layout(width=width, max_width="100%", height="auto"))
     except FigureUnavailable as error:
-        right = W.HTML(f'<span style="color:#b00020">&#9888; figure not made: {html.escape(str(error))}</span>')
-    return W.HBox([left, right], layout=W.Layout(align_items="flex-start"))
+        figure_widget = W.HTML(f'<span style="color:#b00020">&#9888; figure not made: {html.escape(str(error))}</span>')
+    return W.VBox([figure_widget, W.HTML(text, layout=W.Layout(width="100%", padding="4px 0 12px 0"))])

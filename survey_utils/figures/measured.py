@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import csv
 import math
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,14 +29,14 @@ import matplotlib.pyplot as plt
 import torch
 
 from survey_utils.architecture import total_params
-from survey_utils.counting import apply_method, closed_form
+from survey_utils.counting import apply_method, changed_params, closed_form
 from survey_utils.errors import SurveyError
 from survey_utils.figures.base import FigureUnavailable, figure, source_note
 from survey_utils.memory.figure import FIGURE_NAME as VALIDATION_STEM
 from survey_utils.methods import list_methods
 from survey_utils.methods.common import merge
 from survey_utils.methods.registry import Method, get_method
-from survey_utils.plotting import FAMILY_COLOURS, human, save_figure
+from survey_utils.plotting import FAMILY_COLOURS, TERM_COLOURS, human, method_style, save_figure
 from survey_utils.units import DTYPE_BYTES, format_bytes
 from survey_utils.zoo import DATA_DIR, build_model, list_models, load_config
 
@@ -83,6 +82,8 @@ class ComparisonRow:
     trainable_pct: float | None = None
     changed_pct: float | None = None
     error: str | None = None
+    memory_error: str | None = None
+    flops_error: str | None = None
 
 
 def lialin_type(method: Method) -> str:
@@ -157,35 +158,12 @@ def merged_flops(tiny: str, method_name: str, seq_len: int = FLOPS_SEQ_LEN) -> t
 
 
 @lru_cache(maxsize=512)
-def changed_params(model_name: str, method_name: str) -> tuple[int, int]:
-    """``(changed, base total)``: parameters that differ from the base model after training and merging.
-
-    Built on ``meta`` (any size). Changed = base tensors that ``merge`` writes in place (seen by their
-    version counters) + base tensors trained in place + trainable tensors the method adds and keeps (those
-    of a module whose merge folded them into the base are dropped). Whole tensors count as changed.
-    """
-    model = build_model(model_name, device="meta")
-    base = {id(p): p for p in model.parameters()}
-    base_total = sum(p.numel() for p in base.values())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        apply_method(model, method_name)
-    trainable_base = {id(p) for p in model.parameters() if p.requires_grad and id(p) in base}
-    before = {k: p._version for k, p in base.items()}
-    folded: set[int] = set()
-    for module in model.modules():
-        if module is model or not callable(getattr(module, "merge", None)):
-            continue
-        own = [p for p in module.parameters() if id(p) in base]
-        versions = [p._version for p in own]
-        module.merge()
-        if any(p._version != v for p, v in zip(own, versions, strict=True)):
-            folded |= {id(p) for p in module.parameters() if id(p) not in base}
-    written = {k for k, p in base.items() if p._version != before[k]}
-    changed = sum(base[k].numel() for k in written | trainable_base)
-    changed += sum(p.numel() for p in model.parameters()
-                   if p.requires_grad and id(p) not in base and id(p) not in folded)
-    return changed, base_total
+def _merged_flops_or_error(tiny: str, method_name: str) -> tuple[int, int] | str:
+    """:func:`merged_flops`, or its one-line error: failures are cached too (measuring one costs a model copy)."""
+    try:
+        return merged_flops(tiny, method_name)
+    except SurveyError as error:
+        return str(error)
 
 
 def changed_params_real(tiny: str, method_name: str, seed: int = 0) -> tuple[int, int]:
@@ -272,13 +250,13 @@ def comparison_rows(setting: Setting = TABLE_SETTING, flops: str = "measure") ->
         except SurveyError as error:
             rows.append(ComparisonRow(method.name, kind, error=str(error)))
             continue
-        memory = None
+        memory, memory_error = None, None
         try:
             memory = int(memory_estimate(setting, method).total)
-        except FigureUnavailable:
-            pass
-        except SurveyError:
-            memory = None
+        except FigureUnavailable as error:
+            memory_error = str(error)
+        except SurveyError as error:
+            memory_error = str(error)
         if method.is_baseline:
             full_memory = memory
         try:
@@ -286,16 +264,22 @@ def comparison_rows(setting: Setting = TABLE_SETTING, flops: str = "measure") ->
             if flops == "csv" and row is not None:
                 flops_base, flops_merged = int(row["flops_base"]), int(row["flops_merged"])
             else:
-                flops_base, flops_merged = merged_flops(tiny, method.name)
+                measured = _merged_flops_or_error(tiny, method.name)
+                if isinstance(measured, str):
+                    raise SurveyError(measured)
+                flops_base, flops_merged = measured
             extra_flops: float | None = 100.0 * (flops_merged - flops_base) / flops_base
-        except SurveyError:
-            extra_flops = None
+        except SurveyError as error:
+            extra_flops, flops_error = None, str(error)
+        else:
+            flops_error = None
         changed, _ = changed_params(setting.model, method.name)
         rows.append(ComparisonRow(
             method=method.name, type=kind, storage_bytes=trainable * DTYPE_BYTES[setting.dtype],
             memory_bytes=memory, backprop_through_backbone=method.backprop_through_backbone,
             extra_flops_pct=extra_flops, extra_latency_pct=bench.get((tiny, method.name), {}).get("latency_overhead_pct"),
-            trainable_pct=100.0 * trainable / base_total, changed_pct=100.0 * changed / base_total))
+            trainable_pct=100.0 * trainable / base_total, changed_pct=100.0 * changed / base_total,
+            memory_error=memory_error, flops_error=flops_error))
     if full_memory:
         rows = [ComparisonRow(**{**r.__dict__, "memory_full_ratio": r.memory_bytes / full_memory})
                 if r.memory_bytes else r for r in rows]
@@ -334,19 +318,42 @@ def table_cells(rows: list[ComparisonRow]) -> tuple[list[str], list[list[str]]]:
     cells = []
     for r in rows:
         if r.error:
-            cells.append([r.method, r.type, *["n/a (see note)" for _ in header[2:]]])
+            cells.append([r.method, r.type, *["n/a (note)" for _ in header[2:]]])
             continue
-        memory = "n/a" if r.memory_bytes is None else format_bytes(r.memory_bytes) + (
+        memory = "n/a (note)" if r.memory_bytes is None else format_bytes(r.memory_bytes) + (
             f" ({r.memory_full_ratio:.0%})" if r.memory_full_ratio else "")
         cells.append([
             r.method, r.type, format_bytes(r.storage_bytes or 0), memory,
             "yes" if r.backprop_through_backbone else "no",
-            "n/a" if r.extra_flops_pct is None else ("none" if abs(r.extra_flops_pct) < 1e-9
+            "n/a (note)" if r.extra_flops_pct is None else ("none" if abs(r.extra_flops_pct) < 1e-9
                                                      else f"+{r.extra_flops_pct:.2f}%"),
             ("not measured" if r.extra_latency_pct is None else f"{r.extra_latency_pct:+.1f}%")
             if show_latency else "noisy (note)",
             _pct(r.trainable_pct), _pct(r.changed_pct)])
     return header, cells
+
+
+def table_notes(rows: list[ComparisonRow]) -> list[str]:
+    """One line for every n/a or "noisy" cell of :func:`table_cells`: why it is blank."""
+    notes = [f"{r.method}: every column n/a: {r.error}" for r in rows if r.error]
+    memory = [r for r in rows if not r.error and r.memory_bytes is None]
+    if memory and len(memory) == len([r for r in rows if not r.error]):
+        others = len({r.memory_error for r in memory}) - 1
+        notes.append(f"memory n/a for every method: {memory[0].memory_error}"
+                     + (f" (and {others} similar reasons)" if others else ""))
+    else:
+        notes += [f"{r.method}: memory n/a: {r.memory_error or 'no estimate'}" for r in memory]
+    notes += [f"{r.method}: extra FLOPs n/a: {r.flops_error or 'not measured'}" for r in rows
+              if not r.error and r.extra_flops_pct is None]
+    noise = latency_noise(rows)
+    if noise is None:
+        notes.append("extra latency: not measured for this architecture's tiny model "
+                     "(python benchmarks/inference_overhead.py writes data/inference_overhead.csv)")
+    elif not latency_trustworthy(rows):
+        notes.append(f"extra latency 'noisy': methods with no extra FLOPs (the base model's graph) measured "
+                     f"{noise[0]:+.0f}% to {noise[1]:+.0f}%, beyond the {LATENCY_NOISE_LIMIT_PCT:.0f}% noise limit; "
+                     "rerun benchmarks/inference_overhead.py on a quiet machine")
+    return notes
 
 
 @figure("lialin_comparison", title="Lialin et al.'s comparison table, measured on our implementations",
@@ -431,55 +438,44 @@ def trainable_across_zoo(models: list[str] | None = None) -> dict[str, list[tupl
                            "(per-method trainable parameters); the surveys report single values, not curves")
 def trainable_vs_size(out_dir: Path) -> list[Path]:
     data = trainable_across_zoo()
+    skipped = [name for name, points in data.items() if not points]
     groups: dict[str, list[str]] = {}
-    for name in data:
-        groups.setdefault(get_method(name).family, []).append(name)
+    for name, points in data.items():
+        if points:  # a family with no point on any model gets no panel
+            groups.setdefault(get_method(name).family, []).append(name)
     ncols = 2
     nrows = math.ceil(len(groups) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(13, 4.2 * nrows), sharex=True, sharey=True, squeeze=False)
-    palette = plt.get_cmap("tab10").colors
-    markers = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
-    skipped = []
+    fig, axes = plt.subplots(nrows, ncols, figsize=(13, 4.0 * nrows), sharex=True, sharey=True, squeeze=False)
     for ax, (family, names) in zip(axes.flat, groups.items(), strict=False):
-        for k, name in enumerate(names):
+        for name in names:  # points, not lines: sizes of different architectures do not join into a curve
+            colour, marker = method_style(name)
             points = data[name]
-            if not points:
-                skipped.append(name)
-                continue
-            lines: dict[str, list[tuple[str, int, float]]] = {}
-            for point in points:  # one line per architecture family: the sizes of one design
-                lines.setdefault(load_config(point[0]).model_type, []).append(point)
-            for j, line in enumerate(lines.values()):
-                ax.plot([p[1] for p in line], [p[2] for p in line], marker=markers[k % len(markers)],
-                        markersize=3.5, linewidth=1.0, color=palette[k % len(palette)],
-                        label=f"{name} ({len(points)} models)" if j == 0 else None)
+            ax.scatter([p[1] for p in points], [p[2] for p in points], marker=marker, s=22, color=colour,
+                       edgecolor="white", linewidth=0.4, label=f"{name} ({len(points)} models)", zorder=3)
         ax.set_title(family.replace("_", " "), fontsize=10, color=FAMILY_COLOURS.get(family, "#333333"))
-        ax.legend(fontsize=7, loc="lower left", frameon=True)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
     for ax in axes.flat[len(groups):]:
-        ax.set_visible(False)
-    for ax in axes.flat:
+        ax.remove()
+    for ax in axes.flat[:len(groups)]:
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_ylabel("% trainable (of the adapted model)")
     ticks = [1e8, 1e9, 1e10, 1e11]
-    for ax in axes[-1]:
+    for ax in axes.flat[:len(groups)]:
         ax.set_xticks(ticks, [human(t) for t in ticks])
         ax.set_xlabel("total parameters of the model (closed form)")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("% trainable")
-    fig.suptitle("% trainable parameters (of the adapted model's total) against model size, default "
-                 "hyper-parameters", fontsize=11)
+        ax.tick_params(labelbottom=True, labelleft=True)
+    fig.suptitle("% trainable parameters against model size, default hyper-parameters (one point per zoo model)",
+                 fontsize=11)
     note = f" Not applicable to any zoo model: {', '.join(skipped)}." if skipped else ""
     source_note(fig, "Computed: survey_utils.counting.closed_form for every registered method on every non-tiny "
-                     "model of data/models/; a method that rejects a model (SurveyError) is left out there. Lines join "
-                     "the sizes of one architecture family (GPT-2, BERT/RoBERTa, T5, OPT, BLOOM, Llama, Mistral, Qwen)."
-                     + note)
+                     "model of data/models/; a method that rejects a model (SurveyError) has no point there. Colours "
+                     "and markers: survey_utils.palette (the same method, the same style in every figure)." + note)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return save_figure(fig, out_dir, "trainable_vs_size", dpi=110)
 
 
-MEMORY_COLOURS = {"weights": "#4d4d4d", "optimizer states": "#7570b3", "gradients": "#e7298a",
-                  "activations": "#1b9e77", "logits and loss": "#66a61e", "optimizer step": "#e6ab02",
-                  "batch": "#a6761d"}
+MEMORY_COLOURS = TERM_COLOURS  # the palette's, as in chapter 00's explorer
 
 
 def memory_breakdowns(setting: Setting = MEMORY_SETTING) -> dict[str, dict[str, int] | str]:
@@ -525,7 +521,8 @@ def memory_breakdown(out_dir: Path, setting: Setting = MEMORY_SETTING) -> list[P
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("GiB (peak of one training step; allocated, no CUDA context or allocator cache)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8, frameon=False,
+              title="term at the peak", title_fontsize=8)
     ax.set_title(f"Memory of one training step: {setting.describe()}", fontsize=11)
     source_note(fig, "Estimated by survey_utils.memory.estimate (the memory model; chapter 00 checks it against "
                      "a simulated step): the terms present at the moment of the peak, which add up to it.")

@@ -25,22 +25,22 @@ def draw_validation(out_dir: Path, csv_path: str | Path | None = None) -> list[P
     """Write ``memory_estimate_vs_simulation.png`` and ``.svg`` (no dates, fixed svg hash salt)."""
     import matplotlib.pyplot as plt
 
-    from survey_utils.plotting import apply_style, save_figure
+    from survey_utils.plotting import apply_style, method_style, save_figure
 
     rows = [r for r in read_validation(csv_path) if r["simulated_bytes"]]
     out_dir.mkdir(parents=True, exist_ok=True)
     apply_style()
     with plt.rc_context({"svg.fonttype": "path"}):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4.6))
         methods = sorted({r["method"] for r in rows})
-        markers = dict(zip(methods, "osD^v<>phX*", strict=False))
         for method in methods:
             chosen = [r for r in rows if r["method"] == method]
             sim = [int(r["simulated_bytes"]) / 2**30 for r in chosen]
             est = [int(r["estimate_bytes"]) / 2**30 for r in chosen]
             err = [100 * float(r["relative_error"]) for r in chosen]
-            left.scatter(sim, est, marker=markers.get(method, "o"), label=method, alpha=0.75)
-            right.scatter(sim, err, marker=markers.get(method, "o"), label=method, alpha=0.75)
+            colour, marker = method_style(method)  # the palette: one style per method, in every figure
+            left.scatter(sim, est, marker=marker, color=colour, label=method, alpha=0.8)
+            right.scatter(sim, err, marker=marker, color=colour, label=method, alpha=0.8)
         values = [int(r["simulated_bytes"]) / 2**30 for r in rows]
         low, high = min(values) * 0.8, max(values) * 1.25
         left.plot([low, high], [low, high], color="black", lw=0.8)
@@ -52,11 +52,12 @@ def draw_validation(out_dir: Path, csv_path: str | Path | None = None) -> list[P
         left.set_yscale("log")
         left.set_ylabel("estimated peak (GiB, closed form)")
         left.set_title("estimate vs simulation, one training step")
-        right.axhspan(-5, 5, color="grey", alpha=0.2)
+        right.axhspan(-5, 5, color="grey", alpha=0.2, label="±5% (both panels)")
         right.axhline(0, color="black", lw=0.8)
         right.set_ylabel("estimate error (%)")
         right.set_title(f"{len(rows)} settings: model x method x batch x seq x checkpointing")
-        left.legend(fontsize=8, ncol=2)
+        right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False,
+                     title="method", title_fontsize=8)
         fig.tight_layout()
         paths = save_figure(fig, out_dir, FIGURE_NAME, dpi=110)
         plt.close(fig)

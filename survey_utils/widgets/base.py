@@ -3,7 +3,10 @@
 The figure is created once (``plt.ioff()``), its artists are created once in :meth:`Explorer.setup`, and
 each control change calls :meth:`Explorer.compute` (a pure function of the controls' values, so tests drive
 it by setting ``widget.value``) then :meth:`Explorer.draw` (which updates the artists in place), then
-``canvas.draw_idle()``. With ipympl (``%matplotlib widget``) the canvas is itself a widget; with any other
+``canvas.draw_idle()``. The layout (constrained) is computed once, then frozen: a slider's redraw renders
+only the artists (``benchmarks/browser_latency.py`` measured constrained layout at about 40% of a redraw);
+controls named in ``relayout_on`` (a model or method dropdown, which change labels) lay the figure out again.
+With ipympl (``%matplotlib widget``) the canvas is itself a widget; with any other
 backend the figure is shown in an Output widget. Invalid settings raise ``SurveyError`` in ``compute``;
 the message area shows its one line and the plot keeps its last valid state.
 """
@@ -25,6 +28,8 @@ from survey_utils.plotting import apply_style
 class Explorer:
     """Subclass and implement :meth:`setup`, :meth:`compute` and :meth:`draw`."""
 
+    relayout_on: tuple[str, ...] = ("model", "method")
+
     def __init__(self, controls: Mapping[str, W.Widget], figsize: tuple[float, float] = (10, 3.8),
                  title: str = "") -> None:
         apply_style()
@@ -33,6 +38,7 @@ class Explorer:
         self.error: str | None = None
         self.view: Any = None
         self.updates = 0
+        self._needs_layout = True
         with plt.ioff():
             self.fig: Figure = plt.figure(figsize=figsize, layout="constrained")
         self._output: W.Output | None = None
@@ -79,8 +85,18 @@ class Explorer:
         self.controls_box.children = [W.HBox(list(self.controls.values())[i:i + 3])
                                       for i in range(0, len(self.controls), 3)]
 
-    def _on_change(self, _change: Mapping[str, Any] | None = None) -> None:
+    def _on_change(self, change: Mapping[str, Any] | None = None) -> None:
+        owner = change.get("owner") if change else None
+        if any(self.controls.get(name) is owner for name in self.relayout_on):
+            self._needs_layout = True
         self.update()
+
+    def relayout(self) -> None:
+        """Lay the figure out (constrained) for its current artists, then freeze the positions."""
+        self.fig.set_layout_engine("constrained")
+        self.fig.draw_without_rendering()
+        self.fig.set_layout_engine("none")
+        self._needs_layout = False
 
     def update(self) -> None:
         """Recompute and redraw; on a ``SurveyError`` show its line and keep the last valid plot."""
@@ -94,6 +110,8 @@ class Explorer:
         self.message.value = ""
         self.view = view
         self.draw(view)
+        if self._needs_layout:
+            self.relayout()
         self.updates += 1
         self._refresh()
 

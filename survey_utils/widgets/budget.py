@@ -15,11 +15,11 @@ from matplotlib.figure import Figure
 from survey_utils.experiments.ch01_adapters import rank_for_budget
 from survey_utils.memory.estimate import MemoryEstimate, estimate
 from survey_utils.methods import get_method
+from survey_utils.palette import MEMORY_TERMS, TERM_COLOURS
+from survey_utils.plotting import human, method_colour
+from survey_utils.units import format_bytes
 from survey_utils.widgets.params import MethodExplorer, ParamsView
 from survey_utils.zoo import load_config
-
-MEMORY_TERMS = ("weights", "optimizer states", "activations", "logits and loss", "gradients", "optimizer step",
-                "batch")
 
 
 @dataclass
@@ -46,6 +46,19 @@ class EqualBudgetExplorer(MethodExplorer):
         top, bottom = fig.subfigures(2, 1)
         super().setup(top)
         self.ax_budget, self.ax_memory = bottom.subplots(1, 2)
+        self.budget_bars = self.ax_budget.barh([0, 1], [1, 1])
+        self.budget_labels = [self.ax_budget.text(0, i, "", va="center", fontsize=8) for i in (0, 1)]
+        self.ax_budget.set_yticks([0, 1], ["", ""])
+        self.ax_budget.invert_yaxis()
+        self.ax_budget.set_xlabel("trainable parameters")
+        self.memory_bars = {term: self.ax_memory.barh([0, 1], [0, 0], color=TERM_COLOURS[term], label=term)
+                            for term in MEMORY_TERMS}
+        self.memory_labels = [self.ax_memory.text(0, i, "", va="center", fontsize=8) for i in (0, 1)]
+        self.ax_memory.set_yticks([0, 1], ["", ""])
+        self.ax_memory.invert_yaxis()
+        self.ax_memory.set_xlabel("GiB at the peak of one training step")
+        self.ax_memory.set_title(f"one training step, batch {self.batch_size} x {self.seq_len} tokens", fontsize=10)
+        self.ax_memory.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncols=4, frameon=False)
 
     def compute(self, model: str, method: str, hp: dict[str, Any]) -> BudgetView:
         base = super().compute(model, method, hp)
@@ -63,19 +76,26 @@ class EqualBudgetExplorer(MethodExplorer):
     def draw(self, view: BudgetView) -> None:
         super().draw(view)
         labels = [view.method, self._reference_label(view.reference_rank)]
-        self.ax_budget.clear()
-        self.ax_budget.barh(labels, [view.trainable, view.reference_trainable], color=["#1b9e77", "#e7298a"])
-        self.ax_budget.set(xlabel="trainable parameters", title=f"equal budget on {view.model}")
-        self.ax_memory.clear()
-        for row, (_, mem) in enumerate(view.memory):
-            left = 0.0
-            for term in MEMORY_TERMS:
+        counts = [view.trainable, view.reference_trainable]
+        for bar, text, name, count in zip(self.budget_bars, self.budget_labels, [view.method, self.reference.name],
+                                          counts, strict=True):
+            bar.set_width(count)
+            bar.set_color(method_colour(name))
+            text.set_position((count, text.get_position()[1]))
+            text.set_text(f" {human(count)}")
+        self.ax_budget.set_yticks([0, 1], labels)
+        self.ax_budget.set_xlim(0, max(counts) * 1.3 or 1)
+        self.ax_budget.set_title(f"equal budget on {view.model}", fontsize=10)
+        lefts = [0.0, 0.0]
+        for term in MEMORY_TERMS:
+            for row, (patch, (_, mem)) in enumerate(zip(self.memory_bars[term].patches, view.memory, strict=True)):
                 gib = mem.terms().get(term, 0) / 2**30
-                self.ax_memory.barh(row, gib, left=left, label=term if row == 0 else None)
-                left += gib
-            own = sum(v for k, v in mem.activations_by_term.items() if k.startswith("method:")) / 2**30
-            self.ax_memory.text(left, row, f" {left:.1f} GiB (method's own: {own:.2f})", va="center", fontsize=8)
+                patch.set_x(lefts[row])
+                patch.set_width(gib)
+                lefts[row] += gib
+        for row, (text, (_, mem)) in enumerate(zip(self.memory_labels, view.memory, strict=True)):
+            own = sum(v for k, v in mem.activations_by_term.items() if k.startswith("method:"))
+            text.set_position((lefts[row], row))
+            text.set_text(f" {format_bytes(mem.total)}\n (method's own activations {format_bytes(own)})")
         self.ax_memory.set_yticks([0, 1], labels)
-        self.ax_memory.set(xlabel="GiB at the peak",
-                           title=f"one training step, batch {self.batch_size} x {self.seq_len}")
-        self.ax_memory.legend(fontsize=7, loc="lower right")
+        self.ax_memory.set_xlim(0, max(lefts) * 2.3 or 1)

@@ -1,11 +1,14 @@
 """The trainable-parameter explorer used by every method chapter (chapter 04 introduces it).
 
-Controls are generated from the chosen method's :class:`HyperParam` specs: integers become sliders,
-booleans checkboxes, choices dropdowns, ``target_modules`` one checkbox per linear module of the chosen
+Controls are generated from the chosen method's :class:`HyperParam` specs: integers that size the
+trainable count become sliders, other integers (seeds, step counts) integer boxes, booleans checkboxes,
+choices dropdowns, ``target_modules`` one checkbox per linear module of the chosen
 model, ``layers_to_transform`` a block-range slider. Two live panels, computed by the closed form:
 
-- left: trainable parameters (absolute, and % of the model on the right axis) as the method's first
-  integer hyper-parameter (rank, prompt length, reduction factor) sweeps its range, the current value marked;
+- left: trainable parameters (absolute, and % of the model on the right axis) as one integer
+  hyper-parameter sweeps its range (the explorer's ``sweep`` where the method has it, else the first integer
+  that sizes the count: rank, prompt length, reduction factor), the current value marked; a value of 0 that
+  means "derived from the model" (``bottleneck_size``) is marked where its count sits on the curve;
 - right: trainable % of every method of the explorer on the same model, with the settings they share.
 """
 
@@ -24,7 +27,8 @@ from survey_utils.architecture import layout
 from survey_utils.counting import closed_form
 from survey_utils.errors import SurveyError
 from survey_utils.methods.registry import HyperParam, Method, get_method
-from survey_utils.plotting import human
+from survey_utils.palette import HIGHLIGHT, NOT_APPLICABLE
+from survey_utils.plotting import human, method_colour
 from survey_utils.targeting import num_blocks
 from survey_utils.widgets.base import Explorer
 from survey_utils.zoo import list_models, load_config
@@ -43,8 +47,10 @@ class ParamsView:
     sweep_name: str | None
     sweep_x: list[int] = field(default_factory=list)
     sweep_y: list[float] = field(default_factory=list)
-    current_x: int | None = None
+    current_x: float | None = None
+    derived: bool = False
     comparison: list[tuple[str, float]] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def percent(self) -> float:
@@ -83,10 +89,11 @@ class _TargetBoxes(W.VBox):
 
 
 def hyperparam_widget(hp: HyperParam, model: str, current: Any = None,
-                      method: Method | None = None) -> W.Widget | None:
+                      method: Method | None = None, sizes_count: bool = True) -> W.Widget | None:
     """A control for one hyper-parameter on ``model``, keeping ``current`` when it is still valid.
 
-    A ``targets`` control starts from the method's per-architecture defaults when it declares them
+    An integer that does not size the trainable count (``sizes_count=False``: a seed, a step count) gets an
+    integer box, not a slider. A ``targets`` control starts from the method's per-architecture defaults when it declares them
     (``Method.default_targets(config) -> {hp name: [module names]}``, as peft's (IA)^3 mapping), else
     from the architecture's query and value projections.
     """
@@ -114,6 +121,11 @@ def hyperparam_widget(hp: HyperParam, model: str, current: Any = None,
     value = hp.default if current is None else current
     if value is None:
         return None  # an unset optional number (peft's "derive it from the model") has no slider
+    if hp.type == "int" and not sizes_count:
+        return W.BoundedIntText(value=int(value), min=int(hp.minimum if hp.minimum is not None else -2**31),
+                                max=int(hp.maximum if hp.maximum is not None else 2**31 - 1), description=hp.name,
+                                tooltip=f"{hp.name}: {hp.help} (does not change the trainable count)",
+                                style=_STYLE, layout=W.Layout(width="220px"))
     if hp.type == "int":
         low, high = slider_range(hp)
         return W.IntSlider(value=int(value), min=int(low), max=int(high), description=hp.name,
@@ -126,6 +138,19 @@ def hyperparam_widget(hp: HyperParam, model: str, current: Any = None,
     if hp.type == "bool":
         return W.Checkbox(value=bool(value), description=hp.name, indent=False)
     return None  # free-text settings (layers_pattern) keep their default in the widget
+
+
+def sizes_count(config: Any, method: Method, hp: HyperParam) -> bool:
+    """Whether integer ``hp`` changes the method's trainable count on ``config`` (a size, not a seed)."""
+    if hp.type != "int" or not isinstance(hp.default, int):
+        return hp.type == "int"
+    counts = set()
+    for value in {hp.default, max(hp.default, 1) * 2, max(hp.default, 1) * 2 + 2}:
+        try:
+            counts.add(method.count(config, **{hp.name: value}))
+        except SurveyError:
+            return True  # a value the method rejects: it matters, keep the slider and its bounds
+    return len(counts) > 1
 
 
 def widget_value(hp: HyperParam, control: W.Widget, model: str) -> Any:
@@ -147,8 +172,9 @@ class MethodExplorer(Explorer):
 
     def __init__(self, methods: Sequence[str], models: Sequence[str] | None = None,
                  model: str = "llama-2-7b", method: str | None = None, title: str = "",
-                 figsize: tuple[float, float] = (10, 3.8)) -> None:
+                 figsize: tuple[float, float] = (10, 3.8), sweep: str | None = None) -> None:
         self.methods: list[Method] = [get_method(m) for m in methods]
+        self.sweep = sweep
         models = list(models or list_models())
         if model not in models:
             raise SurveyError(f"model '{model}' is not among the explorer's models")
@@ -165,6 +191,7 @@ class MethodExplorer(Explorer):
     # The model and method controls rebuild the hyper-parameter controls before the redraw.
     def _on_change(self, change: Any = None) -> None:
         if change is not None and change.get("owner") in (self.model_control, self.method_control):
+            self._needs_layout = True
             self._rebuild_hp_controls()
             self._layout_controls()
         if not self._building:
@@ -182,11 +209,12 @@ class MethodExplorer(Explorer):
                         if self._hp_specs[name].type in ("int", "targets", "int_list")}
         self._previous_method = method.name
         model = self.model_control.value
+        config = load_config(model)
         self.hp_controls, self._hp_specs = {}, {}
         for hp in method.hyperparams:
             current = previous.get(hp.name)
             try:
-                control = hyperparam_widget(hp, model, current, method)
+                control = hyperparam_widget(hp, model, current, method, sizes_count(config, method, hp))
             except SurveyError:
                 control = None
             if control is not None:
@@ -213,8 +241,11 @@ class MethodExplorer(Explorer):
     # --- the panels -------------------------------------------------------------------------------------
     def setup(self, fig: Figure) -> None:
         self.ax_sweep, self.ax_compare = fig.subplots(1, 2, width_ratios=(1.25, 1))
-        (self.sweep_line,) = self.ax_sweep.plot([], [], "o-", color="#e7298a", ms=3, lw=1.5)
-        (self.current_point,) = self.ax_sweep.plot([], [], "o", color="black", ms=8, zorder=3)
+        (self.sweep_line,) = self.ax_sweep.plot([], [], "o-", ms=3, lw=1.5, label="closed-form count")
+        (self.current_point,) = self.ax_sweep.plot([], [], "o", color=HIGHLIGHT, ms=8, zorder=3,
+                                                   label="current setting")
+        self.sweep_note = self.ax_sweep.text(0.5, 0.5, "", transform=self.ax_sweep.transAxes, ha="center",
+                                             va="center", fontsize=9, color=NOT_APPLICABLE)
         self.ax_sweep.set_yscale("log")
         self._total = 1.0
         self.ax_sweep.secondary_yaxis("right", functions=(lambda y: 100 * y / self._total,
@@ -222,7 +253,7 @@ class MethodExplorer(Explorer):
             "% of the model")
         self.ax_sweep.set_ylabel("trainable parameters")
         names = [m.name for m in self.methods]
-        self.bars = self.ax_compare.barh(names, [1e-6] * len(names), color="#7570b3")
+        self.bars = self.ax_compare.barh(names, [1e-6] * len(names), color=[method_colour(n) for n in names])
         self.ax_compare.set_xscale("log")
         self.ax_compare.invert_yaxis()
         self.ax_compare.set_xlabel("trainable % of the model")
@@ -232,39 +263,59 @@ class MethodExplorer(Explorer):
         config = load_config(model)
         chosen = get_method(method)
         current = closed_form(config, chosen, **hp)
-        sweep = next((h for h in chosen.hyperparams if h.type == "int" and h.name in hp), None)
+        sweep = self.swept(chosen, hp)
         view = ParamsView(model, method, current.trainable, current.total, sweep.name if sweep else None)
         if sweep is not None:
-            view.current_x = hp[sweep.name]
             for value in sweep_values(sweep):
                 try:
                     view.sweep_y.append(closed_form(config, chosen, **{**hp, sweep.name: value}).trainable)
                     view.sweep_x.append(value)
                 except SurveyError:
                     continue
+            view.current_x = hp[sweep.name]
+            if view.current_x < 1 and view.sweep_x:  # 0 = derived from the model: sit on the curve at its count
+                order = np.argsort(view.sweep_y)  # counts are affine in a size: linear interpolation is exact
+                view.current_x = float(np.interp(current.trainable, np.asarray(view.sweep_y)[order],
+                                                 np.asarray(view.sweep_x)[order]))
+                view.derived = True
         for other in self.methods:
             shared = {k: v for k, v in hp.items() if k in {h.name for h in other.hyperparams}}
             try:
                 count = closed_form(config, other, **shared)
                 view.comparison.append((other.name, count.trainable_percent))
-            except SurveyError:
+            except SurveyError as error:
                 view.comparison.append((other.name, math.nan))
+                view.reasons[other.name] = str(error)
         return view
+
+    def swept(self, method: Method, hp: dict[str, Any]) -> HyperParam | None:
+        """The swept hyper-parameter: ``self.sweep`` where the method has it, else its first integer control that
+        sizes the count (a slider, not a seed's box)."""
+        ints = [h for h in method.hyperparams if h.type == "int" and h.name in hp
+                and isinstance(self.hp_controls.get(h.name), W.IntSlider)]
+        return next((h for h in ints if h.name == self.sweep), ints[0] if ints else None)
 
     def draw(self, view: ParamsView) -> None:
         self._total = float(view.total)
+        colour = method_colour(view.method)
         self.sweep_line.set_data(view.sweep_x, view.sweep_y)
+        self.sweep_line.set_color(colour)
         if view.current_x is not None:
             self.current_point.set_data([view.current_x], [view.trainable])
         else:
             self.current_point.set_data([], [])
         ax = self.ax_sweep
-        if view.sweep_x:
+        xs = [*view.sweep_x, *([view.current_x] if view.current_x is not None else [])]
+        if xs:
             ax.set_xscale("log", base=2)
-            ax.set_xlim(min(view.sweep_x) / 1.3, max(view.sweep_x) * 1.3)
-            ys = [y for y in view.sweep_y if y > 0] or [1]
-            ax.set_ylim(min(ys) / 2, max(ys) * 2)
-        ax.set_xlabel(view.sweep_name or "")
+            ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
+        ys = [y for y in [*view.sweep_y, view.trainable] if y > 0] or [1]
+        ax.set_ylim(min(ys) / 2, max(ys) * 2)
+        derived = " (0 = derived; marked at its count)" if view.derived else ""
+        ax.set_xlabel(f"{view.sweep_name}{derived}" if view.sweep_name else "")
+        self.sweep_note.set_text("" if view.sweep_name else
+                                 f"{view.method} has no integer size to sweep:\nits count is fixed by the model "
+                                 f"({human(view.trainable)} trainable)")
         ax.set_title(f"{view.method} on {view.model}: {human(view.trainable)} trainable "
                      f"= {view.percent:.4g}% of {human(view.total)}", fontsize=10)
         finite = [p for _, p in view.comparison if math.isfinite(p) and p > 0] or [1.0]
@@ -272,7 +323,9 @@ class MethodExplorer(Explorer):
             ok = math.isfinite(percent) and percent > 0
             bar.set_width(percent if ok else min(finite) / 10)
             bar.set_alpha(1.0 if ok else 0.15)
-            bar.set_color("#e7298a" if name == view.method else "#7570b3")
+            bar.set_edgecolor(HIGHLIGHT if name == view.method else "none")
+            bar.set_linewidth(1.5 if name == view.method else 0)
             label.set_position((percent if ok else min(finite) / 10, label.get_position()[1]))
-            label.set_text(f" {percent:.3g}%" if ok else " n/a for this model")
+            label.set_text(f" {percent:.3g}%" if ok else f" n/a: {view.reasons.get(name, 'not computable')[:70]}")
+            label.set_color("#222222" if ok else NOT_APPLICABLE)
         self.ax_compare.set_xlim(min(finite) / 20, max(finite) * 30)

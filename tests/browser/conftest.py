@@ -112,9 +112,14 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=15)
 
 
-@pytest.fixture(scope="session")
-def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
-    base = tmp_path_factory.mktemp("jupyterlab")
+class LabStartError(RuntimeError):
+    """The lab server exited or did not answer in time; the message holds its log's tail."""
+
+
+def start_lab_server(base: Path) -> LabServer:
+    """A JupyterLab server on a free port, rooted in ``base/root`` with a copy of the chapters (see the module
+    docstring); ``_stop(server.process)`` ends it. The browser test's fixture and
+    ``benchmarks/browser_latency.py`` both start it here."""
     root, config, settings = base / "root", base / "config", base / "app_settings"
     root.mkdir()
     config.mkdir()
@@ -137,23 +142,32 @@ def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
         process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     server = LabServer(f"http://127.0.0.1:{port}", root, log, process)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise LabStartError(f"jupyter lab exited with code {process.returncode} before serving:\n"
+                                f"{server.log_tail()}")
+        try:
+            server.api("/api/status")
+            return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.monotonic() > deadline:
+                _stop(process)
+                raise LabStartError(f"jupyter lab did not answer /api/status within {SERVER_START_TIMEOUT_S} s:\n"
+                                    f"{server.log_tail()}") from None
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"jupyter lab exited with code {process.returncode} before serving:\n"
-                            f"{server.log_tail()}", pytrace=False)
-            try:
-                server.api("/api/status")
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"jupyter lab did not answer /api/status within {SERVER_START_TIMEOUT_S} s:\n"
-                                f"{server.log_tail()}", pytrace=False)
-                time.sleep(0.3)
+        server = start_lab_server(tmp_path_factory.mktemp("jupyterlab"))
+    except LabStartError as error:
+        pytest.fail(str(error), pytrace=False)
+    try:
         yield server
     finally:
-        _stop(process)
+        _stop(server.process)
 
 
 @pytest.fixture(scope="session")

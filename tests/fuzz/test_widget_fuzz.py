@@ -31,6 +31,7 @@ from survey_utils.plotting import human
 from survey_utils.widgets import MethodExplorer
 from survey_utils.zoo import list_models
 from tests.fuzz._settings import FUZZ, Counter, run_counted
+from tests.widgets.plot_truth import check_memory, check_params
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -104,7 +105,7 @@ def _check_params_view(explorer: MethodExplorer) -> None:
     assert 0 <= view.percent <= 100
     assert len(view.sweep_x) == len(view.sweep_y) and view.sweep_x == sorted(view.sweep_x)
     assert all(y >= 0 for y in view.sweep_y)
-    if view.sweep_name is not None:
+    if view.sweep_name is not None and state["hp"][view.sweep_name] >= 1:
         assert view.current_x == state["hp"][view.sweep_name]
     xs, ys = explorer.sweep_line.get_data()
     assert list(xs) == view.sweep_x and list(ys) == view.sweep_y
@@ -115,6 +116,7 @@ def _check_params_view(explorer: MethodExplorer) -> None:
             assert bar.get_width() == pytest.approx(percent), name
         if name == view.method:
             assert percent == pytest.approx(view.percent), "the comparison bar disagrees with the sweep panel"
+    check_params(explorer)  # every artist against the closed form, limits contain the data
 
 
 @contextmanager
@@ -210,14 +212,15 @@ def _check_memory_view(explorer) -> None:
     assert all(v >= 0 for v in view.terms.values()), view.terms
     assert len(view.seq_lens) == len(view.fixed) == len(view.growing) == len(view.totals) > 0
     assert view.seq_lens == sorted(view.seq_lens)
-    assert all(f + g == t for f, g, t in zip(view.fixed, view.growing, view.totals, strict=True))
+    assert all(max(f, g) <= t for f, g, t in zip(view.fixed, view.growing, view.totals, strict=True))
     assert all(g >= 0 for g in view.growing), "activations + logits must not be negative"
     if view.crossover is not None:
         assert view.crossover in view.seq_lens
-    xs, ys = explorer.line_total.get_data()
+    xs, ys = explorer.lines["totals"].get_data()
     assert list(xs) == view.seq_lens
     assert list(ys) == pytest.approx([t / 2**30 for t in view.totals])
     assert list(explorer.current.get_xdata()) == [state["seq_len"]] * 2
+    check_memory(explorer)  # every artist against the memory model's own terms, limits contain the data
 
 
 MEMORY_WILD = {

@@ -1,0 +1,239 @@
+"""Plot truth: read each explorer's artists back and check them against an independent computation.
+
+Each ``check_*`` takes a live explorer and asserts that every plotted artist shows what its label says,
+recomputed here from the layers below the widget (the closed form, the memory model's own terms), not from
+the explorer's view; that the axis limits contain every plotted value; that a blank or n/a says why; and
+that controls which do not apply are disabled. The unit tests call them on fixed states and the fuzz tests
+(tests/fuzz/test_widget_fuzz.py) on random ones.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from survey_utils.counting import closed_form
+from survey_utils.errors import SurveyError
+from survey_utils.memory.estimate import estimate
+from survey_utils.methods import get_method
+from survey_utils.zoo import load_config
+
+GIB = 2**30
+REL = 1e-9
+
+
+def _close(a: Any, b: Any, what: str) -> None:
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    assert a.shape == b.shape, f"{what}: {a.shape} points plotted, {b.shape} expected"
+    assert np.allclose(a, b, rtol=REL, atol=0, equal_nan=True), f"{what}: plotted {a.tolist()} != {b.tolist()}"
+
+
+def assert_limits_contain(ax: Any, xs: Any = (), ys: Any = (), what: str = "") -> None:
+    """Every drawn value lies inside the axes' limits: finite, positive on a log axis, and, for a line (``xs``
+    and ``ys`` of one length), only the points drawn (matplotlib leaves out a point with a NaN coordinate)."""
+    xs, ys = np.asarray(list(xs), dtype=float).ravel(), np.asarray(list(ys), dtype=float).ravel()
+    if len(xs) and len(xs) == len(ys):
+        drawn = np.isfinite(xs) & np.isfinite(ys)
+        if ax.get_xscale() == "log":
+            drawn &= xs > 0
+        if ax.get_yscale() == "log":
+            drawn &= ys > 0
+        xs, ys = xs[drawn], ys[drawn]
+    for values, (low, high), scale, name in ((xs, ax.get_xlim(), ax.get_xscale(), "x"),
+                                             (ys, ax.get_ylim(), ax.get_yscale(), "y")):
+        low, high = min(low, high), max(low, high)
+        for v in np.asarray(list(values), dtype=float).ravel():
+            if not math.isfinite(v) or (scale == "log" and v <= 0):
+                continue
+            assert low <= v <= high, f"{what}: {name}={v:g} is outside the {name} limits ({low:g}, {high:g})"
+
+
+def assert_legend_outside(ax: Any) -> None:
+    """The axes' legend does not cover its data area."""
+    legend = ax.get_legend()
+    if legend is None:
+        return
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    box, area = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    overlap_w = min(box.x1, area.x1) - max(box.x0, area.x0)
+    overlap_h = min(box.y1, area.y1) - max(box.y0, area.y0)
+    assert overlap_w <= 1 or overlap_h <= 1, f"the legend ({box}) covers the data area ({area})"
+
+
+# --- chapter 00: the memory explorer -----------------------------------------------------------------------
+def check_memory(explorer: Any) -> None:
+    state = explorer.state
+    method = get_method(state["method"])
+    has_r = any(h.name == "r" for h in method.hyperparams)
+    assert explorer.controls["rank"].disabled is (not has_r), "the rank slider must be live exactly for methods with r"
+    if not has_r:
+        assert explorer.controls["rank"].tooltip, "a disabled control says why in its tooltip"
+    if explorer.error is not None:
+        return
+    hp = {"r": state["rank"]} if has_r else {}
+    kwargs = {k: state[k] for k in ("batch_size", "dtype", "optimizer", "gradient_checkpointing", "device")}
+    here = estimate(state["model"], state["method"], hp, seq_len=state["seq_len"], **kwargs)
+    # left: each term's bar = the estimate's own term, the stack = its total
+    terms = here.terms()
+    est_heights = {term: bars.patches[0].get_height() for term, bars in explorer.bars.items()}
+    for term, height in est_heights.items():
+        _close(height, terms.get(term, 0) / GIB, f"estimate bar '{term}'")
+    _close(sum(est_heights.values()), here.total / GIB, "estimate stack")
+    sim_heights = [bars.patches[1].get_height() for bars in explorer.bars.values()]
+    ticks = [t.get_text() for t in explorer.ax_bar.get_xticklabels()]
+    if not state["simulate"]:
+        assert ticks == ["estimate"] and not any(sim_heights), "no simulation column while simulate is off"
+    view = explorer.view
+    if view.simulated:
+        for term, bars in explorer.bars.items():
+            _close(bars.patches[1].get_height(), view.simulated.get(term, 0) / GIB, f"simulation bar '{term}'")
+    top = max(sum(est_heights.values()), sum(sim_heights))
+    assert_limits_contain(explorer.ax_bar, ys=[top], what="bar panel")
+    # right: each line = its label's terms at each sequence length
+    xs = explorer.lines["totals"].get_xdata()
+    expected = {"fixed": [], "growing": [], "step": [], "totals": []}
+    for s in xs:
+        point = estimate(state["model"], state["method"], hp, seq_len=int(s), **kwargs)
+        expected["fixed"].append((point.weights + point.optimizer_states + point.master_weights) / GIB)
+        expected["growing"].append((point.activations + point.loss_transient) / GIB)
+        expected["step"].append((point.gradients + point.optimizer_transient) / GIB)
+        expected["totals"].append(point.total / GIB)
+    for key, line in explorer.lines.items():
+        _close(line.get_xdata(), xs, f"line '{line.get_label()}' x")
+        _close(line.get_ydata(), expected[key], f"line '{line.get_label()}'")
+        assert_limits_contain(explorer.ax_seq, line.get_xdata(), line.get_ydata(), f"line '{line.get_label()}'")
+    assert state["seq_len"] in list(explorer.current.get_xdata())
+    assert_limits_contain(explorer.ax_seq, xs=[state["seq_len"]], what="current s")
+    labels = [t.get_text() for t in explorer.ax_seq.get_legend().get_texts()]
+    assert all(line.get_label() in labels for line in explorer.lines.values()), "every line is in the legend"
+    assert any("current" in t for t in labels) and any("overtake" in t for t in labels), "dotted/dashed explained"
+
+
+# --- chapter 04 (and 01, 02): the trainable-parameter explorer ------------------------------------------------
+def check_params(explorer: Any) -> None:
+    if explorer.error is not None:
+        return
+    state = explorer.state
+    config = load_config(state["model"])
+    method = get_method(state["method"])
+    hp = state["hp"]
+    count = closed_form(config, method, **hp)
+    xs, ys = explorer.sweep_line.get_data()
+    sweep = explorer.view.sweep_name
+    assert str(count.trainable)[:1] and f"{count.trainable_percent:.4g}%" in explorer.ax_sweep.get_title()
+    if sweep is None:
+        assert len(xs) == 0 and explorer.sweep_note.get_text(), "an empty sweep panel says why"
+        assert len(explorer.current_point.get_ydata()) == 0
+    else:
+        assert explorer.sweep_note.get_text() == ""
+        _close(explorer.current_point.get_ydata(), [count.trainable], "current point")
+        expected = [closed_form(config, method, **{**hp, sweep: int(x)}).trainable for x in xs]
+        _close(ys, expected, f"sweep of {sweep}")
+        if hp[sweep] >= 1:
+            _close(explorer.current_point.get_xdata(), [hp[sweep]], "current x")
+        assert_limits_contain(explorer.ax_sweep, [*xs, *explorer.current_point.get_xdata()],
+                              [*ys, count.trainable], "sweep panel")
+    names = [m.name for m in explorer.methods]
+    widths = []
+    for bar, label, name in zip(explorer.bars, explorer.bar_labels, names, strict=True):
+        other = get_method(name)
+        shared = {k: v for k, v in hp.items() if k in {h.name for h in other.hyperparams}}
+        try:
+            percent = closed_form(config, other, **shared).trainable_percent
+        except SurveyError:
+            percent = None
+        if percent:
+            _close(bar.get_width(), percent, f"bar of {name}")
+            widths.append(percent)
+        else:
+            assert label.get_text().strip().startswith("n/a:") and len(label.get_text()) > 6, \
+                f"{name}: an n/a bar says why"
+    assert_limits_contain(explorer.ax_compare, xs=widths, what="comparison bars")
+
+
+def check_budget(explorer: Any) -> None:
+    check_params(explorer)
+    if explorer.error is not None:
+        return
+    state, view = explorer.state, explorer.view
+    config = load_config(state["model"])
+    method = get_method(state["method"])
+    reference = explorer.reference
+    _close([b.get_width() for b in explorer.budget_bars],
+           [closed_form(config, method, **state["hp"]).trainable, reference.count(config, r=view.reference_rank)],
+           "equal-budget bars")
+    setting = {"batch_size": explorer.batch_size, "seq_len": explorer.seq_len}
+    estimates = [estimate(config, method.name, state["hp"], **setting),
+                 estimate(config, reference.name, {"r": view.reference_rank}, **setting)]
+    for term, bars in explorer.memory_bars.items():
+        _close([p.get_width() for p in bars.patches], [e.terms().get(term, 0) / GIB for e in estimates],
+               f"memory bars '{term}'")
+    assert_limits_contain(explorer.ax_memory, xs=[e.total / GIB for e in estimates], what="memory panel")
+    assert_legend_outside(explorer.ax_memory)
+
+
+# --- chapter 02: the prompt-length explorer ---------------------------------------------------------------
+def check_prompts(explorer: Any) -> None:
+    if explorer.error is not None:
+        return
+    from survey_utils.experiments.ch02_soft_prompts import sequence_costs
+    from survey_utils.widgets.prompts import prompt_hp
+
+    state = explorer.state
+    config = load_config(state["model"])
+    for method in explorer.methods:
+        xs = explorer.lines[method][0].get_xdata()
+        expected: list[list[float]] = [[], [], []]
+        for n in xs:
+            hp = prompt_hp(method, int(n), state["prefix_projection"])
+            try:
+                point = (float(get_method(method).count(config, **hp)),
+                         estimate(config, method, hp, batch_size=state["batch_size"],
+                                  seq_len=state["seq_len"]).total / GIB,
+                         sequence_costs(config, method, int(n), state["seq_len"],
+                                        state["batch_size"])["kv cache bytes"] / 2**20)
+            except SurveyError:
+                point = (math.nan, math.nan, math.nan)
+            for i in range(3):
+                expected[i].append(point[i])
+        for ax, line, values in zip(explorer.axes, explorer.lines[method], expected, strict=True):
+            _close(line.get_ydata(), values, f"{method} on '{ax.get_ylabel()}'")
+            assert_limits_contain(ax, line.get_xdata(), line.get_ydata(), f"{method} on '{ax.get_ylabel()}'")
+
+
+# --- chapter 07: the comparison explorer ------------------------------------------------------------------
+def check_comparison(explorer: Any) -> None:
+    if explorer.error is not None:
+        return
+    state = explorer.state
+    config = load_config(state["model"])
+    from survey_utils.architecture import total_params
+
+    base = total_params(config)
+    mems = []
+    for i, name in enumerate(explorer.methods):
+        try:
+            pct = 100.0 * closed_form(config, name).trainable / base
+        except SurveyError:
+            pct = None
+        if pct:
+            _close(explorer.pct_bars[i].get_width(), pct, f"% trainable of {name}")
+        else:
+            assert explorer.pct_labels[i].get_text().strip().startswith("n/a:"), f"{name}: n/a says why"
+        try:
+            mem = estimate(config, name, {}, batch_size=state["batch_size"], seq_len=state["seq_len"],
+                           dtype=state["dtype"], optimizer=state["optimizer"]).total / GIB if pct else None
+        except SurveyError:
+            mem = None
+        if mem:
+            _close(explorer.mem_bars[i].get_width(), mem, f"memory of {name}")
+            mems.append(mem)
+        else:
+            assert explorer.mem_bars[i].get_width() == 0
+    if not mems:
+        assert explorer.mem_note.get_text(), "an empty memory panel says why"
+    assert_limits_contain(explorer.ax_mem, xs=mems, what="memory panel")
+    assert "n/a (note)" not in explorer.table.value or "<li>" in explorer.table.value, "n/a cells have notes"

@@ -1,0 +1,107 @@
+"""Every explorer's plotted data, read back from its artists, equals an independent computation (issue 19)."""
+
+from __future__ import annotations
+
+import pytest
+
+from survey_utils.figures.explorer import ComparisonExplorer
+from survey_utils.widgets import MethodExplorer
+from survey_utils.widgets.budget import EqualBudgetExplorer
+from survey_utils.widgets.memory import MemoryExplorer
+from survey_utils.widgets.prompts import PromptLengthExplorer
+from tests.widgets.plot_truth import (
+    GIB,
+    assert_legend_outside,
+    check_budget,
+    check_comparison,
+    check_memory,
+    check_params,
+    check_prompts,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_memory_explorer_lines_are_what_their_labels_say() -> None:
+    explorer = MemoryExplorer(model="llama-2-7b", method="full")
+    explorer.controls["gradient_checkpointing"].value = True
+    check_memory(explorer)
+    growing = explorer.lines["growing"].get_ydata()
+    assert growing[-1] > 10 * growing[0], "activations + logits grow with s (the issue's line was flat)"
+    for method in ("lora", "lst", "full"):
+        explorer.controls["method"].value = method
+        explorer.controls["gradient_checkpointing"].value = method != "lst"
+        check_memory(explorer)
+    for control in (explorer.ax_bar, explorer.ax_seq):
+        assert_legend_outside(control)
+
+
+def test_memory_explorer_simulation_column_only_when_asked() -> None:
+    explorer = MemoryExplorer(model="tiny-llama", method="lora", background=False)
+    explorer.controls["seq_len"].value = 128
+    check_memory(explorer)
+    explorer.controls["simulate"].value = True
+    assert explorer.view.simulated is not None
+    check_memory(explorer)
+    sim_top = sum(b.patches[1].get_height() for b in explorer.bars.values())
+    assert abs(sim_top - explorer.view.simulated["_peak"] / GIB) / sim_top < 0.01
+
+
+def test_memory_explorer_simulates_in_the_background_with_progress() -> None:
+    explorer = MemoryExplorer(model="tiny-llama", method="lora")
+    explorer.controls["seq_len"].value = 64
+    explorer.controls["simulate"].value = True
+    assert explorer.view.sim_pending and "simulating" in explorer.message.value
+    explorer.controls["batch_size"].value = 2  # other controls stay live while it runs
+    explorer.wait()
+    assert explorer.view.simulated is not None and "simulating" not in explorer.message.value
+    check_memory(explorer)
+
+
+def test_rank_is_disabled_with_a_reason_for_methods_without_r() -> None:
+    explorer = MemoryExplorer(model="gpt2", method="houlsby")
+    assert explorer.controls["rank"].disabled and "no rank" in explorer.controls["rank"].tooltip
+    explorer.controls["method"].value = "lora"
+    assert not explorer.controls["rank"].disabled
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "vera", "ia3", "adalora"])
+def test_method_explorer_sweep_and_bars(method: str) -> None:
+    explorer = MethodExplorer(["lora", "full", "vera", "ia3", "adalora", "llama_adapter"], model="gpt2",
+                              method=method)
+    check_params(explorer)
+
+
+def test_seeds_are_integer_boxes_not_sliders() -> None:
+    import ipywidgets as W
+
+    explorer = MethodExplorer(["vera"], model="llama-2-7b")
+    assert isinstance(explorer.hp_controls["projection_prng_key"], W.BoundedIntText)
+    assert isinstance(explorer.hp_controls["r"], W.IntSlider)
+
+
+def test_compacter_sweeps_the_bottleneck_the_prose_names() -> None:
+    explorer = EqualBudgetExplorer(["houlsby", "compacter", "lst", "lora"], model="roberta-base",
+                                   reference="lora", sweep="bottleneck_size", method="compacter")
+    assert explorer.view.sweep_name == "bottleneck_size"
+    ys = explorer.sweep_line.get_ydata()
+    assert max(ys) > 2 * min(ys), "not a flat line"
+    check_budget(explorer)
+    explorer.method_control.value = "lst"  # no bottleneck_size: its own first size
+    check_budget(explorer)
+
+
+def test_prompt_explorer_lines() -> None:
+    explorer = PromptLengthExplorer(model="gpt2")
+    check_prompts(explorer)
+    explorer.controls["num_virtual_tokens"].value = 77
+    check_prompts(explorer)
+
+
+def test_comparison_explorer_blank_panel_says_why() -> None:
+    explorer = ComparisonExplorer(model="gpt2")
+    check_comparison(explorer)
+    explorer.controls["seq_len"].value = 2048
+    check_comparison(explorer)
+    assert "exceeds the context" in explorer.mem_note.get_text()
+    assert "Notes" in explorer.table.value and "(see note)" not in explorer.table.value
