@@ -157,23 +157,26 @@ for model in ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5"]:
 # The explorer's controls come from each method's hyper-parameters: `bottleneck_size` (0 takes
 # `hidden // reduction_factor`), the reduction factor, the non-linearity, the block range, and the placement
 # (Houlsby, Pfeiffer and parallel are separate methods; AdapterDrop and Compacter have a `placement`
-# control). Top left: trainable parameters as `bottleneck_size` sweeps its range; top right: every method of
+# control). Top left: trainable parameters as `bottleneck_size` sweeps its range (the dot sits where the
+# derived bottleneck lands while it is 0; LST, which has none, sweeps its reduction factor); top right: every method of
 # the chapter on the same model. Below: the same budget spent on LoRA (its rank chosen so that its count is
 # closest to the method's) and the memory of one training step for both (chapter 00's memory model; batch
 # 8 x 512 tokens, bf16, AdamW).
 
 # %%
-explorer = EqualBudgetExplorer([*CHAPTER, "lora"], model="roberta-base", reference="lora", title="Additive methods: trainable parameters")
+explorer = EqualBudgetExplorer([*CHAPTER, "lora"], model="roberta-base", reference="lora", sweep="bottleneck_size",
+                               title="Additive methods: trainable parameters")
 explorer
 
 # %% [markdown]
-# The explorer is driven by plain values, so a change of setting is one assignment (the plots redraw):
+# The explorer is driven by plain values, so a change of setting is one assignment (the plots redraw). A
+# second one, not displayed, so that the one above stays on roberta-base as the text says:
 
 # %%
-explorer.model_control.value = "llama-2-7b"
-explorer.method_control.value = "lst"
-print(f"{explorer.view.method} on {explorer.view.model}: {explorer.view.trainable:,} trainable "
-      f"({explorer.view.percent:.3f}%)")
+llama = EqualBudgetExplorer([*CHAPTER, "lora"], model="roberta-base", reference="lora", sweep="bottleneck_size")
+llama.model_control.value = "llama-2-7b"
+llama.method_control.value = "lst"
+print(f"{llama.view.method} on {llama.view.model}: {llama.view.trainable:,} trainable ({llama.view.percent:.3f}%)")
 
 # %% [markdown]
 # ## Memory: what adapters add, and what LST saves

@@ -151,7 +151,8 @@ print(format_rows([three_way("llama-2-7b", "lora", r=r, target_modules=all_linea
 #   smoothed sensitivity $|w\,\partial L/\partial w|$ times its uncertainty, and zeroes the lowest $\lambda_i$
 #   across *all* layers as a budget falls from $r_0$ to $\bar r$ per layer on a cubic schedule.
 # * **VeRA** shares one pair of frozen random matrices between all layers and trains only two vectors per
-#   layer: a few thousand parameters for a whole model.
+#   layer ($d_\text{out} + r$ numbers): a few thousand per layer, a few hundred thousand for a whole 7B model
+#   at its default $r = 256$ (printed below).
 # * **LoHa** multiplies two rank-$r$ products element-wise: rank up to $r^2$ for twice LoRA's parameters.
 # * **LoKr** and **KronA** use a Kronecker product: rank$(W_1\otimes W_2)$ = rank$(W_1)\,$rank$(W_2)$, so a few
 #   hundred numbers can give a full-rank update. KronA never forms the product:
@@ -161,6 +162,7 @@ print(format_rows([three_way("llama-2-7b", "lora", r=r, target_modules=all_linea
 import matplotlib.pyplot as plt
 
 from survey_utils.experiments.ch04_reparameterized import adalora_allocation, update_spectra
+from survey_utils.figures.charts import stacked_terms
 from survey_utils.memory.estimate import estimate
 from survey_utils.methods.layers import lowrank
 from survey_utils.methods.reparameterized import DoRALinear
@@ -217,8 +219,8 @@ assert all(row["match"] for row in family_rows)
 # includes their $r(\max d_\text{in} + \max d_\text{out})$ numbers, though they sit in memory:
 
 # %%
-from survey_utils.methods.reparameterized import adalora_effective_params, vera_projection_numel  # noqa: E402
-from survey_utils.zoo import load_config  # noqa: E402
+from survey_utils.methods.reparameterized import adalora_effective_params, vera_projection_numel
+from survey_utils.zoo import load_config
 
 llama = load_config("llama-2-7b")
 qv = {"target_modules": ["q_proj", "v_proj"]}
@@ -258,7 +260,7 @@ family_explorer = MethodExplorer(FAMILY, model="llama-2-7b", method="dora", titl
 family_explorer
 
 # %%
-from survey_utils.widgets.memory import MemoryExplorer  # noqa: E402
+from survey_utils.widgets.memory import MemoryExplorer
 
 memory_explorer = MemoryExplorer(methods=FAMILY, model="llama-2-7b", method="dora")
 memory_explorer
@@ -277,18 +279,8 @@ for name, hp in {**LLAMA_R8, "vera": {"r": 256}}.items():
                            if k.startswith("method: ")}
     print(f"{name:<8} peak {est.total / 2**30:6.2f} GiB   method's saved tensors "
           f"{sum(family_memory[name].values()) / 2**20:8.1f} MiB")
-with plt.ioff():
-    fig, ax = plt.subplots(figsize=(8, 2.8), layout="constrained")
-labels = sorted({k for terms in family_memory.values() for k in terms})
-left = [0.0] * len(family_memory)
-for label in labels:
-    widths = [family_memory[m].get(label, 0) / 2**20 for m in family_memory]
-    ax.barh(list(family_memory), widths, left=left, label=label)
-    left = [a + b for a, b in zip(left, widths, strict=True)]
-ax.invert_yaxis()
-ax.set_xlabel("MiB saved for backward by the method's modules")
-ax.legend(fontsize=7, loc="lower right")
-fig
+stacked_terms(family_memory, "MiB saved for backward by the method's modules (all adapted layers)",
+              legend_title="tensor saved by the method (its memory term, per adapted layer)")
 
 # %% [markdown]
 # ## What rank can each form express? A short fit
@@ -298,9 +290,9 @@ fig
 # values of each learned $\Delta W$: LoRA stops at $r$, LoHa at $r^2$, LoKr at rank$(W_1)\cdot$rank$(W_2)$.
 
 # %%
-import copy  # noqa: E402
+import copy
 
-from survey_utils.zoo import build_model  # noqa: E402
+from survey_utils.zoo import build_model
 
 tiny = build_model("tiny-llama", seed=0)
 q_proj = tiny.model.layers[0].self_attn.q_proj
@@ -334,9 +326,9 @@ fig
 # `v_proj` layers share the rest is noisier over so few steps (importance is estimated from gradients).
 
 # %%
-import torch  # noqa: E402
+import torch
 
-from survey_utils.counting import apply_method  # noqa: E402
+from survey_utils.counting import apply_method
 
 teacher = build_model("tiny-llama", seed=0)
 generator = torch.Generator().manual_seed(1)
@@ -373,9 +365,9 @@ fig
 # merged adapters. The numbers below are read from the file it writes, with the command that wrote it.
 
 # %%
-import csv  # noqa: E402
+import csv
 
-from survey_utils.zoo import DATA_DIR  # noqa: E402
+from survey_utils.zoo import DATA_DIR
 
 with (DATA_DIR / "lora_family_step_time.csv").open() as handle:
     timings = list(csv.DictReader(handle))
