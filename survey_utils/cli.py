@@ -1,6 +1,11 @@
 """``python -m survey_utils``: count, memory, models, methods, figures, build-notebooks.
 
 Bad input prints one line, ``error: ...`` naming the bad value, on stderr and exits 2; never a traceback.
+
+Cold start: the arguments are parsed before anything heavy is imported, and each command imports what it
+needs inside its function. torch, transformers and peft belong to the commands that build models
+(``count --implementation scratch|peft``, ``memory --simulate``, ``figures``, ``build-notebooks``); configs are
+read by :mod:`survey_utils.zoo` without them. ``benchmarks/cold_start.py`` times every command.
 """
 
 from __future__ import annotations

@@ -70,3 +70,16 @@ class _no_exit:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("argv", [["models"], ["models", "--json"], ["count"], ["frobnicate"], ["models", "-x"]])
+def test_models_and_usage_errors_import_no_torch(argv: list[str]) -> None:
+    """Cold start (issue 11): listing the zoo and argparse's errors load neither torch, transformers nor peft.
+
+    A fresh interpreter checks; how long each command takes is benchmarks/cold_start.py's business.
+    """
+    script = ("import sys\nfrom survey_utils.cli import main\n"
+              f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
