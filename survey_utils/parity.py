@@ -104,6 +104,9 @@ def parity(model: str, method: str | Method, atol: float = 1e-5,
         randomise_method_params(ours, method)
         copied = copy_into_peft(ours, theirs, method)
     inputs = example_inputs(config)
+    if method.takes_task_ids:  # one task per example, cycling through the tasks the method serves
+        tasks = method.resolve(config, **overrides)[method.tasks_hp]
+        inputs["task_ids"] = torch.arange(len(inputs["input_ids"])) % tasks
     ours.eval()
     theirs.eval()
     reference = forward(ours, inputs)

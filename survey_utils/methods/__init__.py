@@ -10,6 +10,7 @@ from survey_utils.methods import (  # noqa: F401  (registration side effects)
     adapters,
     baseline,
     hybrid,
+    multi_task,
     quantized,
     reparameterized,
     selective,

@@ -224,6 +224,14 @@ class Method:
     """``peft_frozen_copies(config, **hp) -> int``: frozen parameters peft's implementation holds that ours does
     not (peft's LN tuning deep-copies every target norm, trains the copy and keeps the original): peft's total is
     our total plus this; its trainable count equals ours."""
+    tasks_hp: str | None = None
+    """For a multi-task method (chapter 08): the hyper-parameter that says how many tasks (or source modules) its
+    parameters serve (``num_tasks`` for MPT, peft's ``n_tasks`` for Polytropon, ``num_sources`` for AdapterFusion):
+    widgets grow it to show what each added task costs. ``None``: a single-task method."""
+    takes_task_ids: bool = False
+    """The forward needs ``task_ids`` (an int64 tensor with one task index per example, passed by keyword to the
+    model's forward, as peft's MPT and Polytropon take it); an index outside ``range(hp[tasks_hp])`` is a one-line
+    :class:`SurveyError`. Output parity passes them."""
     parts: tuple[Any, ...] = ()
     """For a hybrid built by :func:`survey_utils.methods.composition.compose`: its parts (each a registered
     method with the recipe's settings); empty for a method of its own."""
@@ -325,6 +333,10 @@ def register(method: Method) -> Method:
     if method.peft_config is not None and not (method.peft_param_map or method.peft_state_sync):
         raise ValueError(f"method '{method.name}' has a peft_config but neither a peft_param_map nor a "
                          "peft_state_sync for output parity")
+    if method.tasks_hp is not None and method.tasks_hp not in names:
+        raise ValueError(f"method '{method.name}': tasks_hp '{method.tasks_hp}' is not one of its hyper-parameters")
+    if method.takes_task_ids and method.tasks_hp is None:
+        raise ValueError(f"method '{method.name}' takes task_ids but names no tasks_hp")
     _REGISTRY[method.name] = method
     return method
 

@@ -1,0 +1,106 @@
+"""Multi-task methods (chapter 08): peft parity with several tasks, per-task cost, one-line refusals, memory.
+
+The registry matrix already counts every method three ways over the zoo; here: what a multi-task method adds
+beyond it (task ids, the cost of one more task, peft parity with more than one task).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from survey_utils.counting import apply_method
+from survey_utils.errors import SurveyError
+from survey_utils.memory.estimate import estimate
+from survey_utils.memory.simulate import simulate
+from survey_utils.methods import list_methods
+from survey_utils.parity import parity
+from survey_utils.zoo import build_model, load_config
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+TASKED = [m for m in list_methods() if m.takes_task_ids]
+MULTI = [m for m in list_methods() if m.tasks_hp is not None]
+
+
+def test_the_family_is_registered_with_its_task_fields() -> None:
+    assert {m.family for m in MULTI} == {"multi_task"}
+    assert len(TASKED) >= 2
+    for method in MULTI:
+        assert method.chapter == "08_multi_task" and method.tasks_hp in method.defaults()
+
+
+@pytest.mark.parametrize("method", [m for m in TASKED if m.peft_config is not None], ids=lambda m: m.name)
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5"])
+def test_peft_parity_with_three_tasks(method, model: str) -> None:
+    """Three tasks, two examples of different tasks per batch: ours == peft's, where peft's forward runs."""
+    settings = {method.tasks_hp: 3}
+    try:
+        method.resolve(load_config(model), **settings)
+    except SurveyError:
+        pytest.skip(f"{method.name} does not apply to {model}")
+    try:
+        report = parity(model, method, **settings)
+    except (ValueError, TypeError) as error:  # peft's own forward fails (see the method's notes)
+        assert model in ("tiny-bert", "tiny-t5"), f"{method.name} on {model}: {error}"
+        pytest.skip(f"peft's {method.name} forward fails on {model}: {str(error)[:80]}")
+    assert report.ok, report
+
+
+@pytest.mark.parametrize("method", MULTI, ids=lambda m: m.name)
+def test_each_added_task_costs_the_same(method) -> None:
+    config = load_config("tiny-llama")
+    counts = [method.count(config, **{method.tasks_hp: t}) for t in (1, 2, 3, 10)]
+    per_task = counts[1] - counts[0]
+    assert per_task > 0 and counts[2] - counts[1] == per_task and counts[3] - counts[0] == 9 * per_task
+
+
+def _tasked_model(method, tasks: int = 3):
+    model = build_model("tiny-llama", seed=0)
+    return apply_method(model, method, **{method.tasks_hp: tasks})
+
+
+@pytest.mark.parametrize("method", TASKED, ids=lambda m: m.name)
+def test_task_ids_route_examples_and_bad_ids_are_one_line(method) -> None:
+    model = _tasked_model(method).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.5)
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outs = [model(input_ids=ids, task_ids=torch.tensor([k])).logits for k in range(3)]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+    both = torch.cat([ids, ids])
+    with torch.no_grad():
+        joint = model(input_ids=both, task_ids=torch.tensor([2, 0])).logits
+    assert torch.allclose(joint[0], outs[2][0], atol=1e-5) and torch.allclose(joint[1], outs[0][0], atol=1e-5)
+    for bad, fragment in ((torch.tensor([3]), "task id 3 is out of range: this model serves 3 tasks"),
+                          (torch.tensor([-1]), "task id -1 is out of range"),
+                          (None, "task_ids must be passed"),
+                          (torch.tensor([0, 1]), "task_ids has 2 entries for a batch of 1")):
+        with pytest.raises(SurveyError, match=fragment) as info:
+            model(input_ids=ids, task_ids=bad)
+        assert "\n" not in str(info.value)
+
+
+def test_poly_refuses_conv1d_and_splits_that_do_not_divide() -> None:
+    from survey_utils.methods import get_method
+
+    poly = get_method("poly")
+    with pytest.raises(SurveyError, match="poly adapts linear modules"):
+        poly.resolve(load_config("tiny-gpt2"))
+    with pytest.raises(SurveyError, match="n_splits=3 does not divide"):
+        poly.resolve(load_config("tiny-llama"), n_splits=3)
+    with pytest.raises(SurveyError, match="n_skills=65 is above its maximum 64"):
+        poly.resolve(load_config("tiny-llama"), n_skills=65)
+
+
+@pytest.mark.parametrize(("model", "method", "hp"), [
+    ("tiny-llama", "poly", {}),
+    ("tiny-llama", "mpt", {}),
+    ("tiny-bert", "poly", {"n_skills": 8}),
+])
+def test_estimate_within_five_percent_of_the_simulation(model: str, method: str, hp: dict) -> None:
+    est = estimate(model, method, hp, device="cpu", batch_size=2, seq_len=128)
+    sim = simulate(model, method, hp, batch_size=2, seq_len=128)
+    assert abs(est.total - sim.peak) / sim.peak < 0.05
