@@ -14,16 +14,17 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
-from transformers import PretrainedConfig
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 from survey_utils.architecture import COMPONENTS, layout, params_by_component, total_params
 from survey_utils.errors import SurveyError
-from survey_utils.methods.registry import Method, get_method
+from survey_utils.methods.registry import MASK_INDEX_SUFFIX, Method, get_method
 from survey_utils.zoo import build_model, load_config
+
+if TYPE_CHECKING:  # the closed form needs neither; only the paths that build a model import torch
+    from torch import nn
+    from transformers import PretrainedConfig
 
 IMPLEMENTATIONS = ("formula", "scratch", "peft")
 
@@ -142,6 +143,8 @@ def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method
     built = build_model(config, device="meta")
     if implementation == "scratch":
         return count_parameters(apply_method(built, method, **overrides))
+    import torch
+
     with torch.device("meta"):  # modules peft creates itself (prompt encoders) go on meta too: no memory
         wrapped = peft_model(built, method, **overrides)
     trainable, total = wrapped.get_nb_trainable_parameters()

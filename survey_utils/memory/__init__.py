@@ -14,9 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from survey_utils.memory.estimate import MemoryEstimate, estimate
-from survey_utils.memory.measure import Measurement, measure
-from survey_utils.memory.simulate import Simulation, simulate
 from survey_utils.units import format_bytes
+
+_LAZY = {"Measurement": "measure", "measure": "measure", "Simulation": "simulate", "simulate": "simulate"}
+
+
+def __getattr__(name: str) -> Any:
+    """The simulation and the measurement import torch: load them on first use, so the closed form stays fast."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"survey_utils.memory.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'survey_utils.memory' has no attribute '{name}'")
 
 __all__ = ["MemoryEstimate", "Measurement", "Simulation", "cli_memory", "estimate", "format_bytes", "measure",
            "simulate", "validation_figure"]
@@ -35,7 +44,11 @@ def cli_memory(args: argparse.Namespace) -> int:
     )
     device = getattr(args, "device", "cuda")
     result = estimate(args.model, method, hp, device=device, **settings)
-    sim = simulate(args.model, method, hp, **settings) if args.simulate else None
+    sim = None
+    if args.simulate:
+        from survey_utils.memory.simulate import simulate
+
+        sim = simulate(args.model, method, hp, **settings)
     # The simulation runs CPU kernels: its error is taken against the CPU estimate (like with like).
     versus = result if sim is None or device == "cpu" else estimate(args.model, method, hp, device="cpu", **settings)
     if args.json:

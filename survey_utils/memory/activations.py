@@ -25,24 +25,35 @@ model's dtype.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PretrainedConfig
+from survey_utils.architecture import (  # the stages are the layout's (ModuleSpec.stage); re-exported here
+    ATTN_CORE,
+    ATTN_IN,
+    ATTN_NORM,
+    ATTN_OUT,
+    ATTN_POST,
+    CROSS_CORE,
+    CROSS_IN,
+    CROSS_NORM,
+    CROSS_OUT,
+    CROSS_POST,
+    INPUT,
+    MLP_ACT,
+    MLP_IN,
+    MLP_NORM,
+    MLP_OUT,
+    MLP_POST,
+    Layout,
+    ModuleSpec,
+)
 
-from survey_utils.architecture import Layout, ModuleSpec
-
-# Stages of a block, in forward order. A trainable module at stage x makes every later stage save.
-INPUT = -math.inf
-ATTN_NORM, ATTN_IN, ATTN_CORE, ATTN_OUT, ATTN_POST = 0.0, 1.0, 2.0, 3.0, 4.0
-CROSS_NORM, CROSS_IN, CROSS_CORE, CROSS_OUT, CROSS_POST = 4.2, 4.4, 4.5, 4.6, 4.8
-MLP_NORM, MLP_IN, MLP_ACT, MLP_OUT, MLP_POST = 5.0, 6.0, 7.0, 8.0, 9.0
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 LINEAR_INPUTS = "linear inputs (trainable weights)"
-ATTN_OUT_NAMES = ("o_proj", "o", "c_proj", "dense", "out_proj")
-MLP_OUT_NAMES = ("down_proj", "c_proj", "wo", "fc2", "dense_4h_to_h")
 DEVICES = ("cuda", "cpu")
 
 

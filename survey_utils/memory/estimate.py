@@ -113,10 +113,11 @@ class MemoryEstimate:
 
 
 def supports_sdpa(config: PretrainedConfig) -> bool:
-    """Whether transformers' class for this config can use SDPA (BLOOM cannot: it adds ALiBi by hand)."""
-    from survey_utils.zoo import model_class
+    """Whether transformers' class for this config can use SDPA (BLOOM cannot: it adds ALiBi by hand); from
+    the table the zoo records from transformers, so no model class is imported."""
+    from survey_utils.zoo import supports_sdpa as recorded
 
-    return bool(getattr(model_class(config), "_supports_sdpa", False))
+    return recorded(config)
 
 
 def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any], batch_size: int, seq_len: int,
