@@ -49,6 +49,7 @@ from IPython.display import Code, Markdown, display
 from survey_utils.counting import apply_method, closed_form, format_rows, three_way
 from survey_utils.memory.estimate import estimate
 from survey_utils.methods import adapters, get_method
+from survey_utils.methods.layers import adapters as adapter_layers
 from survey_utils.parity import example_inputs, forward, parity
 from survey_utils.plotting import human
 from survey_utils.widgets.budget import EqualBudgetExplorer
@@ -78,8 +79,8 @@ display(Markdown("| method | paper | Xu et al. 2023 | Wang et al. 2024 | Lialin 
 # wrapper keeps the frozen module as `base_layer`, so counting still finds the base model's parameters.
 
 # %%
-display(Code(inspect.getsource(adapters.Bottleneck), language="python"))
-display(Code(inspect.getsource(adapters.AdapterWrapper.forward), language="python"))
+display(Code(inspect.getsource(adapter_layers.Bottleneck), language="python"))
+display(Code(inspect.getsource(adapter_layers.AdapterWrapper.forward), language="python"))
 
 # %% [markdown]
 # Where adapters go is read from the model's layout, not hard-coded per architecture: in each block the
@@ -98,9 +99,9 @@ for model in ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5", "opt-350m", "bl
 # side network of Ladder Side-Tuning:
 
 # %%
-display(Code(inspect.getsource(adapters.PHMLinear.kron_weight), language="python"))
-display(Code(inspect.getsource(adapters.IA3Layer.forward), language="python"))
-display(Code(inspect.getsource(adapters.LadderSideNetwork.step), language="python"))
+display(Code(inspect.getsource(adapter_layers.PHMLinear.kron_weight), language="python"))
+display(Code(inspect.getsource(adapter_layers.IA3Layer.forward), language="python"))
+display(Code(inspect.getsource(adapter_layers.LadderSideNetwork.step), language="python"))
 
 # %% [markdown]
 # The closed forms, e.g. the bottleneck adapters' and LST's:

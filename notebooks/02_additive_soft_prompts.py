@@ -45,7 +45,7 @@ from survey_utils.counting import apply_method, count_parameters, format_rows, t
 from survey_utils.experiments.ch02_soft_prompts import peft_trainable_at_defaults
 from survey_utils.memory.estimate import estimate
 from survey_utils.methods import get_method
-from survey_utils.methods import soft_prompts as sp
+from survey_utils.methods.layers import prompts
 from survey_utils.parity import parity
 from survey_utils.plotting import human
 from survey_utils.units import format_bytes
@@ -78,22 +78,22 @@ display(Markdown("\n".join(rows)))
 # its name and stays frozen:
 
 # %%
-display(Code(inspect.getsource(sp.PromptEmbedding), language="python"))
-display(Code(inspect.getsource(sp._prompt_pre_hook), language="python"))
+display(Code(inspect.getsource(prompts.PromptEmbedding), language="python"))
+display(Code(inspect.getsource(prompts._prompt_pre_hook), language="python"))
 
 # %% [markdown]
 # Prefixes are handed to the model as the key/value cache it already knows how to read (`past_key_values`
 # in transformers 5), one (key, value) pair per layer, shaped by the key/value heads:
 
 # %%
-display(Code(inspect.getsource(sp.PrefixEncoder), language="python"))
-display(Code(inspect.getsource(sp._prefix_pre_hook), language="python"))
+display(Code(inspect.getsource(prompts.PrefixEncoder), language="python"))
+display(Code(inspect.getsource(prompts._prefix_pre_hook), language="python"))
 
 # %% [markdown]
 # LLaMA-Adapter hooks each adapted attention module and adds the gated adaption-prompt branch:
 
 # %%
-display(Code(inspect.getsource(sp._adaption_hook), language="python"))
+display(Code(inspect.getsource(prompts._adaption_hook), language="python"))
 
 # %% [markdown]
 # ## Check 1 — three counts agree

@@ -29,7 +29,7 @@ from IPython.display import Code, Markdown, display
 
 from survey_utils.counting import format_rows, three_way
 from survey_utils.methods import get_method
-from survey_utils.methods.reparameterized import LoRALinear
+from survey_utils.methods.layers.lowrank import LoRALinear
 from survey_utils.parity import parity
 from survey_utils.widgets import MethodExplorer
 
@@ -165,7 +165,7 @@ from survey_utils.experiments.ch04_reparameterized import adalora_allocation, up
 from survey_utils.figures.charts import stacked_terms
 from survey_utils.memory.estimate import estimate
 from survey_utils.methods.layers import lowrank
-from survey_utils.methods.reparameterized import DoRALinear
+from survey_utils.methods.layers.lowrank import DoRALinear
 
 FAMILY = ["lora", "rslora", "dora", "adalora", "vera", "loha", "lokr", "krona"]
 rows = [f"| {get_method(m).title} | {get_method(m).taxonomy.xu} | {get_method(m).taxonomy.wang} | "

@@ -1,5 +1,8 @@
 """Parts every family shares: freezing, finding and replacing target modules, merging.
 
+Torch-free at import (the registry and the closed forms load without it): the helpers that build tensors
+import torch when they are called.
+
 A method's ``apply`` calls :func:`adapt_targets` with a factory that wraps one base module; the factory
 creates its parameters on the base weight's device and dtype, so the same code runs on ``cpu``, on
 ``meta`` and under ``FakeTensorMode`` (where ``Module.to()`` fails on fake parameters).
@@ -8,16 +11,16 @@ creates its parameters on the base weight's device and dtype, so the same code r
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-import torch
-from torch import nn
-from transformers import PretrainedConfig
-from transformers.pytorch_utils import Conv1D
+from typing import TYPE_CHECKING, Any
 
 from survey_utils.architecture import ModuleSpec, layout
 from survey_utils.errors import SurveyError
 from survey_utils.targeting import select
+
+if TYPE_CHECKING:  # typing only: the helpers that need torch import it when called (counting never does)
+    import torch
+    from torch import nn
+    from transformers import PretrainedConfig
 
 LINEAR_KINDS = ("linear", "conv1d")
 
@@ -31,6 +34,9 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def linear_dims(module: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, fan_in_fan_out)``; GPT-2's Conv1D stores its weight transposed."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
     if isinstance(module, Conv1D):
@@ -75,6 +81,9 @@ def adapt_targets(model: nn.Module, method: str, hp: dict[str, Any],
 def new_parameter(shape: tuple[int, ...], like: torch.Tensor, init: Callable[[torch.Tensor], Any] | None = None,
                   dtype: torch.dtype | None = None) -> nn.Parameter:
     """A trainable parameter on ``like``'s device (and dtype unless given), initialised in place."""
+    import torch
+    from torch import nn
+
     tensor = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
     if init is not None and tensor.device.type != "meta":
         with torch.no_grad():

@@ -8,25 +8,22 @@ weight after training, so inference costs what the base model costs.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
-
-import torch
-from torch import nn
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import (
     LINEAR_KINDS,
     adapt_targets,
     freeze,
-    linear_dims,
-    new_parameter,
     replace_module,
     target_specs,
 )
-from survey_utils.methods.layers import lowrank as _lowrank
 from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register
+from survey_utils.methods.shapes import factorization, lokr_numel
+
+if TYPE_CHECKING:  # typing only: the layers (and torch) are imported inside ``apply``
+    from torch import nn
+    from transformers import PretrainedConfig
 
 TARGET_HPS = (
     HyperParam("target_modules", "targets", None,
@@ -39,68 +36,14 @@ TARGET_HPS = (
 )
 
 
-class LoRALinear(nn.Module):
-    r"""LoRA around a frozen linear layer (Hu et al. 2021, arXiv:2106.09685).
-
-    ::
-
-        x ──► [ W0  (frozen, d_out × d_in) ] ─────────────────────┐
-        │                                                         (+) ──► h
-        └──► dropout ─► [ A (r × d_in) ] ─► [ B (d_out × r) ] ─ × α/r ┘
-
-    .. math:: h = W_0 x + \frac{\alpha}{r} B A x
-
-    A starts like a default linear layer (Kaiming-uniform) and B at zero, so at initialisation
-    ``h = W0 x``: training starts from the pretrained model. With ``use_rslora`` the scale is
-    :math:`\alpha/\sqrt{r}` (rsLoRA, Kalajdzievski 2023, arXiv:2312.03732). ``merge`` adds
-    :math:`\frac{\alpha}{r} BA` into ``W0`` so that inference has no extra cost.
-    """
-
-    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features, self.fan_in_fan_out = linear_dims(base_layer)
-        weight = base_layer.weight
-        self.lora_A = new_parameter((r, self.in_features), weight,
-                                    lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
-        self.lora_B = new_parameter((self.out_features, r), weight, nn.init.zeros_)
-        self.r = r
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.merged = False
-
-    def delta_weight(self) -> torch.Tensor:
-        """:math:`\\frac{\\alpha}{r} B A`, laid out like the base weight."""
-        delta = (self.lora_B @ self.lora_A) * self.scaling
-        return delta.T if self.fan_in_fan_out else delta
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.merged:
-            return result
-        low_rank = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
-        return result + (low_rank * self.scaling).to(result.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = False
-
-
 def apply_lora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
                **targets: Any) -> nn.Module:
-    """Freeze ``model`` and wrap each target linear layer in :class:`LoRALinear`."""
+    """Freeze ``model`` and wrap each target linear layer in :class:`~survey_utils.methods.layers.lowrank.LoRALinear`."""
+    from survey_utils.methods.layers import lowrank
+
     freeze(model)
     adapt_targets(model, "lora", targets,
-                  lambda base: LoRALinear(base, r, lora_alpha, lora_dropout, use_rslora))
+                  lambda base: lowrank.LoRALinear(base, r, lora_alpha, lora_dropout, use_rslora))
     return model
 
 
@@ -259,8 +202,8 @@ def krona_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, 
     t = batch_size * seq_len
     middle = 0
     for s in specs:
-        a1, _ = _lowrank.factorization(s.out_features, krona_factor)
-        _, b2 = _lowrank.factorization(s.in_features, krona_factor)
+        a1, _ = factorization(s.out_features, krona_factor)
+        _, b2 = factorization(s.in_features, krona_factor)
         middle += adapter_bytes * t * a1 * b2
     return {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, 0.0), "A X (t x a1 x b2)": middle}
 
@@ -295,88 +238,20 @@ LORA = register(Method(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The family beyond LoRA. Layers other than DoRA's live in ``_lowrank``; every registration is here.
+# The family beyond LoRA. Every layer lives in ``layers/lowrank.py``; every registration is here.
 # ---------------------------------------------------------------------------------------------------------
-
-
-
-class DoRALinear(LoRALinear):
-    r"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353).
-
-    .. math:: W' = m \odot \frac{W_0 + \frac{\alpha}{r} B A}{\lVert W_0 + \frac{\alpha}{r} B A \rVert_c}
-
-    The direction is LoRA's updated weight, normalised row by row (one norm per output feature, peft's
-    ``torch.linalg.norm(W, dim=1)`` on the ``d_out x d_in`` weight; the paper's "column-wise" norm
-    of its ``d_in x d_out`` convention); the magnitude ``m`` (``lora_magnitude``, d_out) trains.
-    ``m`` starts at :math:`\lVert W_0\rVert_c` and B at zero, so ``W' = W0`` at initialisation. As in the
-    paper (section 4.3) and peft, the norm is detached: it follows :math:`\Delta W` but gets no gradient.
-    Forward, like peft's: :math:`h = W_0x + (\frac{m}{n} - 1) W_0 x + \frac{m}{n}\frac{\alpha}{r} BAx`
-    (bias untouched). The norm needs :math:`W_0 + \Delta W` at full size for every adapted layer, the
-    extra memory and time DoRA costs over LoRA.
-    """
-
-    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False) -> None:
-        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
-        self.lora_magnitude = new_parameter((self.out_features,), base_layer.weight,
-                                            lambda t: t.copy_(torch.linalg.norm(self._weight(), dim=1)))
-        self._merge_norm: torch.Tensor | None = None
-
-    def _weight(self) -> torch.Tensor:
-        """The base weight as ``d_out x d_in``."""
-        weight = self.base_layer.weight
-        return weight.T if self.fan_in_fan_out else weight
-
-    @torch.no_grad()
-    def weight_norm(self) -> torch.Tensor:
-        """:math:`\\lVert W_0 + \\frac{\\alpha}{r} BA \\rVert` per output feature, detached."""
-        delta = (self.lora_B @ self.lora_A) * self.scaling
-        return torch.linalg.norm(self._weight() + delta.to(self._weight().dtype), dim=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.merged:
-            return result
-        dropped = self.lora_dropout(x).to(self.lora_A.dtype)
-        scale = self.lora_magnitude / self.weight_norm()
-        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
-            bias = self.base_layer.bias
-            base = result - bias if bias is not None else result
-        else:
-            base = nn.functional.linear(dropped, self._weight())
-        low_rank = dropped @ self.lora_A.T @ self.lora_B.T
-        return result + ((scale - 1) * base + scale * low_rank * self.scaling).to(result.dtype)
-
-    def _set_weight(self, weight: torch.Tensor) -> None:
-        self.base_layer.weight.copy_(weight.T if self.fan_in_fan_out else weight)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """:math:`W \\leftarrow \\frac{m}{n}(W_0 + \\Delta W)`, keeping the norm n to undo it exactly."""
-        if not self.merged:
-            delta = ((self.lora_B @ self.lora_A) * self.scaling).to(self._weight().dtype)
-            self._merge_norm = self.weight_norm()
-            factor = (self.lora_magnitude / self._merge_norm)[:, None]
-            self._set_weight(factor * (self._weight() + delta))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged and self._merge_norm is not None:
-            delta = ((self.lora_B @ self.lora_A) * self.scaling).to(self._weight().dtype)
-            factor = (self.lora_magnitude / self._merge_norm)[:, None]
-            self._set_weight(self._weight() / factor - delta)
-            self.merged = False
-            self._merge_norm = None
 
 
 # --- DoRA -------------------------------------------------------------------------------------------------
 
 def apply_dora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
                **targets: Any) -> nn.Module:
-    """Freeze ``model`` and wrap each target linear layer in :class:`DoRALinear`."""
+    """Freeze ``model`` and wrap each target linear layer in :class:`~survey_utils.methods.layers.lowrank.DoRALinear`."""
+    from survey_utils.methods.layers import lowrank
+
     freeze(model)
-    adapt_targets(model, "dora", targets, lambda base: DoRALinear(base, r, lora_alpha, lora_dropout, use_rslora))
+    adapt_targets(model, "dora", targets,
+                  lambda base: lowrank.DoRALinear(base, r, lora_alpha, lora_dropout, use_rslora))
     return model
 
 
@@ -437,10 +312,12 @@ def apply_adalora(model: nn.Module, init_r: int, lora_alpha: float, lora_dropout
     ``model.rank_allocator`` (a :class:`~survey_utils.methods.layers.lowrank.RankAllocator`): call its
     ``update_and_allocate(step)`` after each optimizer step, and add
     ``orth_reg_weight * orthogonal_regularization(model)`` to the loss."""
+    from survey_utils.methods.layers import lowrank
+
     freeze(model)
     adapt_targets(model, "adalora", _targets(hp),
-                  lambda base: _lowrank.SVDLinear(base, init_r, lora_alpha, lora_dropout))
-    model.rank_allocator = _lowrank.RankAllocator(model, **hp)
+                  lambda base: lowrank.SVDLinear(base, init_r, lora_alpha, lora_dropout))
+    model.rank_allocator = lowrank.RankAllocator(model, **hp)
     return model
 
 
@@ -542,16 +419,18 @@ def apply_vera(model: nn.Module, r: int, projection_prng_key: int, vera_dropout:
                **targets: Any) -> nn.Module:
     """Freeze ``model``; create the shared random A, B once (``model.vera_projections``), sized for the
     largest adapted layer; wrap each target in :class:`~survey_utils.methods.layers.lowrank.VeRALinear`."""
+    from survey_utils.methods.layers import lowrank
+
     freeze(model)
     specs = target_specs(model.config, "vera", targets)
     max_in = max(s.in_features for s in specs)
     max_out = max(s.out_features for s in specs)
     like = model.get_submodule(specs[0].name).weight
-    shared = _lowrank.VeRAProjections(r, max_in, max_out, projection_prng_key, like)
+    shared = lowrank.VeRAProjections(r, max_in, max_out, projection_prng_key, like)
     model.vera_projections = shared
     for spec in specs:
         base = model.get_submodule(spec.name)
-        replace_module(model, spec.name, _lowrank.VeRALinear(base, shared, r, vera_dropout, d_initial))
+        replace_module(model, spec.name, lowrank.VeRALinear(base, shared, r, vera_dropout, d_initial))
     return model
 
 
@@ -621,9 +500,11 @@ LINEAR_ONLY = ("linear",)  # peft's LoHa and LoKr adapt nn.Linear, not GPT-2's C
 def apply_loha(model: nn.Module, r: int, alpha: float, rank_dropout: float, module_dropout: float,
                **targets: Any) -> nn.Module:
     """Freeze ``model`` and wrap each target ``nn.Linear`` in :class:`~survey_utils.methods.layers.lowrank.LoHaLinear`."""
+    from survey_utils.methods.layers import lowrank
+
     freeze(model)
     adapt_targets(model, "loha", targets,
-                  lambda base: _lowrank.LoHaLinear(base, r, alpha, rank_dropout, module_dropout), LINEAR_ONLY)
+                  lambda base: lowrank.LoHaLinear(base, r, alpha, rank_dropout, module_dropout), LINEAR_ONLY)
     return model
 
 
@@ -664,9 +545,11 @@ register(Method(
 def apply_lokr(model: nn.Module, r: int, alpha: float, rank_dropout: float, module_dropout: float,
                decompose_both: bool, decompose_factor: int, rank_dropout_scale: bool, **targets: Any) -> nn.Module:
     """Freeze ``model`` and wrap each target ``nn.Linear`` in :class:`~survey_utils.methods.layers.lowrank.LoKrLinear`."""
+    from survey_utils.methods.layers import lowrank
+
     freeze(model)
     adapt_targets(model, "lokr", targets,
-                  lambda base: _lowrank.LoKrLinear(base, r, alpha, rank_dropout, module_dropout, decompose_both,
+                  lambda base: lowrank.LoKrLinear(base, r, alpha, rank_dropout, module_dropout, decompose_both,
                                                    decompose_factor, rank_dropout_scale), LINEAR_ONLY)
     return model
 
@@ -674,7 +557,7 @@ def apply_lokr(model: nn.Module, r: int, alpha: float, rank_dropout: float, modu
 def lokr_trainable_params(config: PretrainedConfig, r: int, decompose_both: bool, decompose_factor: int,
                           **hp: Any) -> int:
     """Per layer: each Kronecker factor full (``a c`` or ``b d``) or rank-r (``r (a + c)``), by peft's rule."""
-    return sum(_lowrank.lokr_numel(m.in_features, m.out_features, r, decompose_both, decompose_factor)
+    return sum(lokr_numel(m.in_features, m.out_features, r, decompose_both, decompose_factor)
                for m in target_specs(config, "lokr", hp, LINEAR_ONLY))
 
 
@@ -720,8 +603,10 @@ register(Method(
 
 def apply_krona(model: nn.Module, krona_factor: int, scale: float, **targets: Any) -> nn.Module:
     """Freeze ``model`` and wrap each target linear layer in :class:`~survey_utils.methods.layers.lowrank.KronALinear`."""
+    from survey_utils.methods.layers import lowrank
+
     freeze(model)
-    adapt_targets(model, "krona", targets, lambda base: _lowrank.KronALinear(base, krona_factor, scale))
+    adapt_targets(model, "krona", targets, lambda base: lowrank.KronALinear(base, krona_factor, scale))
     return model
 
 
@@ -730,8 +615,8 @@ def krona_trainable_params(config: PretrainedConfig, krona_factor: int, **hp: An
     :math:`d_\text{out}` and :math:`d_\text{in}`."""
     total = 0
     for m in target_specs(config, "krona", hp):
-        a1, b1 = _lowrank.factorization(m.out_features, krona_factor)
-        a2, b2 = _lowrank.factorization(m.in_features, krona_factor)
+        a1, b1 = factorization(m.out_features, krona_factor)
+        a2, b2 = factorization(m.in_features, krona_factor)
         total += a1 * a2 + b1 * b2
     return total
 

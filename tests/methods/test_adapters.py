@@ -11,13 +11,8 @@ from torch.nn import functional as F
 from survey_utils.counting import apply_method, closed_form, count_parameters
 from survey_utils.errors import SurveyError
 from survey_utils.methods import get_method
-from survey_utils.methods.adapters import (
-    AdapterWrapper,
-    LadderSideNetwork,
-    PHMLinear,
-    adapter_sites,
-    block_sites,
-)
+from survey_utils.methods.adapters import adapter_sites, block_sites
+from survey_utils.methods.layers.adapters import AdapterWrapper, LadderSideNetwork, PHMLinear
 from survey_utils.parity import example_inputs, forward, parity, randomise_method_params
 from survey_utils.zoo import build_model, load_config
 from tests.conftest import TINY

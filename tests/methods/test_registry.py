@@ -138,3 +138,55 @@ def _first_model_for(method: Method) -> str:
         except SurveyError:
             continue
     raise LookupError(f"{method.name} at its defaults applies to no tiny model")
+
+
+_TORCH_FREE_CHECK = """
+import sys
+from survey_utils.errors import SurveyError
+from survey_utils.methods import list_methods
+from survey_utils.zoo import load_config
+
+counted = 0
+for model in ("tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5", "llama-2-7b", "opt-350m", "bloom-560m"):
+    config = load_config(model)
+    for method in list_methods():
+        try:
+            hp = method.resolve(config)
+        except SurveyError:
+            continue  # the method does not apply to this model at its defaults
+        method.trainable_params(config, **hp)
+        method.added_params(config, **hp)
+        method.memory_terms(config, 2, 16, 2, 4, **hp)  # batch 2, 16 positions, bf16 model, fp32 adapter
+        for extra in (method.extra_positions, method.gradient_sites, method.largest_trainable_tensor):
+            if extra is not None:
+                extra(config, **hp)
+        if method.default_targets is not None:
+            method.default_targets(config)
+        counted += 1
+heavy = sorted({name.split(".")[0] for name in sys.modules} & {"torch", "transformers", "peft"})
+print(counted, heavy)
+"""
+
+
+def test_registry_and_closed_forms_load_without_torch() -> None:
+    """``import survey_utils.methods`` and every closed form (counts, memory terms, positions, gradient sites,
+    default targets) on zoo configs import neither torch, transformers nor peft: the command line's count
+    answers in well under a second."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _TORCH_FREE_CHECK], capture_output=True, text=True,
+                            check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    counted, heavy = result.stdout.split(maxsplit=1)
+    assert int(counted) >= 7 * 10 and heavy.strip() == "[]", result.stdout
+
+
+def test_ia3_default_targets_are_peft_s() -> None:
+    """The (IA)^3 tables the closed form reads without peft are the installed peft's."""
+    from survey_utils.methods import peft_mappings
+
+    assert peft_mappings.from_peft() == {"IA3_TARGET_MODULES": peft_mappings.IA3_TARGET_MODULES,
+                                         "IA3_FEEDFORWARD_MODULES": peft_mappings.IA3_FEEDFORWARD_MODULES}, (
+        "peft's IA3 mappings changed: python -m survey_utils.methods.peft_mappings > "
+        "survey_utils/methods/peft_mappings.py")

@@ -10,13 +10,8 @@ import torch
 from survey_utils.counting import apply_method, closed_form, count, count_parameters, peft_model
 from survey_utils.errors import SurveyError
 from survey_utils.methods import get_method
-from survey_utils.methods.soft_prompts import (
-    check_context,
-    embedding_width,
-    kv_width,
-    prefix_layers,
-    remove_soft_prompt,
-)
+from survey_utils.methods.layers.prompts import remove_soft_prompt
+from survey_utils.methods.soft_prompts import check_context, embedding_width, kv_width, prefix_layers
 from survey_utils.zoo import build_model, load_config
 
 N = 3

@@ -3,6 +3,8 @@
 Every layer here wraps a frozen linear layer (``nn.Linear`` or GPT-2's transposed ``Conv1D``) and adds an
 update :math:`\\Delta W` built from a few trainable tensors:
 
+- :class:`LoRALinear` (LoRA, rsLoRA): :math:`\\Delta W = \\frac{\\alpha}{r} B A`;
+- :class:`DoRALinear` (DoRA): LoRA's updated weight, renormalised and rescaled by a trained magnitude;
 - :class:`SVDLinear` (AdaLoRA): :math:`\\Delta W = P\\,\\mathrm{diag}(\\lambda)\\,Q`, ranks pruned by
   :class:`RankAllocator`;
 - :class:`VeRALinear` (VeRA): :math:`\\Delta W = \\mathrm{diag}(b)\\,B\\,\\mathrm{diag}(d)\\,A` with A, B
@@ -11,8 +13,9 @@ update :math:`\\Delta W` built from a few trainable tensors:
 - :class:`LoKrLinear` (LoKr): :math:`\\Delta W = W_1 \\otimes W_2`;
 - :class:`KronALinear` (KronA): :math:`\\Delta W = s\\,(A \\otimes B)`.
 
-They share :class:`DeltaLinear`: ``forward`` adds the update's output to the base output, ``merge`` adds
-:math:`\\Delta W` into the base weight and ``unmerge`` takes it out again. New tensors are created with
+LoRA and DoRA write their own ``forward`` and ``merge``; the others share :class:`DeltaLinear`: ``forward``
+adds the update's output to the base output, ``merge`` adds :math:`\\Delta W` into the base weight and
+``unmerge`` takes it out again. New tensors are created with
 ``new_parameter`` on the base weight's device and dtype, so the layers build on ``meta`` and under
 ``FakeTensorMode`` too.
 """
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from survey_utils.methods.common import linear_dims, new_parameter
+from survey_utils.methods.shapes import factorization, lokr_shapes
 
 
 def kaiming_(tensor: torch.Tensor) -> torch.Tensor:
@@ -34,26 +38,130 @@ def kaiming_(tensor: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
 
-def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """Split ``dimension`` into ``(m, n)`` with ``m * n == dimension`` (LyCORIS' rule, as in peft's LoKr).
+class LoRALinear(nn.Module):
+    r"""LoRA around a frozen linear layer (Hu et al. 2021, arXiv:2106.09685).
 
-    ``factor > 0`` dividing ``dimension`` gives ``(factor, dimension // factor)``; otherwise the pair of
-    divisors closest to the square root with ``m <= factor`` (``-1``: no limit), smaller one first.
+    ::
+
+        x ──► [ W0  (frozen, d_out × d_in) ] ─────────────────────┐
+        │                                                         (+) ──► h
+        └──► dropout ─► [ A (r × d_in) ] ─► [ B (d_out × r) ] ─ × α/r ┘
+
+    .. math:: h = W_0 x + \frac{\alpha}{r} B A x
+
+    A starts like a default linear layer (Kaiming-uniform) and B at zero, so at initialisation
+    ``h = W0 x``: training starts from the pretrained model. With ``use_rslora`` the scale is
+    :math:`\alpha/\sqrt{r}` (rsLoRA, Kalajdzievski 2023, arXiv:2312.03732). ``merge`` adds
+    :math:`\frac{\alpha}{r} BA` into ``W0`` so that inference has no extra cost.
     """
-    if factor > 0 and dimension % factor == 0:
-        return factor, dimension // factor
-    if factor == -1:
-        factor = dimension
-    m, n = 1, dimension
-    while m < n:
-        new_m = m + 1
-        while dimension % new_m != 0:
-            new_m += 1
-        new_n = dimension // new_m
-        if new_m + new_n > m + n or new_m > factor:
-            break
-        m, n = new_m, new_n
-    return (n, m) if m > n else (m, n)
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_dims(base_layer)
+        weight = base_layer.weight
+        self.lora_A = new_parameter((r, self.in_features), weight,
+                                    lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
+        self.lora_B = new_parameter((self.out_features, r), weight, nn.init.zeros_)
+        self.r = r
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """:math:`\\frac{\\alpha}{r} B A`, laid out like the base weight."""
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        low_rank = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.T @ self.lora_B.T
+        return result + (low_rank * self.scaling).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+
+class DoRALinear(LoRALinear):
+    r"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353).
+
+    .. math:: W' = m \odot \frac{W_0 + \frac{\alpha}{r} B A}{\lVert W_0 + \frac{\alpha}{r} B A \rVert_c}
+
+    The direction is LoRA's updated weight, normalised row by row (one norm per output feature, peft's
+    ``torch.linalg.norm(W, dim=1)`` on the ``d_out x d_in`` weight; the paper's "column-wise" norm
+    of its ``d_in x d_out`` convention); the magnitude ``m`` (``lora_magnitude``, d_out) trains.
+    ``m`` starts at :math:`\lVert W_0\rVert_c` and B at zero, so ``W' = W0`` at initialisation. As in the
+    paper (section 4.3) and peft, the norm is detached: it follows :math:`\Delta W` but gets no gradient.
+    Forward, like peft's: :math:`h = W_0x + (\frac{m}{n} - 1) W_0 x + \frac{m}{n}\frac{\alpha}{r} BAx`
+    (bias untouched). The norm needs :math:`W_0 + \Delta W` at full size for every adapted layer, the
+    extra memory and time DoRA costs over LoRA.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False) -> None:
+        super().__init__(base_layer, r, lora_alpha, lora_dropout, use_rslora)
+        self.lora_magnitude = new_parameter((self.out_features,), base_layer.weight,
+                                            lambda t: t.copy_(torch.linalg.norm(self._weight(), dim=1)))
+        self._merge_norm: torch.Tensor | None = None
+
+    def _weight(self) -> torch.Tensor:
+        """The base weight as ``d_out x d_in``."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """:math:`\\lVert W_0 + \\frac{\\alpha}{r} BA \\rVert` per output feature, detached."""
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        return torch.linalg.norm(self._weight() + delta.to(self._weight().dtype), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        dropped = self.lora_dropout(x).to(self.lora_A.dtype)
+        scale = self.lora_magnitude / self.weight_norm()
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            bias = self.base_layer.bias
+            base = result - bias if bias is not None else result
+        else:
+            base = nn.functional.linear(dropped, self._weight())
+        low_rank = dropped @ self.lora_A.T @ self.lora_B.T
+        return result + ((scale - 1) * base + scale * low_rank * self.scaling).to(result.dtype)
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        self.base_layer.weight.copy_(weight.T if self.fan_in_fan_out else weight)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """:math:`W \\leftarrow \\frac{m}{n}(W_0 + \\Delta W)`, keeping the norm n to undo it exactly."""
+        if not self.merged:
+            delta = ((self.lora_B @ self.lora_A) * self.scaling).to(self._weight().dtype)
+            self._merge_norm = self.weight_norm()
+            factor = (self.lora_magnitude / self._merge_norm)[:, None]
+            self._set_weight(factor * (self._weight() + delta))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged and self._merge_norm is not None:
+            delta = ((self.lora_B @ self.lora_A) * self.scaling).to(self._weight().dtype)
+            factor = (self.lora_magnitude / self._merge_norm)[:, None]
+            self._set_weight(self._weight() / factor - delta)
+            self.merged = False
+            self._merge_norm = None
 
 
 class DeltaLinear(nn.Module):
@@ -377,23 +485,6 @@ class HadamardProduct(torch.autograd.Function):
         g1 = grad * (w2a @ w2b)
         g2 = grad * (w1a @ w1b)
         return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2, None
-
-
-def lokr_shapes(d_in: int, d_out: int, r: int, decompose_both: bool, decompose_factor: int
-                ) -> tuple[tuple[int, int], tuple[int, int], bool, bool]:
-    """LoKr's factor shapes ``W1: (a, c)``, ``W2: (b, d)`` with ``a b = d_out``, ``c d = d_in``, and whether
-    each factor is stored full (``True``) or as a rank-r product (peft's rule: low rank only where
-    ``r < max(side) / 2``, and for W1 only with ``decompose_both``)."""
-    out_l, out_k = factorization(d_out, decompose_factor)
-    in_m, in_n = factorization(d_in, decompose_factor)
-    full_w1 = not (decompose_both and r < max(out_l, in_m) / 2)
-    full_w2 = not (r < max(out_k, in_n) / 2)
-    return (out_l, in_m), (out_k, in_n), full_w1, full_w2
-
-
-def lokr_numel(d_in: int, d_out: int, r: int, decompose_both: bool, decompose_factor: int) -> int:
-    (a, c), (b, d), full_w1, full_w2 = lokr_shapes(d_in, d_out, r, decompose_both, decompose_factor)
-    return (a * c if full_w1 else r * (a + c)) + (b * d if full_w2 else r * (b + d))
 
 
 class LoKrLinear(_LyCORISLinear):
