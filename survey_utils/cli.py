@@ -1,4 +1,4 @@
-"""``python -m survey_utils``: count, memory, models, methods, figures, build-notebooks.
+"""``python -m survey_utils``: count, memory, advise, models, methods, figures, build-notebooks.
 
 Bad input prints one line, ``error: ...`` naming the bad value, on stderr and exits 2; never a traceback.
 
@@ -57,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kernels the estimate counts (cpu: those the simulation runs)")
     memory.add_argument("--simulate", action="store_true", help="also run the step on fake tensors")
 
+    advise = commands.add_parser("advise", help="what fits N GPUs: every method's fit, batch, length, sharding")
+    advise.add_argument("--model", required=True, help="zoo name (see `models`) or a path to a config.json")
+    advise.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help="memory of one GPU with its unit: 48GB (10^9 B) or 48GiB (2^30 B)")
+    advise.add_argument("--gpu", default=None, metavar="NAME", help="a GPU of data/gpus.csv instead of --gpu-memory")
+    advise.add_argument("--gpus", type=int, default=1, help="number of GPUs (default 1)")
+    advise.add_argument("--seq-len", type=int, default=None, help="sequence length (default: 2048 or the context)")
+    advise.add_argument("--sharding", default=None,
+                        help="force one strategy: ddp, zero1, zero2, zero3, fsdp_shard_grad_op, fsdp_full_shard")
+    advise.add_argument("--method", dest="methods", action="append", default=None,
+                        help="only this method (repeatable; default: every registered method)")
+    advise.add_argument("--json", action="store_true", help="print one JSON object (its rows: one per method)")
+
     models = commands.add_parser("models", help="list the model zoo")
     models.add_argument("--json", action="store_true")
     methods = commands.add_parser("methods", help="list the registered methods")
@@ -95,6 +108,16 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     from survey_utils.memory import cli_memory
 
     return cli_memory(args)
+
+
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from survey_utils.advisor import advise, format_advice, gpu_memory_of
+
+    memory = gpu_memory_of(args.gpu_memory, args.gpu)
+    advice = advise(args.model, memory, gpus=args.gpus, seq_len=args.seq_len, methods=args.methods,
+                    sharding=args.sharding)
+    print(json.dumps(advice.as_dict()) if args.json else format_advice(advice))
+    return 0
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -144,7 +167,7 @@ def _cmd_build_notebooks(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Any] = {
-    "count": _cmd_count, "memory": _cmd_memory, "models": _cmd_models, "methods": _cmd_methods,
+    "count": _cmd_count, "memory": _cmd_memory, "advise": _cmd_advise, "models": _cmd_models, "methods": _cmd_methods,
     "figures": _cmd_figures, "build-notebooks": _cmd_build_notebooks,
 }
 
