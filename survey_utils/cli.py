@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from survey_utils.errors import SurveyError
+from survey_utils.units import DTYPES, OPTIMIZERS, QUANTIZATIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,9 +27,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {' '.join(message.split())} (see '{self.prog} --help')\n")
 
 
-def _add_model_method(parser: argparse.ArgumentParser, default_method: str = "lora") -> None:
+def _add_model_method(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="zoo name (see `models`) or a path to a config.json")
-    parser.add_argument("--method", default=default_method, help="registered method (see `methods`)")
+    parser.add_argument("--method", required=True, help="registered method (see `methods`)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="hyper-parameter, repeatable; lists are comma-separated (target_modules=q_proj,v_proj)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -47,11 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_method(memory)
     memory.add_argument("--batch-size", type=int, default=1)
     memory.add_argument("--seq-len", type=int, default=512)
-    memory.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
-    memory.add_argument("--adapter-dtype", default=None, choices=("fp32", "bf16", "fp16"))
-    memory.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "sgd", "adafactor"))
+    memory.add_argument("--dtype", default="bf16", choices=DTYPES)
+    memory.add_argument("--adapter-dtype", default=None, choices=DTYPES,
+                        help="dtype of the parameters the method adds (default: --dtype)")
+    memory.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     memory.add_argument("--gradient-checkpointing", action="store_true")
-    memory.add_argument("--quantization", default=None, choices=("nf4", "int8"))
+    memory.add_argument("--quantization", default=None, choices=QUANTIZATIONS)
     memory.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"))
     memory.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="kernels the estimate counts (cpu: those the simulation runs)")

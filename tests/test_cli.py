@@ -37,19 +37,20 @@ def test_models_and_methods_list(capsys) -> None:
 
 
 @pytest.mark.parametrize(("argv", "fragment"), [
-    (["count", "--model", "llama-9b"], "unknown model 'llama-9b'"),
+    (["count", "--model", "llama-9b", "--method", "lora"], "unknown model 'llama-9b'"),
+    (["count", "--model", "gpt2"], "the following arguments are required: --method"),
     (["count", "--model", "gpt2", "--method", "nope"], "unknown method 'nope'"),
-    (["count", "--model", "gpt2", "--set", "r=0"], "r=0 is below its minimum 1"),
-    (["count", "--model", "gpt2", "--set", "r=-3"], "r=-3 is below its minimum 1"),
-    (["count", "--model", "gpt2", "--set", "r=eight"], "r='eight' is not a valid int"),
-    (["count", "--model", "gpt2", "--set", "target_modules=q_proj"], "target module 'q_proj' not found in gpt2"),
-    (["count", "--model", "gpt2", "--set", "rank=4"], "has no hyper-parameter 'rank'"),
-    (["count", "--model", "gpt2", "--set", "r"], "must look like name=value"),
+    (["count", "--model", "gpt2", "--method", "lora", "--set", "r=0"], "r=0 is below its minimum 1"),
+    (["count", "--model", "gpt2", "--method", "lora", "--set", "r=-3"], "r=-3 is below its minimum 1"),
+    (["count", "--model", "gpt2", "--method", "lora", "--set", "r=eight"], "r='eight' is not a valid int"),
+    (["count", "--model", "gpt2", "--method", "lora", "--set", "target_modules=q_proj"], "target module 'q_proj' not found in gpt2"),
+    (["count", "--model", "gpt2", "--method", "lora", "--set", "rank=4"], "has no hyper-parameter 'rank'"),
+    (["count", "--model", "gpt2", "--method", "lora", "--set", "r"], "must look like name=value"),
     (["count"], "required: --model"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv: list[str], fragment: str) -> None:
-    with pytest.raises(SystemExit) if argv[0] == "frobnicate" or argv == ["count"] else _no_exit():
+    with pytest.raises(SystemExit) if argv[0] == "frobnicate" or "--method" not in argv else _no_exit():
         code = main(argv)
         assert code == 2
     err = capsys.readouterr().err
@@ -59,7 +60,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv: list[str], fragment: str
 def test_corrupt_config_file_is_one_line(capsys, tmp_path) -> None:
     bad = tmp_path / "config.json"
     bad.write_text('{"model_type": "llama", ')
-    assert main(["count", "--model", str(bad)]) == 2
+    assert main(["count", "--model", str(bad), "--method", "lora"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: corrupt config file") and err.count("\n") == 1
 

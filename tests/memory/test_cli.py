@@ -19,7 +19,7 @@ def test_json_has_the_documented_keys(capsys) -> None:
 
 
 def test_simulate_adds_the_simulated_peak(capsys) -> None:
-    assert main(["memory", "--model", "tiny-llama", "--seq-len", "64", "--simulate", "--json"]) == 0
+    assert main(["memory", "--model", "tiny-llama", "--method", "lora", "--seq-len", "64", "--simulate", "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert abs(payload["relative_error"]) < 0.05 and payload["simulated_peak"] > 0
 
@@ -37,6 +37,6 @@ def test_text_output_prints_terms_and_assumptions(capsys) -> None:
     ["--method", "nope"],
 ])
 def test_bad_values_exit_2_with_one_line(argv, capsys) -> None:
-    assert main(["memory", "--model", "tiny-llama", *argv]) == 2
+    assert main(["memory", "--model", "tiny-llama", *(argv if "--method" in argv else ["--method", "lora", *argv])]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
