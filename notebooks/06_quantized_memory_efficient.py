@@ -24,6 +24,7 @@ from survey_utils.methods import get_method
 from survey_utils.parity import parity
 from survey_utils.quantization import nf4_codebook
 from survey_utils.widgets.quantization import QLoRAMemoryExplorer, QuantizationExplorer
+from survey_utils.zoo import load_config
 
 qlora = get_method("qlora")
 
@@ -124,6 +125,25 @@ loftq_rows = ch06.loftq_errors(ch06.real_shaped_weight(128, 256), r=8, lora_alph
 for row in loftq_rows:
     print(f"T={row['iterations']}  QLoRA init {row['QLoRA init (B=0)']:.4f}   LoftQ {row['LoftQ']:.4f}   "
           f"reduction {100 * row['reduction']:.1f}%")
+
+# %% [markdown]
+# ## QA-LoRA and PEQA: the fine-tuned model stays quantized
+#
+# Merging QLoRA's $BA$ into an NF4 weight needs a re-quantization, which rounds. **QA-LoRA** (Xu et al. 2023,
+# arXiv:2309.14717) quantizes the base with one scale $s$ and offset $\beta$ per row and group of $L$ input
+# columns, and feeds LoRA the input averaged over each group, so $A$ is $r \times d_\text{in}/L$:
+#
+# $$h = \tilde W x + \tfrac{\alpha}{r} B A\,\mathrm{pool}_L(x), \qquad
+#   \text{merge: } \beta \mathrel{+}= \tfrac{\alpha}{r} BA / L ,$$
+#
+# exactly, with the integer codes untouched. **PEQA** (Kim et al. 2023, arXiv:2305.14152) quantizes each
+# output channel, $W \approx s \odot (\bar W - z)$, and trains only $s$: one parameter per output
+# feature. Neither is in peft; the tests check that both train, and that after merging the codes are
+# unchanged and the outputs equal. Closed-form counts on Llama-2-7B at the defaults:
+
+# %%
+for name in ("qlora", "loftq", "qa_lora", "peqa"):
+    print(f"{name:<8}{get_method(name).count(load_config('llama-2-7b')):>14,} trainable")
 
 # %% [markdown]
 # ## QLoRA's memory, and the optimizer's

@@ -243,3 +243,33 @@ def reconstruction_error(weight: torch.Tensor, approx: torch.Tensor) -> dict[str
     diff = w - a
     return {"rmse": float(diff.pow(2).mean().sqrt()), "max_abs": float(diff.abs().max()),
             "relative": float(diff.norm() / w.norm())}
+
+
+# --- asymmetric min-max integers per group (QA-LoRA, PEQA) -----------------------------------------------
+
+def quantize_minmax(weight: torch.Tensor, bits: int = 4, group_size: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""``(codes uint8, scale, offset)`` with :math:`W \approx \text{scale}\cdot q + \text{offset}`, one scale and
+    offset per row and group of ``group_size`` input columns (``None``: per row, PEQA's per-channel setting),
+    :math:`q = \mathrm{round}((W - \min) / \text{scale})`, :math:`\text{scale} = (\max - \min) / (2^\text{bits} - 1)`
+    (QA-LoRA, Xu et al. 2023, arXiv:2309.14717, section 3.2; PEQA, Kim et al. 2023, arXiv:2305.14152).
+
+    Defined for chapter 06, section "QA-LoRA and PEQA"."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise SurveyError(f"bits={bits!r} is not one of 4, 8")
+    rows, cols = weight.shape
+    group = cols if group_size is None else group_size
+    _check_blocks(cols, group, "group_size")
+    w = weight.float().reshape(rows, cols // group, group)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((high - low) / (2**bits - 1)).clamp(min=1e-12)
+    codes = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 2**bits - 1).to(torch.uint8)
+    return codes.reshape(rows, cols), scale, low
+
+
+def dequantize_minmax(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``scale * q + offset`` per row and group (fp32, or ``scale``'s dtype)."""
+    rows, cols = codes.shape
+    groups = scale.shape[-1]
+    q = codes.reshape(rows, groups, cols // groups).to(scale.dtype)
+    return (q * scale[..., None] + offset[..., None]).reshape(rows, cols)

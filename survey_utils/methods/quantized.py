@@ -213,3 +213,129 @@ register(Method(
           "(to be quantized when loaded in 4 bits), a different model from ours, which stores Q_T in NF4: no output parity; "
           "chapter 06 compares the two initialisations' errors instead (loftq_peft_config builds peft's).",
 ))
+
+
+# --- QA-LoRA ----------------------------------------------------------------------------------------------
+
+def _check_groups(method: str):
+    """A ``validate``: LoRA's target rules, ``nn.Linear`` targets, and ``group_size`` dividing each d_in."""
+
+    def validate(config: Any, **hp: Any) -> None:
+        LORA.validate(config, **{k: hp[k] for k in ("target_modules", "layers_to_transform", "layers_pattern")})
+        for spec in _specs(config, method, hp):
+            group = hp.get("group_size", spec.in_features)
+            if spec.in_features % group:
+                raise SurveyError(f"group_size={group} does not divide {spec.name}'s {spec.in_features} inputs")
+
+    return validate
+
+
+BITS_HP = HyperParam("bits", "int", 4, "bits of the integer base (4 or 8)", choices=(4, 8))
+TARGETS_ALL = tuple(hp for hp in LORA_HPS if hp.name in ("target_modules", "layers_to_transform", "layers_pattern"))
+
+
+def apply_qa_lora(model: Any, r: int, lora_alpha: float, group_size: int, bits: int, **hp: Any) -> Any:
+    r"""Freeze ``model``; quantize each target linear layer group-wise (min-max, ``bits``, groups of L =
+    ``group_size`` inputs) and add LoRA on the group-averaged input:
+    :math:`h = \tilde W x + \frac{\alpha}{r} B A\,\mathrm{pool}_L(x)`, B = 0 at initialisation
+    (Xu et al. 2023, arXiv:2309.14717). Merging changes only the group offsets."""
+    from survey_utils.methods.layers.quantized import QALoRALinear
+
+    freeze(model)
+    adapt_targets(model, "qa_lora", _targets(model.config, hp),
+                  lambda base: QALoRALinear(base, r, lora_alpha, group_size, bits), LINEAR)
+    return model
+
+
+def qa_lora_trainable_params(config: Any, r: int, group_size: int, **hp: Any) -> int:
+    r""":math:`\sum_W r\,(d_\text{in}/L + d_\text{out})`: A sees one pooled feature per group of L inputs."""
+    return sum(r * (m.in_features // group_size + m.out_features) for m in _specs(config, "qa_lora", hp))
+
+
+def qa_lora_memory_terms(config: Any, batch_size: int, seq_len: int, act_bytes: int, adapter_bytes: int,
+                         r: int, group_size: int, **hp: Any) -> dict[str, int]:
+    """Each target's pooled input (``t x d_in/L``) and ``pool(x) A`` (``t x r``) are saved for A's and B's
+    gradients; the full input is saved by the base's own matmul only when the input needs a gradient,
+    which the backbone's activations already count."""
+    t = batch_size * seq_len
+    specs = _specs(config, "qa_lora", hp)
+    return {"pooled inputs (d_in / L)": sum(adapter_bytes * t * (s.in_features // group_size) for s in specs),
+            "pool(x) A (rank r)": len(specs) * adapter_bytes * t * r}
+
+
+register(Method(
+    name="qa_lora",
+    title="QA-LoRA",
+    paper="Xu et al. 2023, QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models (ICLR 2024)",
+    arxiv_id="2309.14717",
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang="quantization", lialin=NOT_PLACED),
+    chapter="06_quantized_memory_efficient",
+    hyperparams=(
+        HyperParam("r", "int", 8, "rank of the update B A (LoRA's default)", minimum=1),
+        HyperParam("lora_alpha", "float", 8.0, "scale numerator: the update is multiplied by alpha / r", minimum=0),
+        HyperParam("group_size", "int", 32, "L: input columns sharing a scale and offset, and pooled into one "
+                   "feature of A's input (QA-LoRA's experiments: 32)", minimum=1),
+        BITS_HP,
+        *TARGETS_ALL,
+    ),
+    apply=apply_qa_lora,
+    trainable_params=qa_lora_trainable_params,
+    memory_terms=qa_lora_memory_terms,
+    validate=_check_groups("qa_lora"),
+    default_targets=all_linear,
+    param_prefixes=("lora_",),
+    mergeable=True,
+    base_quantization="int8",
+    notes="Not in peft. The memory model knows nf4 and int8 storage only; a 4-bit group-wise base is counted "
+          "as int8 (an over-estimate).",
+))
+
+
+# --- PEQA -------------------------------------------------------------------------------------------------
+
+def apply_peqa(model: Any, bits: int, **hp: Any) -> Any:
+    r"""Freeze ``model``; quantize each target linear layer per output channel to ``bits``-bit integers and
+    train only the scales: :math:`h = (s \odot (\bar W - z))x + b` (Kim et al. 2023, arXiv:2305.14152)."""
+    from survey_utils.methods.layers.quantized import PEQALinear
+
+    freeze(model)
+    adapt_targets(model, "peqa", _targets(model.config, hp), lambda base: PEQALinear(base, bits), LINEAR)
+    return model
+
+
+def peqa_trainable_params(config: Any, **hp: Any) -> int:
+    r""":math:`\sum_W d_\text{out}`: one scale per output channel of each quantized layer."""
+    return sum(m.out_features for m in _specs(config, "peqa", hp))
+
+
+def peqa_memory_terms(config: Any, batch_size: int, seq_len: int, act_bytes: int, adapter_bytes: int,
+                      **hp: Any) -> dict[str, int]:
+    """The scale's gradient needs each target's input (once per distinct input, as LoRA's) and the matmul's
+    output against the integer weight (``t x d_out``)."""
+    t = batch_size * seq_len
+    specs = _specs(config, "peqa", hp)
+    inputs = {s.input_key: act_bytes * t * s.in_features for s in specs}
+    return {"target inputs": sum(inputs.values()),
+            "(W - z) x (d_out)": sum(act_bytes * t * s.out_features for s in specs)}
+
+
+register(Method(
+    name="peqa",
+    title="PEQA",
+    paper="Kim et al. 2023, Memory-Efficient Fine-Tuning of Compressed Large Language Models via sub-4-bit "
+          "Integer Quantization (NeurIPS 2023)",
+    arxiv_id="2305.14152",
+    taxonomy=Taxonomy(xu=NOT_PLACED, wang="quantization", lialin=NOT_PLACED),
+    chapter="06_quantized_memory_efficient",
+    hyperparams=(BITS_HP, *TARGETS_ALL),
+    apply=apply_peqa,
+    trainable_params=peqa_trainable_params,
+    memory_terms=peqa_memory_terms,
+    validate=_check_groups("peqa"),
+    default_targets=all_linear,
+    param_prefixes=("peqa_",),
+    mergeable=True,
+    base_quantization="int8",
+    notes="Not in peft. Per-channel min-max scales with integer zero points; the memory model counts the "
+          "integer base as int8 (an over-estimate at 4 bits).",
+))

@@ -122,3 +122,37 @@ def test_claims_are_computed_and_the_qlora_65b_run_fits_48gb() -> None:
 def test_8bit_adamw_state_bytes_follow_the_per_tensor_rule() -> None:
     result = E.adamw8bit_state_bytes("tiny-llama", "qlora")
     assert result["bitsandbytes state bytes"] == result["per-tensor rule"]
+
+
+@pytest.mark.parametrize(("method", "hp"), [("qa_lora", {"group_size": 8}), ("peqa", {})])
+def test_merged_model_stays_quantized_and_equal(method: str, hp: dict) -> None:
+    """QA-LoRA folds its update into the group offsets; PEQA's trained scales are the model: same codes."""
+    from survey_utils.methods import merge
+    from survey_utils.parity import example_inputs, forward
+
+    model = apply_method(build_model("tiny-llama", device="cpu"), method, **hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    codes = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    inputs = example_inputs(model.config)
+    before = forward(model, inputs)
+    merge(model)
+    assert torch.allclose(forward(model, inputs), before, atol=1e-5)
+    assert codes and all(torch.equal(p, codes[n]) for n, p in model.named_parameters() if p.dtype == torch.uint8)
+
+
+@pytest.mark.parametrize(("method", "hp"), [("qa_lora", {"group_size": 8}), ("peqa", {})])
+def test_qa_lora_and_peqa_train_on_a_tiny_model(method: str, hp: dict) -> None:
+    result = E.train_tiny(method, steps=6, **hp)
+    assert result["base unchanged"] and result["losses"][-1] < result["losses"][0] - 0.3
+
+
+def test_minmax_quantization_error_and_a_bad_group() -> None:
+    weight = E.real_shaped_weight(64, 256)
+    codes, scale, offset = Q.quantize_minmax(weight, 4, 32)
+    assert codes.max() <= 15 and scale.shape == (64, 8)
+    assert Q.reconstruction_error(weight, Q.dequantize_minmax(codes, scale, offset))["relative"] < 0.15
+    with pytest.raises(SurveyError, match="group_size=32 does not divide model.layers.0.mlp.down_proj's 344"):
+        get_method("qa_lora").resolve(load_config("tiny-llama"))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from survey_utils import quantization as Q
+from survey_utils.methods.common import new_parameter
 from survey_utils.methods.layers.lowrank import LoRALinear
 
 
@@ -156,3 +157,100 @@ def loftq_init(layer: NF4Linear, weight: torch.Tensor, r: int, scaling: float, i
         a = root[:, None] * vh[:r]
         residual = weight - scaling * (b @ a)
     return a, b
+
+
+class QALoRALinear(nn.Module):
+    r"""QA-LoRA: group-wise quantized base, LoRA on the group-pooled input (Xu et al. 2023, arXiv:2309.14717).
+
+    .. math:: h = \tilde W x + \frac{\alpha}{r}\, B A\, \mathrm{pool}_L(x), \qquad
+              \tilde W_{ij} = s_{i,g(j)}\, q_{ij} + \beta_{i,g(j)}
+
+    The base is min-max integer quantized (``bits``) with one scale and offset per row and group of L input
+    columns; ``pool_L`` averages each group of L input features, so A is ``r x d_in/L`` and B ``d_out x r``
+    (B = 0 at initialisation). Because the update is constant within each group, ``merge`` folds it into the
+    offsets, :math:`\beta \mathrel{+}= \frac{\alpha}{r} BA / L`: the merged model is still the same integer
+    codes, exactly (the point of QA-LoRA against QLoRA, whose merge re-quantizes).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, group_size: int, bits: int = 4) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.group_size, groups = group_size, base.in_features // group_size
+        weight = base.weight.detach()
+        if weight.is_meta:
+            codes = torch.empty(weight.shape, dtype=torch.uint8, device="meta")
+            scale = offset = torch.empty(self.out_features, groups, device="meta")
+        else:
+            codes, scale, offset = Q.quantize_minmax(weight, bits, group_size)
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
+        self.lora_A = new_parameter((r, groups), weight, lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
+        self.lora_B = new_parameter((self.out_features, r), weight, nn.init.zeros_)
+        self.scaling = lora_alpha / r
+        self.merged = False
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return Q.dequantize_minmax(self.weight, self.scale, self.offset).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        result = F.linear(x, self.dequantized(x.dtype), bias)
+        if self.merged:
+            return result
+        pooled = x.reshape(*x.shape[:-1], -1, self.group_size).mean(dim=-1).to(self.lora_A.dtype)
+        return result + (pooled @ self.lora_A.T @ self.lora_B.T * self.scaling).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """:math:`\\beta \\mathrel{+}= \\frac{\\alpha}{r}BA/L`: the codes are untouched."""
+        if not self.merged:
+            self.offset += (self.lora_B @ self.lora_A).float() * self.scaling / self.group_size
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.offset -= (self.lora_B @ self.lora_A).float() * self.scaling / self.group_size
+            self.merged = False
+
+
+class PEQALinear(nn.Module):
+    r"""PEQA: train only the quantization scales (Kim et al. 2023, arXiv:2305.14152).
+
+    .. math:: h = \bigl(s \odot (\bar W - z)\bigr) x + b
+
+    :math:`\bar W` (integer codes, ``bits``) and the integer zero points z are frozen; the per-channel scales
+    s (``peqa_scale``, one per output feature, initialised by min-max quantization) train. The fine-tuned
+    model *is* a quantized model: nothing to merge.
+    """
+
+    def __init__(self, base: nn.Linear, bits: int = 4) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        weight = base.weight.detach()
+        if weight.is_meta:
+            codes = torch.empty(weight.shape, dtype=torch.uint8, device="meta")
+            scale = zero = torch.empty(self.out_features, 1, device="meta")
+        else:
+            _, scale, low = Q.quantize_minmax(weight, bits, None)
+            zero = torch.round(-low / scale)
+            codes = torch.clamp(torch.round(weight.float() / scale) + zero, 0, 2**bits - 1).to(torch.uint8)
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        self.register_buffer("zero", zero)
+        self.peqa_scale = nn.Parameter(scale.to(weight.dtype))
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.peqa_scale.to(x.dtype) * (self.weight.to(x.dtype) - self.zero.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def merge(self) -> None:
+        """Nothing to fold: the trained scales are the quantized model's own."""
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self.merged = False
