@@ -104,3 +104,50 @@ def test_estimate_within_five_percent_of_the_simulation(model: str, method: str,
     est = estimate(model, method, hp, device="cpu", batch_size=2, seq_len=128)
     sim = simulate(model, method, hp, batch_size=2, seq_len=128)
     assert abs(est.total - sim.peak) / sim.peak < 0.05
+
+
+# --- chapter 08's tiny multi-task setting and its results (survey_utils/experiments/ch08_multi_task.py) -------
+def test_tasks_are_deterministic_and_follow_their_rules() -> None:
+    from survey_utils.experiments.ch08_multi_task import FIRST_TOKEN, TASKS, make_task
+
+    for task in TASKS:
+        x, y = make_task(task, 64, seed=0)
+        again, _ = make_task(task, 64, seed=0)
+        assert torch.equal(x, again) and int(y.min()) >= 0 and int(y.max()) <= 3
+    x, y = make_task("sum", 64)
+    assert torch.equal(y, (x[:, 0] + x[:, -1] - 2 * FIRST_TOKEN) % 4)
+    with pytest.raises(SurveyError, match="task 'copy' is not one of first, last, sum, max"):
+        make_task("copy", 4)
+
+
+def test_results_csv_says_how_it_was_made_and_the_plot_shows_it() -> None:
+    from survey_utils.experiments.ch08_multi_task import (
+        COLUMNS,
+        RESULTS_PATH,
+        load_results,
+        per_task_cost,
+        plot_results,
+    )
+
+    rows = load_results()
+    assert RESULTS_PATH.read_text().splitlines()[0] == ",".join(COLUMNS)
+    assert {r["command"] for r in rows} == {"python -m survey_utils.experiments.ch08_multi_task"}
+    config = load_config("tiny-llama")
+    for row in rows:  # the counts in the CSV are the closed forms
+        method = get_method_by_name(row["method"])
+        hp = dict(item.split("=") for item in row["settings"].split())
+        hp = {k: method.hyperparam(k).parse(v) for k, v in hp.items()}
+        if method.tasks_hp:
+            hp[method.tasks_hp] = 4
+        assert int(row["trainable_params"]) == method.count(config, **hp)
+    cost = {r["method"]: r for r in per_task_cost(rows)}
+    assert cost["lora"]["params per added task"] > cost["poly"]["params per added task"]
+    fig = plot_results(rows)
+    heights = sorted(p.get_height() for p in fig.axes[0].patches)
+    assert heights == sorted(float(r["eval_accuracy"]) for r in rows)
+
+
+def get_method_by_name(name: str):
+    from survey_utils.methods import get_method
+
+    return get_method(name)

@@ -7,7 +7,9 @@ r"""Layers of the multi-task methods (chapter 08); the methods are registered in
 - :class:`PolyLinear` (Polytropon): an inventory of LoRA skills around a frozen linear layer, mixed per
   task by a learned, relaxed-binary allocation.
 
-Only the methods' ``apply`` functions (and output parity's ``peft_state_sync``) import this module.
+A task-conditioned layer lists in ``task_parameters`` its tensors indexed by task on their first dimension: row
+:math:`k` is all that task :math:`k` owns (chapter 08 adds a task by training only that row). Only the methods'
+``apply`` functions (and output parity's ``peft_state_sync``) import this module.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class MultitaskPromptEmbedding(nn.Module):
     ids come from the model's :class:`TaskContext`.
     """
 
+    task_parameters = ("prefix_task_cols", "prefix_task_rows")
+
     def __init__(self, num_virtual_tokens: int, like: torch.Tensor, num_tasks: int, num_ranks: int,
                  context: TaskContext) -> None:
         super().__init__()
@@ -133,6 +137,8 @@ class PolyLinear(nn.Module):
     :math:`A_s` Kaiming-uniform (``nn.Linear``'s), :math:`B_s = 0` (the model starts unchanged), :math:`Z` from
     U(-1e-3, 1e-3). Trainable per layer: :math:`S r (d_\text{in} + d_\text{out}) + T q S`.
     """
+
+    task_parameters = ("poly_logits",)
 
     def __init__(self, base_layer: nn.Module, r: int, n_tasks: int, n_skills: int, n_splits: int,
                  context: TaskContext) -> None:
