@@ -32,10 +32,11 @@ from survey_utils.errors import SurveyError
 from survey_utils.memory.allocator import (
     CUDA_CONTEXT_BYTES,
     CUDA_CONTEXT_SOURCE,
-    persistent_rounding,
+    cached_rounding,
+    persistent_tensors,
     reserved_closed_form,
 )
-from survey_utils.memory.estimate import NF4_BYTES_PER_WEIGHT, MemoryEstimate, estimate
+from survey_utils.memory.estimate import MemoryEstimate, estimate
 from survey_utils.memory.sharding import (
     SHARDS_PARAMS,
     PerGPU,
@@ -208,43 +209,17 @@ def _lagrange(points: list[tuple[int, int]], x: int) -> Fraction:
     return total
 
 
-_ROUNDING: dict[tuple[Any, ...], int] = {}
-
-
-def persistent_tensors(config: Any, method: Method, est: MemoryEstimate, sharding: Sharding) -> list[int]:
-    """Bytes of each tensor allocated once and kept (what the allocator packs into segments): the base weights
-    tensor by tensor in their storage (NF4 for the block linears of a quantized base), or one flat shard per
-    FSDP/ZeRO-3 unit; for full fine-tuning also the optimizer states, tensor by tensor, where not sharded."""
-    shape = layout(config)
+def _rounding(config: Any, method: Method, est: MemoryEstimate, sharding: Sharding) -> int:
+    """Segment rounding of the persistent tensors: one flat shard per unit under ZeRO-3 / FULL_SHARD, the
+    tensors one by one otherwise (:func:`survey_utils.memory.allocator.persistent_tensors`)."""
     if sharding.strategy in SHARDS_PARAMS:
-        u = units(shape)
+        u = units(layout(config))
         per_param = est.weights / max(est.total_params, 1)
         n = sharding.gpus
-        return [int(u.largest_block * per_param) // n] * u.blocks + [int(u.root * per_param) // n]
-    a = est.weights_by_dtype
-    dtype_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}
-    base = next((dtype_bytes[k] for k in a if k in dtype_bytes), 2)
-    nf4 = method.base_quantization is not None
-    sizes = []
-    for m in shape.modules:
-        if m.tied_to:
-            continue
-        for name, n in m.params:
-            quantized = nf4 and name == "weight" and m.kind in ("linear", "conv1d") and m.layer is not None
-            sizes.append(int(n * NF4_BYTES_PER_WEIGHT) if quantized else n * base)
-    if method.trains_whole_model and sharding.strategy in ("single", "ddp"):
-        per_state = est.optimizer_states / max(est.trainable_params, 1)
-        sizes += [int(n * per_state) for m in shape.modules if not m.tied_to for _, n in m.params]
-    return sizes
-
-
-def _rounding(config: Any, method: Method, est: MemoryEstimate, sharding: Sharding) -> int:
-    """:func:`persistent_rounding` of :func:`persistent_tensors`, cached (it is the same for most methods)."""
-    sizes = persistent_tensors(config, method, est, sharding)
-    key = (len(sizes), sum(sizes), sizes[0] if sizes else 0, sizes[-1] if sizes else 0, hash(tuple(sizes)))
-    if key not in _ROUNDING:
-        _ROUNDING[key] = persistent_rounding(sizes)
-    return _ROUNDING[key]
+        shards = [int(u.largest_block * per_param) // n] * u.blocks + [int(u.root * per_param) // n]
+        return cached_rounding(shards)
+    states = method.trains_whole_model and sharding.strategy in ("single", "ddp")
+    return cached_rounding(persistent_tensors(config, method, est, optimizer_states=states))
 
 
 def point(config: Any, method: Method, est: MemoryEstimate, sharding: Sharding, ckpt: bool,

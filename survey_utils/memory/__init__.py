@@ -2,8 +2,9 @@
 
 ``estimate`` gives every term in bytes with its assumptions; ``simulate`` runs the real step on fake tensors
 under torch's ``MemTracker``; ``measure`` reads CUDA's counters (or tracks a real CPU step of a tiny model).
-``cli_memory`` is the ``python -m survey_utils memory`` command; ``validation_figure`` draws estimate vs
-simulation from ``data/memory_validation.csv``.
+``cli_memory`` is the ``python -m survey_utils memory`` command (its ``--json`` carries ``reserved``, the
+caching allocator's segments without the CUDA context, and ``cuda_context``, a documented per-GPU constant);
+``validation_figure`` draws estimate vs simulation from ``data/memory_validation.csv``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f"survey_utils.memory.{_LAZY[name]}"), name)
+        value = getattr(importlib.import_module(f"survey_utils.memory.{_LAZY[name]}"), name)
+        # importing the submodule bound its name (the module ``simulate``) here: bind the function instead
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'survey_utils.memory' has no attribute '{name}'")
 
 __all__ = ["MemoryEstimate", "Measurement", "Simulation", "cli_memory", "estimate", "format_bytes", "measure",
@@ -51,8 +55,23 @@ def cli_memory(args: argparse.Namespace) -> int:
         sim = simulate(args.model, method, hp, **settings)
     # The simulation runs CPU kernels: its error is taken against the CPU estimate (like with like).
     versus = result if sim is None or device == "cpu" else estimate(args.model, method, hp, device="cpu", **settings)
+    from survey_utils.memory.allocator import CUDA_CONTEXT_BYTES, CUDA_CONTEXT_SOURCE, reserved_of
+    from survey_utils.zoo import load_config
+
+    reserved, reserved_note = reserved_of(load_config(args.model), method, result)
+    reserved_source = "closed form (estimate)"
+    if sim is not None and sim.reserved is not None:
+        # The replay runs the simulated (CPU-kernel) step: add its allocator overhead to this estimate.
+        reserved = result.total + (sim.reserved - sim.peak)
+        reserved_source = "replay of the simulated step's allocation trace through the allocator model"
+        reserved_note = ("reserved = this estimate + the allocator overhead (reserved - allocated) of the simulated "
+                         "step's trace replayed through survey_utils.memory.allocator")
     if args.json:
         payload = result.as_dict()
+        payload["reserved"] = reserved
+        payload["reserved_source"] = reserved_source
+        payload["cuda_context"] = CUDA_CONTEXT_BYTES
+        payload["assumptions"] = [*payload["assumptions"], reserved_note, CUDA_CONTEXT_SOURCE]
         if sim is not None:
             payload["simulated_peak"] = sim.peak
             payload["simulation"] = sim.as_dict()
@@ -82,8 +101,10 @@ def cli_memory(args: argparse.Namespace) -> int:
             print(f"  {'peak allocated (estimate, CPU)':<30} {format_bytes(versus.total):>12}")
         print(f"  {'peak allocated (simulation)':<30} {format_bytes(sim.peak):>12}   CPU estimate {error:+.2f}%  "
               f"({sim.seconds:.1f} s)")
+    print(f"  {'reserved (' + ('replayed' if sim is not None else 'closed form') + ')':<30} "
+          f"{format_bytes(reserved):>12}   + CUDA context {format_bytes(CUDA_CONTEXT_BYTES)} per GPU")
     print("assumptions:")
-    for line in result.assumptions + (sim.assumptions if sim else []):
+    for line in result.assumptions + [reserved_note, CUDA_CONTEXT_SOURCE] + (sim.assumptions if sim else []):
         print(f"  - {line}")
     print(f"note: {result.cuda_overhead_note}")
     return 0

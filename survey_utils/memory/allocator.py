@@ -33,6 +33,11 @@ import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from survey_utils.memory.estimate import MemoryEstimate
+    from survey_utils.methods.registry import Method
 
 K_MIN_BLOCK = 512
 K_SMALL_SIZE = 1 << 20
@@ -257,3 +262,47 @@ def reserved_closed_form(allocated_peak: int, rounding: int, transient_peak: int
             "(fragmentation seen when replaying simulated steps through the allocator model; "
             "benchmarks/reserved_validation.py)")
     return allocated_peak + rounding + extra, note
+
+
+def persistent_tensors(config: Any, method: Method, est: MemoryEstimate, optimizer_states: bool = False
+                       ) -> list[int]:
+    """Bytes of each tensor allocated once and kept, in model order: the base weights in their storage (NF4
+    for the block linears of a quantized base), and with ``optimizer_states`` the optimizer's states of every
+    base tensor (full fine-tuning). Small trainable tensors of PEFT methods are left out: the small pool packs
+    them into 2 MiB segments with at most one partly used segment."""
+    from survey_utils.architecture import layout
+    from survey_utils.memory.estimate import NF4_BYTES_PER_WEIGHT
+    from survey_utils.units import DTYPE_BYTES
+
+    shape = layout(config)
+    base = next((DTYPE_BYTES[k] for k in est.weights_by_dtype if k in DTYPE_BYTES), 2)
+    nf4 = method.base_quantization is not None
+    sizes = []
+    for m in shape.modules:
+        if m.tied_to:
+            continue
+        for name, n in m.params:
+            quantized = nf4 and name == "weight" and m.kind in ("linear", "conv1d") and m.layer is not None
+            sizes.append(int(n * NF4_BYTES_PER_WEIGHT) if quantized else n * base)
+    if optimizer_states:
+        per_state = est.optimizer_states / max(est.trainable_params, 1)
+        sizes += [int(n * per_state) for m in shape.modules if not m.tied_to for _, n in m.params]
+    return sizes
+
+
+_ROUNDING: dict[tuple[int, ...], int] = {}
+
+
+def cached_rounding(sizes: list[int]) -> int:
+    """:func:`persistent_rounding`, remembered (most methods of a model share their persistent tensors)."""
+    key = (len(sizes), sum(sizes), hash(tuple(sizes)))
+    if key not in _ROUNDING:
+        _ROUNDING[key] = persistent_rounding(sizes)
+    return _ROUNDING[key]
+
+
+def reserved_of(config: Any, method: Method, est: MemoryEstimate) -> tuple[int, str]:
+    """Closed-form reserved bytes of one GPU running the step ``est`` describes (no sharding)."""
+    persistent = est.weights + est.optimizer_states + est.master_weights
+    rounding = cached_rounding(persistent_tensors(config, method, est, method.trains_whole_model))
+    return reserved_closed_form(est.total, rounding, est.total - persistent)

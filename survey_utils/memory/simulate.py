@@ -19,6 +19,10 @@ Facts this module relies on (torch 2.13, transformers 5.x), each handled below:
   otherwise for the duration of the simulation;
 - fake CPU tensors, not ``meta``: SDPA on ``meta`` takes the math path and inflates activations.
 
+The tracker also records every storage's birth and death in order (:attr:`PeakTracker.trace`); replaying
+that trace through :mod:`survey_utils.memory.allocator` gives the *reserved* peak the caching allocator
+would reach (:attr:`Simulation.reserved`; the trace is of CPU kernels, like the allocated peak).
+
 Two steps are run and the second one's peak is reported: from the second step on, the optimizer states
 exist during the forward and backward passes (the steady state a user sees). ``fake=False`` runs the same
 steps on real CPU tensors (tiny models only), which the tests compare against the fake run.
@@ -59,10 +63,17 @@ class Simulation:
     by_category: dict[str, int]
     seconds: float
     assumptions: list[str] = field(default_factory=list)
+    reserved: int | None = None
+    """Peak reserved bytes of the recorded trace replayed through the caching-allocator model (both steps)."""
+    reserved_expandable: int | None = None
+    """The same with ``expandable_segments:True``."""
+    allocated_rounded: int | None = None
+    """Peak allocated bytes as the allocator counts them (blocks rounded to 512 B, large ones unsplit)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"peak": self.peak, "first_step_peak": self.first_step_peak, "by_category": self.by_category,
-                "seconds": self.seconds, "assumptions": self.assumptions}
+                "seconds": self.seconds, "assumptions": self.assumptions, "reserved": self.reserved,
+                "reserved_expandable": self.reserved_expandable, "allocated_rounded": self.allocated_rounded}
 
 
 class PeakTracker(MemTracker):
@@ -112,6 +123,23 @@ class PeakTracker(MemTracker):
 
     def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
         return None
+
+    trace: list[tuple[str, int, int]] | None = None
+    """``("+" | "-", storage key, bytes)`` in order, when set to a list (see :func:`simulate`)."""
+
+    def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: int | None = None,
+                     old_reftype: Any = None) -> None:
+        super()._update_snap(u_type, winfo, old_mem_consumed=old_mem_consumed, old_reftype=old_reftype)
+        if self.trace is None:
+            return
+        name = u_type.name
+        if name == "ADD":
+            self.trace.append(("+", id(winfo), winfo.mem_consumed))
+        elif name == "DEL":
+            self.trace.append(("-", id(winfo), winfo.mem_consumed))
+        elif name == "SIZE":  # a resized storage: a new block replaces the old one
+            self.trace.append(("-", id(winfo), old_mem_consumed or 0))
+            self.trace.append(("+", id(winfo), winfo.mem_consumed))
 
     def _update_peak_stats(self, peak_state: Any) -> None:
         for dev, dev_snap in self._curr_mem_snap.items():
@@ -313,6 +341,7 @@ def simulate(model_or_config: str | PretrainedConfig, method: str | Method,
             raise SurveyError(f"method '{method.name}' could not be built on '{config.name_or_path}' with "
                               f"dtype {dtype}/{adapter_dtype or dtype}: {str(error).splitlines()[0]}") from None
         tracker = PeakTracker()
+        tracker.trace = []
         tracker.track_external(step.model, *step.batch.values(), *[m for _, m in step.masters])
         tracker._track_module_params_and_buffers(step.model, install_grad_hooks=True)
         peaks: list[tuple[int, dict[str, int]]] = []
@@ -322,6 +351,8 @@ def simulate(model_or_config: str | PretrainedConfig, method: str | Method,
                 step.run()
                 tracker.reset_mod_stats()
                 peaks.append(tracker.peak_bytes())
+    trace = tracker.trace
+    tracker.trace = None
     seconds = time.perf_counter() - start
     peak, categories = peaks[-1]
     assumptions = [
@@ -331,5 +362,12 @@ def simulate(model_or_config: str | PretrainedConfig, method: str | Method,
         "batch = input_ids + labels (int64); loss from the model's own loss function",
         "model in train mode (dropout active where the config sets it)",
     ]
-    return Simulation(peak, peaks[0][0], categories, seconds, assumptions)
+    from survey_utils.memory.allocator import replay
+
+    cached = replay(trace)
+    assumptions.append("reserved: the recorded allocation trace (CPU kernels) replayed through the model of "
+                       "PyTorch's CUDA caching allocator (survey_utils.memory.allocator), both steps")
+    return Simulation(peak, peaks[0][0], categories, seconds, assumptions, reserved=cached.peak_reserved,
+                      reserved_expandable=replay(trace, expandable_segments=True).peak_reserved,
+                      allocated_rounded=cached.peak_allocated)
 
