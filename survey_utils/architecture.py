@@ -6,7 +6,9 @@ module names are the ones transformers gives the built model, so the same target
 the same modules here and in the built model, and tests check the layout against ``named_parameters()``
 for every model of the zoo. Chapter 00 explains where the parameters of a transformer go.
 
-Supported families: Llama-like decoders (llama, mistral, qwen2), GPT-2, BERT and RoBERTa, T5, OPT, BLOOM.
+Hand-written families: Llama-like decoders (llama, mistral, qwen2), GPT-2, BERT and RoBERTa, T5, OPT, BLOOM.
+Every other model type transformers builds gets :func:`survey_utils.generic_layout.generic_layout`, read from
+the model built on ``meta`` (it imports torch; the hand families never do).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class ModuleSpec:
     out_features: int = 0
     layer: int | None = None
     tied_to: str | None = None
+    # Filled by the generic layout (survey_utils.generic_layout) only: each parameter's shape, in ``params``
+    # order, and the module's part in a mixture of experts (``router``, ``routed``, ``shared`` or None).
+    shapes: tuple[tuple[int, ...], ...] = ()
+    moe: str | None = None
 
     @property
     def has_bias(self) -> bool:
@@ -92,10 +98,25 @@ class Layout:
     max_positions: int | None
     is_encoder_decoder: bool = False
     default_lora_targets: tuple[str, ...] = field(default=())
+    num_experts: int = 0  # routed experts per MoE block (0: a dense model)
+    experts_per_token: int = 0  # top-k: routed experts each token uses
 
     @cached_property
     def total(self) -> int:
         return sum(m.numel for m in self.modules)
+
+    @cached_property
+    def active_params(self) -> int:
+        """Parameters one token uses: everything but the routed experts it does not pick. Routers and shared
+        experts always run; of each block's routed experts, top-k of n do (``k/n`` of their parameters, exact:
+        every expert has the same shape). Equals :attr:`total` for a dense model."""
+        routed = sum(m.numel for m in self.modules if m.moe == "routed")
+        if not routed:
+            return self.total
+        if routed % self.num_experts:
+            raise SurveyError(f"{self.family}: routed expert parameters ({routed}) are not a multiple of "
+                              f"{self.num_experts} experts")
+        return self.total - routed + routed // self.num_experts * self.experts_per_token
 
     @cached_property
     def by_component(self) -> dict[str, int]:
@@ -127,13 +148,15 @@ def params_by_component(config: PretrainedConfig) -> dict[str, int]:
 
 
 def layout(config: PretrainedConfig) -> Layout:
-    """The :class:`Layout` of the model the config describes."""
+    """The :class:`Layout` of the model the config describes: the hand-written closed form for the families
+    chapter 00 teaches (no torch), the generic layout read from a ``meta`` build for every other model type."""
     builder = _BUILDERS.get(config.model_type)
-    if builder is None:
-        raise SurveyError(
-            f"model type '{config.model_type}' has no layout yet; supported: {', '.join(sorted(_BUILDERS))}"
-        )
-    _check_sizes(config)
+    if builder is None:  # any other model type: read from the model transformers builds on meta (imports torch)
+        from survey_utils.generic_layout import generic_layout
+
+        builder = generic_layout
+    else:
+        _check_sizes(config)
     # Configs are unhashable; the same object (zoo configs are cached) hits the identity cache, and an
     # equal config built elsewhere hits the content cache.
     hit = _BY_ID.get(id(config))

@@ -96,13 +96,16 @@ def _cmd_count(args: argparse.Namespace) -> int:
     overrides = method.parse_settings(args.settings)
     result = count(args.model, method, args.implementation, **overrides)
     if args.json:
+        active = {} if result.active is None else {"active": result.active}  # MoE: parameters a token uses
         print(json.dumps({"trainable": result.trainable, "total": result.total,
-                          "trainable_percent": result.trainable_percent}))
+                          "trainable_percent": result.trainable_percent, **active}))
     else:
         print(f"model {args.model}  method {method.name}  ({args.implementation})")
         print(f"trainable  {result.trainable:>18,}")
         print(f"total      {result.total:>18,}")
         print(f"trainable% {result.trainable_percent:>18.4f}")
+        if result.active is not None:
+            print(f"active     {result.active:>18,}  (per token: routers, shared and top-k routed experts)")
     return 0
 
 

@@ -39,15 +39,21 @@ class ParameterCount:
     trainable: int
     total: int
     by_component: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Mixture-of-experts models only (else None): the parameters one token uses, the method's included
+    # (:attr:`survey_utils.architecture.Layout.active_params`: routers, shared experts, top-k routed experts).
+    active: int | None = None
 
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"trainable": self.trainable, "total": self.total,
-                "trainable_percent": self.trainable_percent,
-                "by_component": {k: {"trainable": t, "total": n} for k, (t, n) in self.by_component.items()}}
+        out = {"trainable": self.trainable, "total": self.total,
+               "trainable_percent": self.trainable_percent,
+               "by_component": {k: {"trainable": t, "total": n} for k, (t, n) in self.by_component.items()}}
+        if self.active is not None:
+            out["active"] = self.active
+        return out
 
 
 def base_name(name: str) -> str:
@@ -106,7 +112,9 @@ def closed_form(model: str | os.PathLike[str] | PretrainedConfig, method: str | 
                 split[spec.component] = (done + dict(spec.params)[name], n)
     elif added:
         split["method"] = (trainable, added)
-    return ParameterCount(trainable, total_params(config) + added, split)
+    shape = layout(config)
+    active = shape.active_params + added if shape.num_experts else None
+    return ParameterCount(trainable, total_params(config) + added, split, active)
 
 
 def apply_method(model: nn.Module, method: str | Method, **overrides: Any) -> nn.Module:

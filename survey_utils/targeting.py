@@ -101,6 +101,10 @@ def _select(layout: Layout, target_modules: Targets | None, layers_to_transform:
             layers_pattern: str | Sequence[str] | None, kinds: tuple[str, ...], model_name: str,
             method: str) -> list[ModuleSpec]:
     if target_modules is None:
+        if not layout.default_lora_targets:
+            raise SurveyError(f"peft has no default target_modules for model type '{layout.family}': name them "
+                              f"for {method} on {model_name}; its linear modules are: "
+                              f"{', '.join(layout.linear_names())}")
         target_modules = list(layout.default_lora_targets)
     if not isinstance(target_modules, str) and len(target_modules) == 0:
         raise SurveyError(f"target_modules is empty: {method} needs at least one module of {model_name}")

@@ -57,11 +57,23 @@ def list_models() -> list[str]:
 def _zoo_order(name: str) -> tuple[int, float, str]:
     families = ["tiny", "gpt2", "bert", "roberta", "t5", "opt", "bloom", "llama", "mistral", "qwen"]
     family = next((i for i, f in enumerate(families) if name.startswith(f)), len(families))
-    try:
-        size = float(total_params_from_name(name))
+    try:  # the recorded count where sources.csv has one: ordering never builds a generic-layout model
+        size = float(_recorded_totals().get(name) or total_params_from_name(name))
     except Exception:  # noqa: BLE001 - ordering must never fail because of one bad file
         size = float("inf")
     return family, size, name
+
+
+@lru_cache(maxsize=1)
+def _recorded_totals() -> dict[str, int]:
+    import csv
+
+    sources = MODELS_DIR / "sources.csv"
+    if not sources.is_file():
+        return {}
+    with sources.open(encoding="utf-8") as handle:
+        return {row["name"]: int(row["counted_total"]) for row in csv.DictReader(handle)
+                if (row.get("counted_total") or "").isdigit()}
 
 
 def total_params_from_name(name: str) -> int:

@@ -35,8 +35,17 @@ def test_the_405b_layout_is_arithmetic_not_a_build() -> None:
     assert time.perf_counter() - start < 5.0
 
 
-def test_unsupported_model_type_is_one_line() -> None:
+def test_a_model_type_without_a_hand_layout_gets_the_generic_layout() -> None:
     from transformers import GPTNeoXConfig
 
-    with pytest.raises(SurveyError, match="model type 'gpt_neox' has no layout"):
-        layout(GPTNeoXConfig(architectures=["GPTNeoXForCausalLM"]))
+    shape = layout(GPTNeoXConfig(architectures=["GPTNeoXForCausalLM"], num_hidden_layers=2))
+    assert shape.family == "gpt_neox" and shape.num_layers == 2 and shape.default_lora_targets == ("query_key_value",)
+
+
+def test_unknown_model_type_is_one_line() -> None:
+    from transformers import GPTNeoXConfig
+
+    config = GPTNeoXConfig(architectures=["NoSuchModel"])
+    config.model_type = "no-such-type"
+    with pytest.raises(SurveyError, match="no model class for model type 'no-such-type'"):
+        layout(config)

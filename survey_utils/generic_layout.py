@@ -1,0 +1,270 @@
+"""The layout of any architecture transformers builds, read from the model built on the ``meta`` device.
+
+The nine hand-written layouts in :mod:`survey_utils.architecture` are closed forms a chapter teaches (chapter 00's
+block formula). Every other model type gets its layout here: transformers builds the model from the config on
+``meta`` (no memory, no weights), and each module that owns parameters becomes a :class:`ModuleSpec` with its
+real name, kind, parameter shapes, block index and tied weights. Exact by construction: the layout's total is
+``sum(p.numel() for p in model.parameters())``. :func:`survey_utils.architecture.layout` caches the answer per
+config content, so a repeat costs nothing. Fused projections (falcon's ``query_key_value``, phi3's ``qkv_proj``
+and ``gate_up_proj``) are linears with their real shapes; mixture-of-experts blocks give their router, their
+routed experts (one fused 3-D tensor per projection in transformers 5) and their shared experts, tagged in
+:attr:`ModuleSpec.moe`, so :meth:`Layout.active_params` can say what one token uses.
+
+This path imports torch and transformers (it builds on ``meta``); the hand families never take it.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import TYPE_CHECKING, Any
+
+from survey_utils.architecture import Layout, ModuleSpec
+from survey_utils.errors import SurveyError
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PretrainedConfig
+
+# Path segments that put a module in the attention or the MLP of its block (transformers' names per family).
+_ATTENTION_SEGMENTS = re.compile(r"(attn|attention|selfattention|encdecattention|cross_attn|self_attention|"
+                                 r"mixer|time_mix)", re.IGNORECASE)
+_MLP_SEGMENTS = re.compile(r"(mlp|ffn|feed_forward|densereludense|experts?|moe|intermediate|output|fc\d|"
+                           r"channel_mix)", re.IGNORECASE)
+_BLOCK_LISTS = ("layers", "layer", "h", "block", "blocks")
+# Config fields naming the routed experts and how many each token picks, across transformers' MoE configs.
+_EXPERT_FIELDS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
+_TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "num_selected_experts", "top_k")
+
+
+def generic_layout(config: PretrainedConfig) -> Layout:
+    """The :class:`Layout` of the model transformers builds from ``config`` (built on ``meta``)."""
+    experts, top_k = moe_sizes(config)
+    model = build_on_meta(config)
+    modules = tuple(_modules(model, config))
+    blocks = [m.layer for m in modules if m.layer is not None]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = _first(text, ("hidden_size", "d_model", "n_embd", "dim")) or _embedding_width(model)
+    heads = _first(text, ("num_attention_heads", "n_head", "num_heads")) or 0
+    kv_heads = _first(text, ("num_key_value_heads", "num_kv_heads", "n_head_kv")) or (
+        1 if getattr(text, "multi_query", False) else heads)
+    head_dim = _first(text, ("head_dim", "d_kv")) or (hidden // heads if heads else 0)
+    inter = _first(text, ("intermediate_size", "d_ff", "ffn_dim", "n_inner", "ffn_hidden_size")) or 4 * hidden
+    return Layout(
+        config.model_type, modules, hidden, max(blocks, default=-1) + 1, heads, kv_heads, head_dim,
+        _first(text, ("vocab_size",)) or 0, inter, _first(text, ("max_position_embeddings", "n_positions")),
+        is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        default_lora_targets=default_lora_targets(config.model_type, modules),
+        num_experts=experts, experts_per_token=top_k,
+    )
+
+
+def moe_sizes(config: PretrainedConfig) -> tuple[int, int]:
+    """``(routed experts, experts per token)`` from a MoE config, ``(0, 0)`` for a dense one; a top-k larger than
+    the experts is refused in one line naming the field."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    experts_field = next((f for f in _EXPERT_FIELDS if isinstance(getattr(text, f, None), int)
+                          and not isinstance(getattr(text, f), bool) and getattr(text, f) > 0), None)
+    k_field = next((f for f in _TOP_K_FIELDS if isinstance(getattr(text, f, None), int)
+                    and not isinstance(getattr(text, f), bool)), None)
+    if experts_field is None or k_field is None:
+        return 0, 0
+    experts, top_k = getattr(text, experts_field), getattr(text, k_field)
+    if not 1 <= top_k <= experts:
+        raise SurveyError(f"config '{_label(config)}': {k_field}={top_k} must be between 1 and "
+                          f"{experts_field}={experts}")
+    return experts, top_k
+
+
+def model_class_for(config: PretrainedConfig) -> type:
+    """The class named first in ``architectures`` when transformers has it, else the causal-LM, seq2seq-LM or
+    base-model auto class registered for the model type."""
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+
+    name = (getattr(config, "architectures", None) or [None])[0]
+    if name and isinstance(getattr(transformers, name, None), type):
+        return getattr(transformers, name)
+    for mapping in (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+                    auto.MODEL_MAPPING_NAMES):
+        cls = mapping.get(config.model_type)
+        if isinstance(cls, str) and isinstance(getattr(transformers, cls, None), type):
+            return getattr(transformers, cls)
+    raise SurveyError(f"config '{_label(config)}': transformers has no model class for model type "
+                      f"'{config.model_type}'" + (f" (architectures names '{name}')" if name else ""))
+
+
+def build_on_meta(config: PretrainedConfig) -> nn.Module:
+    """The model of ``config`` on torch's ``meta`` device (shapes only; a copy of the config, left untouched)."""
+    import warnings
+
+    import torch
+
+    cls = model_class_for(config)
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return cls(copy.deepcopy(config))
+    except SurveyError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a bad config fails inside the model's __init__ in many ways
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise SurveyError(f"config '{_label(config)}': transformers cannot build {cls.__name__} from it: "
+                          f"{reason}") from None
+
+
+def default_lora_targets(model_type: str, modules: tuple[ModuleSpec, ...]) -> tuple[str, ...]:
+    """peft's default LoRA targets for the model type (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+    else the attention's query and value projections where they have recognisable names, else none."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    if model_type in PEFT_DEFAULTS:
+        return tuple(PEFT_DEFAULTS[model_type])
+    names = {m.short_name for m in modules if m.kind == "linear" and m.component == "attention"}
+    for pair in (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv")):
+        if set(pair) <= names:
+            return pair
+    return ()
+
+
+def _modules(model: nn.Module, config: PretrainedConfig):
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    owner: dict[int, str] = {}  # parameter id -> the first module that holds it
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owner.setdefault(id(parameter), name.rpartition(".")[0])
+    encoder_blocks = _encoder_blocks(model, config)
+    names = {name for name, _ in model.named_modules()}
+    for name, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not name or not own:
+            if not name and own:
+                yield _spec("model", module, own, "other", encoder_blocks, owner, names)
+            continue
+        if isinstance(module, nn.Linear):
+            kind = "linear"
+        elif isinstance(module, Conv1D):
+            kind = "conv1d"
+        elif isinstance(module, nn.Embedding):
+            kind = "embedding"
+        elif "norm" in type(module).__name__.lower():
+            kind = "norm"
+        elif [p for p, _ in own] == ["bias"]:
+            kind = "bias"
+        else:
+            kind = "other"
+        yield _spec(name, module, own, kind, encoder_blocks, owner, names)
+
+
+def _spec(name: str, module: Any, own: list, kind: str, encoder_blocks: int, owner: dict[int, str],
+          names: set[str]) -> ModuleSpec:
+    params = tuple((p, param.numel()) for p, param in own)
+    shapes = tuple(tuple(param.shape) for _, param in own)
+    first_owner = owner[id(own[0][1])]
+    tied_to = first_owner if first_owner != name and all(owner[id(p)] != name for _, p in own) else None
+    layer = _block_index(name, encoder_blocks)
+    if kind == "linear":
+        fan_in, fan_out = module.in_features, module.out_features
+    elif kind == "conv1d":
+        fan_in, fan_out = module.weight.shape
+    elif kind == "embedding":
+        fan_in, fan_out = module.num_embeddings, module.embedding_dim
+    elif kind == "norm":
+        fan_in = fan_out = shapes[0][-1] if shapes[0] else 0
+    else:
+        fan_in = fan_out = 0
+    return ModuleSpec(name, kind, _component(name, kind, layer), params, int(fan_in), int(fan_out), layer,
+                      tied_to, shapes=shapes, moe=_moe_role(name, names))
+
+
+def _component(name: str, kind: str, layer: int | None) -> str:
+    segments = name.split(".")
+    if kind == "norm":
+        return "norms"
+    if layer is None:
+        if kind == "embedding" or "embed" in name or segments[-1] == "project_in":
+            return "embeddings"
+        return "head"
+    in_block = segments[_block_position(segments) + 2:]
+    if any(_ATTENTION_SEGMENTS.search(s) for s in in_block[:-1]) or (
+            kind == "embedding" and "relative_attention" in name):
+        return "attention"
+    if any(_MLP_SEGMENTS.search(s) for s in in_block):
+        return "mlp"
+    return "attention" if _ATTENTION_SEGMENTS.search(segments[-1]) or kind == "embedding" else "mlp"
+
+
+def _block_position(segments: list[str]) -> int:
+    for i in range(len(segments) - 1):
+        if segments[i] in _BLOCK_LISTS and segments[i + 1].isdigit():
+            return i
+    return -2
+
+
+def _block_index(name: str, encoder_blocks: int) -> int | None:
+    segments = name.split(".")
+    i = _block_position(segments)
+    if i < 0:
+        return None
+    index = int(segments[i + 1])
+    return index + encoder_blocks if "decoder" in segments[:i] and encoder_blocks else index
+
+
+def _encoder_blocks(model: nn.Module, config: PretrainedConfig) -> int:
+    """Blocks of the encoder of an encoder-decoder model: the decoder's block indices follow them (as T5's
+    hand layout numbers them)."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return 0
+    indices = {_block_index(n, 0) for n, _ in model.named_modules() if "encoder" in n.split(".")[:2]}
+    return max((i for i in indices if i is not None), default=-1) + 1
+
+
+def _moe_role(name: str, names: set[str]) -> str | None:
+    """``shared`` (a shared expert, or its gate), ``routed`` (the routed experts), ``router`` (a module named
+    gate/router beside them), else None."""
+    segments = name.split(".")
+    if any(s.startswith("shared_expert") for s in segments):
+        return "shared"
+    if "experts" in segments:
+        return "routed"
+    if segments[-1] in ("gate", "router") and f"{name.rpartition('.')[0]}.experts" in names:
+        return "router"
+    return None
+
+
+def _first(config: Any, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _embedding_width(model: nn.Module) -> int:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return int(getattr(embeddings, "embedding_dim", 0) or 0)
+
+
+def _label(config: Any) -> str:
+    return getattr(config, "name_or_path", "") or config.model_type
+
+
+def lora_target_parameters(layout: Layout, target_parameters: list[str], r: int) -> int:
+    """Trainable parameters peft's LoRA adds with ``target_parameters`` (fused expert tensors, peft 0.21's
+    ``ParamWrapper``): a parameter of shape ``(experts, a, b)`` gets ``lora_A`` of ``in x r*experts`` and ``lora_B``
+    of ``r*experts x out``, so ``r * experts * (a + b)``; a 2-D one gets ``r * (a + b)``. A target matches a
+    parameter whose full name equals it or ends in ``.target`` (peft's rule); one that matches nothing is refused."""
+    total = 0
+    for target in target_parameters:
+        found = False
+        for module in layout.modules:
+            for (param, _), shape in zip(module.params, module.shapes, strict=False):
+                full = f"{module.name}.{param}"
+                if full == target or full.endswith(f".{target}"):
+                    found = True
+                    experts = shape[0] if len(shape) == 3 else 1
+                    total += r * experts * sum(shape[-2:])
+        if not found:
+            raise SurveyError(f"target parameter '{target}' matches no parameter of {layout.family}")
+    return total
