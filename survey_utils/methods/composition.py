@@ -82,8 +82,9 @@ def _namespaced(part: Part) -> tuple[HyperParam, ...]:
 
 
 def _target_names(method: Method, config: PretrainedConfig, hp: dict[str, Any]) -> set[str]:
-    """Modules a part wraps: its targets, or the sites its branch joins (adapters); prompts wrap nothing."""
-    if "target_modules" not in hp and method.extra_positions is not None:
+    """Modules a part wraps: its targets, or the sites its branch joins (adapters); prompts, and parts that only
+    unfreeze base parameters (BitFit: ``adds_parameters=False``), wrap nothing."""
+    if not method.adds_parameters or ("target_modules" not in hp and method.extra_positions is not None):
         return set()
     sites = method.sites(config, **hp)
     return {spec.name for spec in sites} if isinstance(sites, list) else set()
@@ -95,11 +96,20 @@ def check_collisions(parts: Sequence[Part], config: PretrainedConfig, by_part: d
     if len(positional) > 1:
         raise SurveyError(f"parts {' and '.join(positional)} both add positions (one prompt hook per model)")
     claimed: dict[str, str] = {}
+    labels = [p.label for p in parts]
     for part in parts:
         for name in _target_names(part.registered, config, by_part[part.label]):
             if name in claimed:
                 raise SurveyError(f"parts {claimed[name]} and {part.label} both wrap module '{name}'")
             claimed[name] = part.label
+    for part in parts:  # a part that unfreezes base parameters finds them by name: before any part wraps them
+        method = part.registered
+        if method.adds_parameters or method.unfrozen_params is None:
+            continue
+        for spec, _ in method.unfrozen_params(config, **by_part[part.label]):
+            if spec.name in claimed and labels.index(claimed[spec.name]) < labels.index(part.label):
+                raise SurveyError(f"part {part.label} must come before part {claimed[spec.name]}, which wraps "
+                                  f"module '{spec.name}' whose parameters {part.label} trains")
 
 
 def compose(name: str, title: str, paper: str, arxiv_id: str | None, taxonomy: Taxonomy, chapter: str,
