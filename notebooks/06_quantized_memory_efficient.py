@@ -188,14 +188,14 @@ print(ch06.format_claims(claims))
 # %% [markdown]
 # * **QLoRA's 65B on 48 GB** holds: our estimate is below 48 GB at batch 1 x 512 with checkpointing.
 # * **"780 GB"** for 16-bit full fine-tuning: our fp16 + fp32-master + fp32-Adam accounting gives 16 bytes
-#   per parameter, about 1.05 TB; 780 GB is 12 bytes per parameter (16-bit weights and gradients plus two
-#   fp32 moments, no master copy).
+#   per parameter, about 1.05 TB; 780 GB is 11.9 bytes per parameter (about 16-bit weights and gradients
+#   plus two fp32 moments, no master copy).
 # * **GPT-3 175B, 1.2 TB**: our 16 bytes per parameter give 2.8 TB, 2.3x the claim; 1.2 TB is under 7 bytes
-#   per parameter, which a single-copy 16-bit accounting cannot reach: the figure likely reflects a sharded
-#   or otherwise different setup that the paper does not spell out.
+#   per parameter, less than 16-bit weights, gradients and two 16-bit moments (8 B): the figure likely
+#   reflects a sharded or otherwise different setup that the paper does not spell out.
 # * **350 GB with LoRA** agrees within 10%: the 16-bit weights (350 GB) dominate.
 # * **Lialin's 12-20x**: read as multiples of the weights' bytes, our full fine-tuning with AdamW costs 4x
-#   (fp32) to 8x (fp16 mixed precision) at batch 1; read as bytes per parameter it is 16, inside 12-20.
+#   (fp32) to 8x (fp16 mixed precision) at batch 1; read as bytes per parameter it is 16.2, inside 12-20.
 #
 # ## Summary
 #

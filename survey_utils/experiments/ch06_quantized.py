@@ -17,7 +17,6 @@ import torch
 
 from survey_utils import quantization as Q
 from survey_utils.errors import SurveyError
-from survey_utils.units import format_bytes
 
 CLAIMS_CSV = Path(__file__).resolve().parents[2] / "data" / "quantization_claims.csv"
 
@@ -247,6 +246,7 @@ def claims_table(batch_size: int = 1, seq_len: int = 512) -> list[dict[str, Any]
     Defined for chapter 06, section "What the surveys report, recomputed"."""
     from survey_utils.architecture import total_params
     from survey_utils.memory import estimate
+    from survey_utils.zoo import load_config
 
     claims = read_claims()
     configs = claim_configs(claims)
@@ -256,10 +256,13 @@ def claims_table(batch_size: int = 1, seq_len: int = 512) -> list[dict[str, Any]
     common = {"batch_size": batch_size, "seq_len": seq_len}
     rows = []
 
-    def add(key: str, est: Any, settings: str, scale: float = 1.0) -> None:
+    def add(key: str, est: Any, settings: str, params: int | None = None) -> None:
         claim = claims[key]
         unit = {"GB": 1e9, "TB": 1e12}.get(claim.unit)
         ours = est.total / unit if unit else est
+        if unit and params:  # the same figures per parameter: where the difference comes from
+            settings += (f"; per parameter: claim {claim.value * unit / params:.1f} B, "
+                         f"ours {est.total / params:.1f} B")
         rows.append({"claim": claim.text, "source": claim.source, "claimed": claim.value, "unit": claim.unit,
                      "ours": round(float(ours), 2), "ratio": round(float(ours) / claim.value, 2),
                      "settings": settings, "verified": claim.verified})
@@ -270,27 +273,22 @@ def claims_table(batch_size: int = 1, seq_len: int = 512) -> list[dict[str, Any]
     add("qlora_65b_single_gpu", q65, qsettings)
     full65 = estimate(llama, "full", dtype="fp16", optimizer="adamw", **common)
     add("qlora_780gb_full", full65, f"LLaMA-65B, full fine-tuning, fp16 + fp32 master and Adam states, batch "
-        f"{batch_size} x {seq_len}")
+        f"{batch_size} x {seq_len}", total_params(llama))
     add("qlora_780gb_qlora", q65, qsettings)
     full175 = estimate(gpt3, "full", dtype="fp16", optimizer="adamw", **common)
     add("lora_gpt3_full", full175, f"GPT-3 175B, full fine-tuning, fp16 + fp32 master and Adam states, batch "
-        f"{batch_size} x {seq_len}")
+        f"{batch_size} x {seq_len}", total_params(gpt3))
     lora175 = estimate(gpt3, "lora", hp={"r": int(claims["lora_gpt3_r"].value), "target_modules": ["c_attn"]},
                        dtype="fp16", optimizer="adamw", **common)
     add("lora_gpt3_lora", lora175, f"GPT-3 175B, LoRA r=4 on the fused q/k/v projection (same count as Wq and "
         f"Wv), fp16, batch {batch_size} x {seq_len}")
     for key, dtype in (("lialin_rule_low", "fp32"), ("lialin_rule_high", "fp16")):
         est = estimate("llama-2-7b", "full", dtype=dtype, optimizer="adamw", **common)
-        weights = total_params(load_llama7b()) * {"fp32": 4, "fp16": 2}[dtype]
+        params = total_params(load_config("llama-2-7b"))
+        weights = params * {"fp32": 4, "fp16": 2}[dtype]
         add(key, est.total / weights, f"LLaMA-2-7B, full fine-tuning, AdamW, {dtype}, batch {batch_size} x "
-            f"{seq_len}: total / weights")
+            f"{seq_len}: total / weights ({est.total / params:.1f} B per parameter)")
     return rows
-
-
-def load_llama7b() -> Any:
-    from survey_utils.zoo import load_config
-
-    return load_config("llama-2-7b")
 
 
 def format_claims(rows: list[dict[str, Any]]) -> str:
@@ -329,7 +327,3 @@ def adamw8bit_state_bytes(model: str = "tiny-llama", method: str = "qlora", **hp
                      for p in params)
     est = estimate(model, method, hp=hp, optimizer="adamw8bit", dtype="fp32").optimizer_states
     return {"bitsandbytes state bytes": real, "per-tensor rule": per_tensor, "memory model estimate": est}
-
-
-def describe_bytes(n: int) -> str:
-    return format_bytes(n)
