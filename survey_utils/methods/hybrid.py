@@ -177,7 +177,15 @@ register(compose(
 S4_STRATEGIES: dict[str, tuple[int, ...]] = {"bitfit": (2, 3), "adapter": (0, 1, 2), "prefix": (1, 2, 3),
                                              "lora": (0, 3)}
 """The groups (0-based: G1..G4) each S4 part serves: G1 adapter + LoRA; G2 adapter + prefix; G3 adapter +
-prefix + BitFit; G4 prefix + BitFit + LoRA (Chen et al. 2023, the S4 pattern found on T5-base)."""
+prefix + BitFit; G4 prefix + BitFit + LoRA (Chen et al. 2023, the S4 pattern found on T5-base).
+
+What the composition approximates: prefix tuning cannot be restricted to G2-G4 (one extended attention mask
+gives every layer the same n extra keys), so the prefixes reach every prefixed attention, G1's too (T5: the
+decoder's self-attention only, as chapter 02's prefix tuning). "Uniform allocation" is one size per strategy in
+every layer that uses it (the parts' defaults: Houlsby adapter, reduction 16; LoRA r=8 on Q, V; 20 prefixes; all
+biases of G3, G4), not the paper's equal per-layer budget at 0.5% of the backbone. For an encoder-decoder the
+groups index peft's shared block numbers (T5's block i is in both stacks); the 1:2:2:1 proportions are read from
+the paper's T5-base example, not checked against its text here."""
 
 
 def spindle_sizes(blocks: int) -> list[int]:
