@@ -13,6 +13,7 @@ the model built on ``meta`` (it imports torch; the hand families never do).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -24,6 +25,16 @@ if TYPE_CHECKING:  # typing only: the layout is arithmetic on the config and nev
     from transformers import PretrainedConfig
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head", "method")
+
+# Stages of a block, in forward order (:attr:`ModuleSpec.stage`). A trainable module at stage x makes every later
+# stage save for backward (the memory model's recipes, survey_utils.memory.activations, tag their tensors with them).
+INPUT = -math.inf
+ATTN_NORM, ATTN_IN, ATTN_CORE, ATTN_OUT, ATTN_POST = 0.0, 1.0, 2.0, 3.0, 4.0
+CROSS_NORM, CROSS_IN, CROSS_CORE, CROSS_OUT, CROSS_POST = 4.2, 4.4, 4.5, 4.6, 4.8
+MLP_NORM, MLP_IN, MLP_ACT, MLP_OUT, MLP_POST = 5.0, 6.0, 7.0, 8.0, 9.0
+# Short names of the linears whose output closes the attention / the MLP (transformers' names per family).
+ATTN_OUT_NAMES = ("o_proj", "o", "c_proj", "dense", "out_proj")
+MLP_OUT_NAMES = ("down_proj", "c_proj", "wo", "fc2", "dense_4h_to_h")
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,22 @@ class ModuleSpec:
     @property
     def short_name(self) -> str:
         return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def stage(self) -> float:
+        """The stage of its block at which this module sits (its output joins the block's computation there):
+        one of the stage constants below, :data:`INPUT` outside the attention and MLP linears. The memory model
+        (chapter 00) saves a block's tensors from the lowest trainable stage on; methods read it too."""
+        cross = ".EncDecAttention." in self.name
+        if self.component == "attention" and self.kind in ("linear", "conv1d"):
+            out = self.short_name in ATTN_OUT_NAMES
+            if cross:
+                return CROSS_OUT if out else CROSS_IN
+            return ATTN_OUT if out else ATTN_IN
+        if self.component == "mlp" and self.kind in ("linear", "conv1d"):
+            out = self.short_name in MLP_OUT_NAMES or self.name.endswith("output.dense")
+            return MLP_OUT if out else MLP_IN
+        return INPUT
 
     @property
     def input_key(self) -> tuple[str, str]:

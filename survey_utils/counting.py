@@ -67,7 +67,9 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     """Count a built model's parameters (shared tensors once), split by component.
 
     A parameter whose name is in the config's layout belongs to that layout component; any other (the
-    method's own modules, or a model without a known layout) is counted under ``method``.
+    method's own modules, or a model without a known layout) is counted under ``method``. A trainable parameter
+    with a gradient mask (a ``<name>_mask_index`` buffer, :attr:`Method.mask_kept`) counts the entries its mask
+    keeps, not its elements.
     """
     component_of: dict[str, str] = {}
     config = getattr(model, "config", None)
@@ -82,14 +84,17 @@ def count_parameters(model: nn.Module) -> ParameterCount:
             component_of = {}
     trainable = total = 0
     split = {c: [0, 0] for c in COMPONENTS}
+    masks = {f"{prefix}.{key[:-len(MASK_INDEX_SUFFIX)]}".lstrip("."): buffer.numel()
+             for prefix, module in model.named_modules() for key, buffer in module._buffers.items()
+             if key.endswith(MASK_INDEX_SUFFIX) and buffer is not None}
     for name, parameter in model.named_parameters():  # named_parameters() yields a shared tensor once
         n = parameter.numel()
         component = component_of.get(base_name(name), "method")
         split[component][1] += n
         total += n
         if parameter.requires_grad:
-            split[component][0] += n
-            trainable += n
+            split[component][0] += masks.get(name, n)
+            trainable += masks.get(name, n)
     return ParameterCount(trainable, total, {c: (t, n) for c, (t, n) in split.items() if n})
 
 
@@ -109,12 +114,59 @@ def closed_form(model: str | os.PathLike[str] | PretrainedConfig, method: str | 
         for spec, name in method.unfrozen_params(config, **hp):
             if not spec.tied_to:
                 done, n = split[spec.component]
-                split[spec.component] = (done + dict(spec.params)[name], n)
+                numel = dict(spec.params)[name]
+                split[spec.component] = (done + (method.mask_kept(numel, **hp) if method.mask_kept else numel), n)
     elif added:
         split["method"] = (trainable, added)
     shape = layout(config)
     active = shape.active_params + added if shape.num_experts else None
     return ParameterCount(trainable, total_params(config) + added, split, active)
+
+
+@lru_cache(maxsize=512)
+def changed_params(model_name: str, method_name: str, settings: tuple[tuple[str, Any], ...] = ()) -> tuple[int, int]:
+    """``(changed, base total)``: parameters that differ from the base model after training and merging, with the
+    method at its defaults updated by ``settings`` (``(name, value)`` pairs, lists as tuples: a cache key).
+
+    Built on ``meta`` (any size). Changed = base tensors that ``merge`` writes in place (seen by their
+    version counters) + base tensors trained in place + trainable tensors the method adds and keeps (those
+    of a module whose merge folded them into the base are dropped). Whole tensors count as changed, except
+    where a mask says less: a base tensor trained through a fixed gradient mask changes on its kept entries
+    (a mask redrawn every step, ``mask_resampled``, reaches them all), and a module whose ``merge`` writes
+    only some entries says how many in ``merged_entries`` (diff pruning's pruned delta).
+    Defined for chapter 03, section "Trained, changed, stored" (chapter 07's table reads it too).
+    """
+    model = build_model(model_name, device="meta")
+    base = {id(p): p for p in model.parameters()}
+    base_total = sum(p.numel() for p in base.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_method(model, method_name, **{k: list(v) if isinstance(v, tuple) else v for k, v in settings})
+    kept = {id(module.get_parameter(key[:-len(MASK_INDEX_SUFFIX)])): buffer.numel()
+            for module in model.modules() for key, buffer in module._buffers.items()
+            if key.endswith(MASK_INDEX_SUFFIX) and buffer is not None
+            and not getattr(module.get_parameter(key[:-len(MASK_INDEX_SUFFIX)]), "mask_resampled", False)}
+    trainable_base = {id(p) for p in model.parameters() if p.requires_grad and id(p) in base}
+    before = {k: p._version for k, p in base.items()}
+    folded: set[int] = set()
+    partly_written: dict[int, int] = {}
+    for module in model.modules():
+        if module is model or not callable(getattr(module, "merge", None)):
+            continue
+        own = [p for p in module.parameters() if id(p) in base]
+        versions = [p._version for p in own]
+        module.merge()
+        written_own = [p for p, v in zip(own, versions, strict=True) if p._version != v]
+        if written_own:
+            folded |= {id(p) for p in module.parameters() if id(p) not in base}
+            entries = getattr(module, "merged_entries", None)
+            if entries is not None:
+                partly_written[id(written_own[0])] = entries
+    written = {k for k, p in base.items() if p._version != before[k]}
+    changed = sum(partly_written.get(k, kept.get(k, base[k].numel())) for k in written | trainable_base)
+    changed += sum(p.numel() for p in model.parameters()
+                   if p.requires_grad and id(p) not in base and id(p) not in folded)
+    return changed, base_total
 
 
 def apply_method(model: nn.Module, method: str | Method, **overrides: Any) -> nn.Module:

@@ -358,17 +358,8 @@ LOSS_IN_MODEL_DTYPE = ("bert", "roberta", "t5")
 
 # ----------------------------------------------------------------------------------- where gradients start
 def module_stage(spec: ModuleSpec) -> float:
-    """The stage of a block at which a module sits (its output joins the block's computation there)."""
-    cross = ".EncDecAttention." in spec.name
-    if spec.component == "attention" and spec.kind in ("linear", "conv1d"):
-        out = spec.short_name in ATTN_OUT_NAMES
-        if cross:
-            return CROSS_OUT if out else CROSS_IN
-        return ATTN_OUT if out else ATTN_IN
-    if spec.component == "mlp" and spec.kind in ("linear", "conv1d"):
-        out = spec.short_name in MLP_OUT_NAMES or spec.name.endswith("output.dense")
-        return MLP_OUT if out else MLP_IN
-    return INPUT
+    """The stage of a block at which a module sits: :attr:`ModuleSpec.stage` (the rule lives on the layout)."""
+    return spec.stage
 
 
 def start_of(specs: list[ModuleSpec]) -> Start | None:

@@ -197,11 +197,19 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     weights = sum(by_dtype.values())
 
     # Gradients, optimizer states, master weights ---------------------------------------------------
-    gradients = trainable * tb
-    masters = 4 * trainable if tdtype == "fp16" else 0
+    held = trainable  # elements holding a gradient and optimizer states
+    if method.mask_kept is not None and method.unfrozen_params is not None:
+        held = sum(dict(spec.params)[name] for spec, name in method.unfrozen_params(config, **resolved)
+                   if not spec.tied_to)
+        by_dtype["int64 (mask indices)"] = 8 * trainable
+        weights += 8 * trainable
+        assumptions.append(f"gradient mask: {trainable:,} entries train, but the {held:,} elements of the masked "
+                           "tensors hold dense gradients and optimizer states; 8 B per kept index")
+    gradients = held * tb
+    masters = 4 * held if tdtype == "fp16" else 0
     state_bytes = 4 if tdtype == "fp16" else tb
-    largest = _largest_trainable(shape, method, config, resolved, full, trainable)
-    optimizer_states, optimizer_transient = _optimizer(optimizer, trainable, state_bytes, largest, shape, full)
+    largest = _largest_trainable(shape, method, config, resolved, full, held)
+    optimizer_states, optimizer_transient = _optimizer(optimizer, held, state_bytes, largest, shape, full)
     if masters:
         assumptions.append("fp16 trainable parameters: fp32 master copies (4 B/param) are updated by the "
                            "optimizer, whose states are fp32 too (mixed precision with loss scaling)")

@@ -111,6 +111,7 @@ class HyperParam:
         return value
 
 
+MASK_INDEX_SUFFIX = "_mask_index"  # buffer beside a masked parameter: its kept flat indices (Method.mask_kept)
 NOT_PLACED = "not placed"
 BASELINE = "baseline"  # the taxonomy entry of the reference every method is compared with (full fine-tuning)
 
@@ -224,6 +225,19 @@ class Method:
     """``peft_frozen_copies(config, **hp) -> int``: frozen parameters peft's implementation holds that ours does
     not (peft's LN tuning deep-copies every target norm, trains the copy and keeps the original): peft's total is
     our total plus this; its trainable count equals ours."""
+    mask_kept: Callable[..., int] | None = None
+    """``mask_kept(numel, **hp) -> int``: for a sparse method whose gradient mask lets only some entries of each
+    tensor of :attr:`unfrozen_params` train (FISH mask, LT-SFT, Child-tuning), how many of a tensor's ``numel``
+    entries the mask keeps, rounded as the method rounds (``int(density * numel)``). Data decide *which* entries
+    (Fisher scores, the change a first fine-tuning made, a random draw); never *how many*, so the closed form stays
+    exact: trainable = the sum of ``mask_kept`` over the unfrozen tensors, split by their components. A built model
+    carries, beside each masked parameter, an int64 buffer ``<name>`` + :data:`MASK_INDEX_SUFFIX` of the kept flat
+    indices, and counting takes its length (on ``meta`` too, where the entries are unspecified).
+    "Trainable" then means *the entries a step may change*: the masked tensors keep ``requires_grad``, so autograd
+    computes their gradients densely and AdamW keeps dense moments for them; the memory model charges gradients
+    and optimizer states for every element of :attr:`unfrozen_params` (and 8 bytes per kept index), and weight
+    decay must be off for them (decoupled decay would move masked entries). ``None``: no mask, every element of a
+    trainable parameter trains."""
     tasks_hp: str | None = None
     """For a multi-task method (chapter 08): the hyper-parameter that says how many tasks (or source modules) its
     parameters serve (``num_tasks`` for MPT, peft's ``n_tasks`` for Polytropon, ``num_sources`` for AdapterFusion):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from survey_utils.architecture import ModuleSpec, layout
+from survey_utils.architecture import ATTN_OUT, CROSS_OUT, ModuleSpec, layout
 from survey_utils.errors import SurveyError
 from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register, saves_nothing
 from survey_utils.targeting import select
@@ -322,19 +322,22 @@ def partial_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int
     RMS-style gains keep their normalised input (as LN tuning)."""
     t = batch_size * seq_len
     selection = partial_selection(config, top_k, components)
-    inputs: dict[tuple[str, str], int] = {}
-    for spec, name in selection:
-        if spec.kind in LINEAR_KINDS and name == "weight" and not _reads_attention_output(spec):
-            inputs[spec.input_key] = act_bytes * t * spec.in_features
-    terms = {"inputs of trained linears": sum(inputs.values()),
+    terms = {"inputs of trained linears": _linear_inputs(selection, t, act_bytes),
              "normalised inputs of trained gains": _rms_weight_inputs(selection, t, act_bytes)}
     return {k: v for k, v in terms.items() if v}
 
 
-def _reads_attention_output(spec: ModuleSpec) -> bool:
-    from survey_utils.memory.activations import ATTN_OUT, CROSS_OUT, module_stage  # the memory model's stages
+def _linear_inputs(selection: Selection, t: int, act_bytes: int) -> int:
+    """Bytes of the inputs that trained linear weights keep, once per distinct input (see :func:`partial_memory_terms`)."""
+    inputs: dict[tuple[str, str], int] = {}
+    for spec, name in selection:
+        if spec.kind in LINEAR_KINDS and name == "weight" and not _reads_attention_output(spec):
+            inputs[spec.input_key] = act_bytes * t * spec.in_features
+    return sum(inputs.values())
 
-    return spec.component == "attention" and module_stage(spec) in (ATTN_OUT, CROSS_OUT)
+
+def _reads_attention_output(spec: ModuleSpec) -> bool:
+    return spec.component == "attention" and spec.stage in (ATTN_OUT, CROSS_OUT)
 
 
 register(Method(
@@ -360,4 +363,298 @@ register(Method(
     unfrozen_params=partial_selection,
     adds_parameters=False,
     mergeable=True,
+))
+
+
+# --- Sparse methods: a mask over the entries of the block linears' weights -----------------------------------
+#
+# FISH mask, LT-SFT and Child-tuning keep the tensors of the block linears trainable and mask their gradients to
+# k = int(density * numel) entries per tensor (Method.mask_kept); diff pruning adds a gated dense delta instead.
+# The papers rank entries across the whole model; ranking within each tensor keeps the same total count and makes
+# the split by tensor (and by component) a property of the layout rather than of the data.
+
+def kept(density: float, numel: int) -> int:
+    """Entries a mask of ``density`` keeps in a tensor of ``numel`` elements: ``int(density * numel)`` (FISH
+    mask's code rounds the same way)."""
+    return int(density * numel)
+
+
+def _check_density(config: PretrainedConfig, density: float) -> None:
+    if not 0 < density <= 1:
+        raise SurveyError(f"density={density!r} must be in (0, 1]")
+
+
+def sparse_targets(config: PretrainedConfig, target_modules: Any = None, method: str = "this method"
+                   ) -> list[ModuleSpec]:
+    """The linears inside blocks that a sparse method masks: every one (``None``), or those ``target_modules``
+    names (peft's matching rule; a name the model lacks is refused in one line)."""
+    shape = layout(config)
+    names = shape.linear_names() if target_modules is None else target_modules
+    specs = select(shape, names, kinds=LINEAR_KINDS, model_name=_label(config), method=method)
+    chosen = [m for m in specs if m.layer is not None and not m.tied_to]
+    if not chosen:
+        raise SurveyError(f"target_modules={target_modules!r}: no linear layer inside the blocks of {_label(config)}")
+    return chosen
+
+
+def masked_selection(config: PretrainedConfig, density: float, target_modules: Any = None, method: str = "",
+                     **_: Any) -> Selection:
+    """The weights a gradient mask keeps entries of: each target's ``weight`` whose ``kept(density, n)`` > 0."""
+    _check_density(config, density)
+    chosen = [(m, "weight") for m in sparse_targets(config, target_modules, method)
+              if kept(density, dict(m.params)["weight"]) > 0]
+    if not chosen:
+        raise SurveyError(f"density={density!r} keeps no entry of any weight of {_label(config)}")
+    return chosen
+
+
+def _mask_count(selection: Selection, density: float) -> int:
+    return sum(kept(density, dict(spec.params)[name]) for spec, name in selection)
+
+
+def _weight_names(selection: Selection) -> list[str]:
+    return [f"{spec.name}.{name}" for spec, name in selection]
+
+
+def _sparse_method(name: str, title: str, paper: str, arxiv: str, taxonomy: Taxonomy, hyperparams: tuple,
+                   apply: Any, count: Any, density_of: Any, notes: str) -> Method:
+    """One registration for the three gradient-masked methods: what they select, count and save is shared."""
+    def selection(config: PretrainedConfig, **hp: Any) -> Selection:
+        return masked_selection(config, density_of(hp), hp.get("target_modules"), name)
+
+    def memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int, adapter_bytes: int,
+                     **hp: Any) -> dict[str, int]:
+        """A masked weight still trains: its linear keeps its input for the (dense) weight gradient."""
+        saved = _linear_inputs(selection(config, **hp), batch_size * seq_len, act_bytes)
+        return {"inputs of trained linears": saved} if saved else {}
+
+    return register(Method(
+        name=name, title=title, paper=paper, arxiv_id=arxiv, taxonomy=taxonomy, chapter="03_selective",
+        hyperparams=hyperparams, apply=apply, trainable_params=count, memory_terms=memory_terms,
+        validate=selection, unfrozen_params=selection,
+        mask_kept=lambda numel, **hp: kept(density_of(hp), numel),
+        gradient_sites=lambda config, **hp: _sites(config, selection(config, **hp)),
+        largest_trainable_tensor=lambda config, **hp: _largest(selection(config, **hp)),
+        adds_parameters=False, mergeable=True, notes=notes,
+    ))
+
+
+DENSITY_HELP = "fraction of each weight's entries that train, in (0, 1]"
+TARGETS = HyperParam("target_modules", "targets", None,
+                     "linears inside the blocks whose weights are masked (names or one regex); None: every one",
+                     nullable=True)
+
+
+# --- FISH mask ---------------------------------------------------------------------------------------------
+
+def apply_fish_mask(model: nn.Module, density: float = 0.005, num_samples: int = 1024, target_modules: Any = None,
+                    batches: Any = None) -> nn.Module:
+    r"""FISH mask (Sung, Nair & Raffel 2021, arXiv:2111.09839): train the entries with the largest Fisher information.
+
+    .. math:: \hat F_i = \frac1N \sum_{n=1}^N \bigl(\partial_{\theta_i} \log p_\theta(y_n \mid x_n)\bigr)^2,
+              \qquad m_i = [\,i \in \operatorname{top-}k(\hat F)\,], \qquad \theta \leftarrow \theta - \eta\,(m \odot g)
+
+    The empirical Fisher is computed once, before training, on ``num_samples`` examples (``batches``: one
+    example each; ``None``: random tokens, a stand-in for task data), and the mask stays fixed. Here ``k =
+    int(density * n)`` per weight of the block linears (the paper ranks all parameters at once; 0.5% matches full
+    fine-tuning on GLUE in its Table 1). The mask acts on the gradient: the weights keep dense gradients and
+    AdamW states (see :attr:`Method.mask_kept`).
+    """
+    from survey_utils.methods.layers import selective as layers
+
+    names = _weight_names(masked_selection(model.config, density, target_modules, "fish_mask"))
+    data = batches if batches is not None else layers.random_batches(model.config, num_samples)
+    layers.mask_by_scores(model, names, density, lambda params: layers.fisher_scores(model, params, data))
+    return model
+
+
+def fish_trainable_params(config: PretrainedConfig, density: float = 0.005, target_modules: Any = None,
+                          **_: Any) -> int:
+    r""":math:`\sum_{W} \lfloor \rho\,|W| \rfloor` over the masked weights (:math:`\rho` = density)."""
+    return _mask_count(masked_selection(config, density, target_modules, "fish_mask"), density)
+
+
+_sparse_method(
+    "fish_mask", "FISH mask",
+    "Sung, Nair & Raffel 2021, Training Neural Networks with Fixed Sparse Masks (NeurIPS 2021)", "2111.09839",
+    Taxonomy(xu=NOT_PLACED, wang="selective / unstructured masking", lialin="S"),
+    (HyperParam("density", "float", 0.005, DENSITY_HELP, maximum=1.0),
+     HyperParam("num_samples", "int", 1024, "examples the empirical Fisher is averaged over", minimum=1),
+     TARGETS),
+    apply_fish_mask, fish_trainable_params, lambda hp: hp["density"],
+    "mask computed once on real weights and data; on meta an index of the right length stands in.")
+
+
+# --- LT-SFT ----------------------------------------------------------------------------------------------------
+
+def apply_lt_sft(model: nn.Module, density: float = 0.05, full_ft_steps: int = 100, target_modules: Any = None,
+                 batches: Any = None) -> nn.Module:
+    r"""LT-SFT, lottery-ticket sparse fine-tuning (Ansell, Ponti, Korhonen & Vulić 2022, arXiv:2110.07560).
+
+    .. math:: \theta^{(1)} = \mathrm{FT}(\theta^{(0)}), \qquad m_i = [\,i \in \operatorname{top-}k
+              |\theta^{(1)}_i - \theta^{(0)}_i|\,], \qquad \theta \leftarrow \theta^{(0)}, \text{ then train } m \odot g
+
+    Phase 1 fine-tunes the weights fully for ``full_ft_steps`` AdamW steps (``batches``; ``None``: random tokens),
+    keeps the ``k = int(density * n)`` entries of each block-linear weight that moved most, rewinds every value
+    to the pretrained one, and phase 2 retrains with the gradient masked (the paper ranks all parameters at once
+    and calls the count K). The sparse difference :math:`\theta - \theta^{(0)}` is the stored task.
+    """
+    from survey_utils.methods.layers import selective as layers
+
+    names = _weight_names(masked_selection(model.config, density, target_modules, "lt_sft"))
+    data = batches if batches is not None else layers.random_batches(model.config, 8)
+    layers.mask_by_scores(model, names, density,
+                          lambda params: layers.change_scores(model, params, data, full_ft_steps))
+    return model
+
+
+def lt_sft_trainable_params(config: PretrainedConfig, density: float = 0.05, target_modules: Any = None,
+                            **_: Any) -> int:
+    r""":math:`\sum_{W} \lfloor \rho\,|W| \rfloor` over the masked weights: K, split by weight."""
+    return _mask_count(masked_selection(config, density, target_modules, "lt_sft"), density)
+
+
+_sparse_method(
+    "lt_sft", "LT-SFT (lottery-ticket sparse fine-tuning)",
+    "Ansell, Ponti, Korhonen & Vulić 2022, Composable Sparse Fine-Tuning for Cross-Lingual Transfer (ACL 2022)",
+    "2110.07560",
+    Taxonomy(xu="partial / delta weight masking", wang="selective / unstructured masking", lialin="S"),
+    (HyperParam("density", "float", 0.05, DENSITY_HELP, maximum=1.0),
+     HyperParam("full_ft_steps", "int", 100, "steps of the first, full fine-tuning that ranks the entries",
+                minimum=1),
+     TARGETS),
+    apply_lt_sft, lt_sft_trainable_params, lambda hp: hp["density"],
+    "phase 1 (full fine-tuning, then rewind) runs inside apply on real weights; on meta an index stands in.")
+
+
+# --- Child-tuning ----------------------------------------------------------------------------------------------
+
+CHILD_VARIANTS = ("F", "D")
+
+
+def apply_child_tuning(model: nn.Module, variant: str = "D", reserve_p: float = 0.3, num_samples: int = 1024,
+                       target_modules: Any = None, batches: Any = None) -> nn.Module:
+    r"""Child-tuning (Xu et al. 2021, arXiv:2109.05687): update a *child network* through a gradient mask.
+
+    .. math:: \theta \leftarrow \theta - \eta\, \frac{m \odot g}{p_F}\ (\text{F}), \qquad
+              \theta \leftarrow \theta - \eta\, (m \odot g)\ (\text{D}),
+              \quad m_i = [\,i \in \operatorname{top-}k(\hat F)\,]
+
+    - **Child-tuning_F** (task-free): a fresh random mask at every step, each entry kept with probability
+      ``reserve_p`` (the paper's :math:`p_F`), the kept gradients scaled by :math:`1/p_F`. The paper draws
+      Bernoulli(:math:`p_F`) per entry; here exactly ``k = int(p_F n)`` entries are drawn uniformly (the same mean
+      without the binomial noise, so the count per step is exact). Over many steps every entry moves.
+    - **Child-tuning_D** (task-driven): the Fisher information on ``num_samples`` examples (``batches``) picks
+      the child network once, the top ``p_D`` fraction, fixed for training.
+
+    The paper masks inside its optimizer; here the mask sits on the gradient, with the same effect under AdamW
+    with weight decay off.
+    """
+    from survey_utils.methods.layers import selective as layers
+
+    if variant not in CHILD_VARIANTS:
+        raise SurveyError(f"variant={variant!r} is not one of {', '.join(CHILD_VARIANTS)}")
+    names = _weight_names(masked_selection(model.config, reserve_p, target_modules, "child_tuning"))
+    if variant == "F":
+        layers.mask_by_scores(model, names, reserve_p, None, resample=True, scale=1.0 / reserve_p)
+        return model
+    data = batches if batches is not None else layers.random_batches(model.config, num_samples)
+    layers.mask_by_scores(model, names, reserve_p, lambda params: layers.fisher_scores(model, params, data))
+    return model
+
+
+def child_trainable_params(config: PretrainedConfig, reserve_p: float = 0.3, target_modules: Any = None,
+                           **_: Any) -> int:
+    r""":math:`\sum_{W} \lfloor p\,|W| \rfloor`: the child network (per step, for the F variant)."""
+    return _mask_count(masked_selection(config, reserve_p, target_modules, "child_tuning"), reserve_p)
+
+
+_sparse_method(
+    "child_tuning", "Child-tuning (F: random mask; D: Fisher mask)",
+    "Xu et al. 2021, Raise a Child in Large Language Model: Towards Effective and Generalizable Fine-tuning "
+    "(EMNLP 2021)", "2109.05687",
+    Taxonomy(xu=NOT_PLACED, wang="selective / unstructured masking", lialin=NOT_PLACED),
+    (HyperParam("variant", "str", "D", "F: a random mask each step (task-free); D: a Fisher mask (task-driven)",
+                choices=CHILD_VARIANTS),
+     HyperParam("reserve_p", "float", 0.3, "fraction of each weight in the child network (p_F or p_D), in (0, 1]",
+                maximum=1.0),
+     HyperParam("num_samples", "int", 1024, "examples the Fisher information is averaged over (variant D)",
+                minimum=1),
+     TARGETS),
+    apply_child_tuning, child_trainable_params, lambda hp: hp["reserve_p"],
+    "F redraws its mask every step: trained per step is the count, changed after training is every masked weight.")
+
+
+# --- Diff pruning ----------------------------------------------------------------------------------------------
+
+def apply_diff_pruning(model: nn.Module, density: float = 0.005, target_modules: Any = None) -> nn.Module:
+    r"""Diff pruning (Guo, Rush & Kim 2021, arXiv:2012.07463): learn a sparse task diff with an L0 penalty.
+
+    .. math:: \theta_\tau = \theta_0 + z_\tau \odot \delta_\tau, \qquad
+              \min_{\delta, \alpha}\ L(\theta_0 + z \odot \delta) + \lambda\, \mathbb E\,\|z\|_0,
+              \quad z \sim \text{hard-concrete}(\log\alpha)
+
+    Each target weight gets a dense delta (zero at init) and a dense gate logit (5 at init): the model trains
+    **twice** the targets' size (Lialin et al.'s "200%"). After training, ``prune_diff`` keeps the ``density``
+    fraction of :math:`|z \odot \delta|` per weight (the paper: 0.5% of the whole model) and fixes the gate; the
+    stored task is that sparse diff, and merging writes only its entries. Layer: :class:`~survey_utils.methods.
+    layers.selective.DiffLinear` (the L0 term: ``l0_penalty(model)``).
+    """
+    from survey_utils.methods.common import adapt_targets, freeze
+    from survey_utils.methods.layers import selective as layers
+
+    names = [spec.name for spec in diff_targets(model.config, density, target_modules)]
+    freeze(model)
+    adapt_targets(model, "diff_pruning", {"target_modules": names},
+                  lambda base: layers.DiffLinear(base, density))
+    return model
+
+
+def diff_targets(config: PretrainedConfig, density: float = 0.005, target_modules: Any = None, **_: Any
+                 ) -> list[ModuleSpec]:
+    _check_density(config, density)
+    return sparse_targets(config, target_modules, "diff_pruning")
+
+
+def diff_trainable_params(config: PretrainedConfig, density: float = 0.005, target_modules: Any = None,
+                          **_: Any) -> int:
+    r""":math:`2 \sum_W |W|`: a delta and a gate logit per target weight, both dense while training."""
+    return 2 * sum(m.in_features * m.out_features for m in diff_targets(config, density, target_modules))
+
+
+def diff_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int, adapter_bytes: int,
+                      density: float = 0.005, target_modules: Any = None, **_: Any) -> dict[str, int]:
+    r"""Per target weight the gate saves its sigmoid and the clamp's input, the product :math:`z \odot \delta`
+    saves :math:`z`, and the delta path's linear saves :math:`z \odot \delta` (four weight-sized tensors in the
+    trainable dtype) and its input (once per distinct input)."""
+    specs = diff_targets(config, density, target_modules)
+    t = batch_size * seq_len
+    inputs = {m.input_key: act_bytes * t * m.in_features for m in specs}
+    return {"inputs of adapted linears": sum(inputs.values()),
+            "gate and delta tensors (4 per weight)": 4 * adapter_bytes * sum(m.in_features * m.out_features
+                                                                              for m in specs)}
+
+
+register(Method(
+    name="diff_pruning",
+    title="Diff pruning",
+    paper="Guo, Rush & Kim 2021, Parameter-Efficient Transfer Learning with Diff Pruning (ACL 2021)",
+    arxiv_id="2012.07463",
+    taxonomy=Taxonomy(xu="partial / delta weight masking", wang="selective / unstructured masking", lialin="S"),
+    chapter="03_selective",
+    hyperparams=(
+        HyperParam("density", "float", 0.005, "fraction of each delta kept by magnitude pruning, in (0, 1]",
+                   maximum=1.0),
+        TARGETS,
+    ),
+    apply=apply_diff_pruning,
+    trainable_params=diff_trainable_params,
+    memory_terms=diff_memory_terms,
+    validate=diff_targets,
+    gradient_sites=lambda config, **hp: diff_targets(config, **hp),
+    largest_trainable_tensor=lambda config, **hp: max(m.in_features * m.out_features
+                                                      for m in diff_targets(config, **hp)),
+    param_prefixes=("diff_",),
+    mergeable=True,
+    notes="trained: a dense delta and gate per weight (2x the targets); changed and stored: the pruned delta.",
 ))

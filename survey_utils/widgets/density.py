@@ -1,6 +1,7 @@
 """The density explorer of chapter 03: a selective method beside LoRA at the same trainable budget.
 
-Controls: model, selective method, ``top_k`` blocks and components (partial tuning), which biases (BitFit).
+Controls: model, selective method, ``top_k`` blocks and components (partial tuning), which biases (BitFit), the
+density of a sparse mask (FISH mask, LT-SFT, diff pruning; Child-tuning's ``reserve_p``).
 Two live panels, every number from the closed forms and the memory estimate:
 
 - left: % of the model *trained* and *changed* after merging, for the method and for LoRA (query and value
@@ -8,7 +9,9 @@ Two live panels, every number from the closed forms and the memory estimate:
 - right: bytes to *store* the task (the smallest of :func:`~survey_utils.experiments.ch03_selective.
   storage_formats`) and the *peak memory* of a training step (batch 1, 512 tokens, bf16, AdamW, CUDA kernels).
 
-A selective method changes exactly what it trains; LoRA trains little but, merged, changes whole matrices.
+A selective method changes exactly what it trains; LoRA trains little but, merged, changes whole matrices; diff
+pruning trains twice the weights it targets and changes only the pruned delta (*changed* is measured on the model
+built on ``meta``: :func:`survey_utils.counting.changed_params`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import ipywidgets as W
 from matplotlib.figure import Figure
 
 from survey_utils.architecture import layout
-from survey_utils.counting import closed_form
+from survey_utils.counting import changed_params, closed_form
 from survey_utils.errors import SurveyError
-from survey_utils.experiments.ch03_selective import storage_formats
+from survey_utils.experiments.ch03_selective import storage_formats, touched_params
 from survey_utils.memory import estimate
-from survey_utils.methods.registry import get_method
+from survey_utils.methods.registry import get_method, list_methods
 from survey_utils.targeting import select
 from survey_utils.units import format_bytes
 from survey_utils.widgets.base import Explorer
@@ -33,7 +36,7 @@ from survey_utils.zoo import list_models, load_config
 
 _STYLE = {"description_width": "initial"}
 BIASES = ("every bias", "query and value only")
-SELECTIVE = ("partial", "bitfit", "ln_tuning")
+DENSITY_HPS = ("density", "reserve_p")  # the hyper-parameter a sparse method's density slider sets
 MEMORY_SETTING = {"batch_size": 1, "seq_len": 512, "dtype": "bf16"}
 
 
@@ -68,25 +71,29 @@ def lora_rank_for(config: Any, budget: int) -> int:
 
 
 class DensityExplorer(Explorer):
-    """Model, selective method, k and components -> trained / changed / stored / peak memory, beside LoRA.
+    """Model, selective method, k, components, density -> trained / changed / stored / peak memory, beside LoRA.
 
     >>> explorer = DensityExplorer(model="roberta-base")   # doctest: +SKIP
     >>> explorer.controls["top_k"].value = 6                 # the bars redraw
     """
 
     def __init__(self, models: Sequence[str] | None = None, model: str = "roberta-base", method: str = "partial",
-                 top_k: int = 3, title: str = "", figsize: tuple[float, float] = (10, 3.6)) -> None:
+                 top_k: int = 3, density: float = 0.005, title: str = "",
+                 figsize: tuple[float, float] = (10, 3.6)) -> None:
         models = list(models or list_models())
         if model not in models:
             raise SurveyError(f"model '{model}' is not among the explorer's models")
         controls = {
             "model": W.Dropdown(options=models, value=model, description="model", style=_STYLE),
-            "method": W.Dropdown(options=list(SELECTIVE), value=method, description="method", style=_STYLE),
+            "method": W.Dropdown(options=[m.name for m in list_methods(family="selective")], value=method,
+                                 description="method", style=_STYLE),
             "top_k": W.IntSlider(value=top_k, min=1, max=96, description="top_k (partial)",
                                  continuous_update=False, style=_STYLE),
             "components": W.Dropdown(options=list(get_method("partial").hyperparam("components").choices),
                                      value="block", description="components (partial)", style=_STYLE),
             "biases": W.Dropdown(options=list(BIASES), value=BIASES[0], description="biases (BitFit)", style=_STYLE),
+            "density": W.FloatLogSlider(value=density, base=10, min=-4, max=0, step=0.25, readout_format=".2g",
+                                        description="density (sparse)", continuous_update=False, style=_STYLE),
         }
         super().__init__(controls, figsize, title)
 
@@ -107,27 +114,35 @@ class DensityExplorer(Explorer):
         self.labels = [ax.text(0, 0, "", fontsize=8, va="center") for ax in (self.ax_params, self.ax_bytes)
                        for _ in range(4)]
 
-    def hyperparameters(self, config: Any, method: str, top_k: int, components: str, biases: str) -> dict[str, Any]:
-        """The chosen method's settings from the controls (the others' controls are ignored)."""
-        if method == "partial":
-            return {"top_k": top_k, "components": components}
-        if method == "bitfit" and biases == BIASES[1]:
-            return {"bias_modules": list(layout(config).default_lora_targets)}
-        return {}
+    def hyperparameters(self, config: Any, method: str, top_k: int, components: str, biases: str,
+                        density: float) -> dict[str, Any]:
+        """The chosen method's settings from the controls it has (the others' controls are ignored)."""
+        names = {hp.name for hp in get_method(method).hyperparams}
+        hp: dict[str, Any] = {}
+        if "top_k" in names:
+            hp.update(top_k=top_k, components=components)
+        if "bias_modules" in names and biases == BIASES[1]:
+            hp["bias_modules"] = list(layout(config).default_lora_targets)
+        hp.update({name: density for name in DENSITY_HPS if name in names})
+        return hp
 
-    def compute(self, model: str, method: str, top_k: int, components: str, biases: str) -> DensityView:
+    def compute(self, model: str, method: str, top_k: int, components: str, biases: str,
+                density: float) -> DensityView:
         config = load_config(model)
         chosen = get_method(method)
-        hp = self.hyperparameters(config, method, top_k, components, biases)
+        hp = self.hyperparameters(config, method, top_k, components, biases, density)
         count = closed_form(config, chosen, **hp)
         rank = lora_rank_for(config, count.trainable)
         lora = closed_form(config, "lora", r=rank)
         view = DensityView(model, method, count.total, rank)
         view.trained = {"method": count.trainable, "LoRA": lora.trainable}
-        view.changed = {"method": count.trainable, "LoRA": lora_changed(config)}  # unfreezing changes what trains
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in hp.items()))
+        changed = changed_params(model, method, key)[0]
+        view.changed = {"method": changed, "LoRA": lora_changed(config)}
+        touched = {"method": touched_params(config, chosen, changed, **hp), "LoRA": view.changed["LoRA"]}
         for who, name, settings, adds in (("method", method, hp, chosen.adds_parameters),
                                           ("LoRA", "lora", {"r": rank}, True)):
-            formats = storage_formats(view.trained[who], view.changed[who], count.total, adds)
+            formats = storage_formats(view.trained[who], view.changed[who], count.total, adds, touched=touched[who])
             view.stored[who] = min(formats.items(), key=lambda kv: kv[1])
             view.peak[who] = estimate(config, name, settings, **MEMORY_SETTING).total
         return view

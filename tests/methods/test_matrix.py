@@ -129,3 +129,39 @@ def test_three_way_random_hyperparameters(method: Method, model: str, data) -> N
     if method.peft_config is not None:
         wrapped = peft_model(build_model(model, device="meta"), method, **hp)
         assert (formula.trainable, _peft_total(formula.total, method, model, **hp)) == wrapped.get_nb_trainable_parameters()
+
+
+MASKED_METHODS = [m for m in METHODS if m.mask_kept is not None]
+
+
+@pytest.mark.parametrize("method", MASKED_METHODS, ids=_ids(MASKED_METHODS))
+def test_a_masked_count_is_the_unmasked_entries_of_the_real_mask(method: Method) -> None:
+    """``Method.mask_kept``: on a tiny model with real weights (the mask ranked on values, not a stand-in) the
+    built model's count is the number of unmasked entries, each distinct and in range, and equals the closed form
+    at the method's defaults, per component too."""
+    import torch
+
+    from survey_utils.methods.registry import MASK_INDEX_SUFFIX
+
+    for model in TINY:
+        try:
+            formula = closed_form(model, method)
+        except SurveyError:
+            continue
+        built = build_model(model, device="cpu", dtype=torch.float32)
+        method.apply(built, **{**method.resolve(built.config), **_small_data(method)})
+        entries = 0
+        for name, index in built.named_buffers():
+            if name.endswith(MASK_INDEX_SUFFIX):
+                parameter = built.get_parameter(name[:-len(MASK_INDEX_SUFFIX)])
+                assert parameter.requires_grad and index.unique().numel() == index.numel()
+                assert 0 <= int(index.min()) and int(index.max()) < parameter.numel()
+                entries += index.numel()
+        counted = count_parameters(built)
+        assert entries == counted.trainable == formula.trainable
+        assert counted.by_component == formula.by_component
+
+
+def _small_data(method: Method) -> dict:
+    """Fewer scoring examples / first-phase steps than the defaults: the count does not depend on them."""
+    return {hp.name: 2 for hp in method.hyperparams if hp.type == "int" and hp.name != "top_k"}

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from survey_utils.architecture import layout
-from survey_utils.counting import apply_method, closed_form, count, count_parameters, peft_model
+from survey_utils.counting import (
+    apply_method,
+    changed_params,
+    closed_form,
+    count,
+    count_parameters,
+    peft_model,
+)
 from survey_utils.errors import SurveyError
 from survey_utils.experiments.ch03_selective import footprint, storage_formats, train_and_compare
 from survey_utils.memory import estimate
@@ -25,15 +32,21 @@ CASES = [("bitfit", {}), ("bitfit", {"bias_modules": ["value"]}), ("ln_tuning", 
          ("partial", {"top_k": 2, "components": "cross_attention"})]
 
 
+SPARSE_CASES = [("fish_mask", {}), ("fish_mask", {"density": 0.1, "target_modules": ["q_proj", "v_proj", "query",
+                                                                                   "value", "c_attn", "q", "v"]}),
+                ("lt_sft", {}), ("child_tuning", {"variant": "F"}), ("child_tuning", {"reserve_p": 1.0})]
+
+
 def test_the_family_is_registered() -> None:
-    assert set(SELECTIVE) == {"bitfit", "ln_tuning", "partial"}
+    assert set(SELECTIVE) == {"bitfit", "ln_tuning", "partial", "fish_mask", "lt_sft", "child_tuning", "diff_pruning"}
     for name in SELECTIVE:
         method = get_method(name)
-        assert not method.adds_parameters and not method.trains_whole_model and method.unfrozen_params
+        assert not method.trains_whole_model
+        assert method.adds_parameters == (method.unfrozen_params is None)  # diff pruning adds; the others unfreeze
 
 
 @pytest.mark.parametrize("model", [*TINY, "roberta-base", "t5-base", "llama-2-7b"])
-@pytest.mark.parametrize(("method", "hp"), CASES)
+@pytest.mark.parametrize(("method", "hp"), CASES + SPARSE_CASES)
 def test_formula_equals_built_model_by_component(model: str, method: str, hp: dict) -> None:
     """The closed form, the layout's selection split by component, and the model built on meta agree."""
     config = load_config(model)
@@ -47,8 +60,11 @@ def test_formula_equals_built_model_by_component(model: str, method: str, hp: di
     built = count_parameters(apply_method(build_model(model, device="meta"), chosen, **hp))
     assert (formula.trainable, formula.total) == (built.trainable, built.total)
     by_component: dict[str, int] = {}
-    for spec, name in chosen.unfrozen_params(config, **chosen.resolve(config, **hp)):
-        by_component[spec.component] = by_component.get(spec.component, 0) + dict(spec.params)[name]
+    resolved = chosen.resolve(config, **hp)
+    for spec, name in chosen.unfrozen_params(config, **resolved):
+        n = dict(spec.params)[name]
+        kept = chosen.mask_kept(n, **resolved) if chosen.mask_kept else n
+        by_component[spec.component] = by_component.get(spec.component, 0) + kept
     assert by_component == {c: t for c, (t, _) in built.by_component.items() if t}
 
 
@@ -191,3 +207,137 @@ def test_storage_picks_the_smallest_format() -> None:
 def test_peft_model_wraps_ln_tuning_on_meta() -> None:
     wrapped = peft_model(build_model("tiny-llama", device="meta"), "ln_tuning")
     assert wrapped.get_nb_trainable_parameters()[0] == closed_form("tiny-llama", "ln_tuning").trainable
+
+
+# --- sparse methods: masks, diff pruning -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("model", "method", "hp", "fragment"), [
+    ("tiny-llama", "fish_mask", {"density": 0.0}, "density=0.0 must be in (0, 1]"),
+    ("tiny-llama", "fish_mask", {"density": 1.5}, "density=1.5 is above its maximum 1"),
+    ("tiny-llama", "lt_sft", {"density": -0.1}, "density=-0.1 must be in (0, 1]"),
+    ("tiny-llama", "child_tuning", {"reserve_p": 0.0}, "density=0.0 must be in (0, 1]"),
+    ("tiny-llama", "child_tuning", {"variant": "E"}, "variant='E' is not one of F, D"),
+    ("tiny-llama", "diff_pruning", {"density": 2.0}, "density=2.0 is above its maximum 1"),
+    ("tiny-llama", "diff_pruning", {"target_modules": ["query"]}, "target module 'query' not found"),
+    ("tiny-bert", "fish_mask", {"target_modules": ["q_proj"]}, "target module 'q_proj' not found"),
+    ("tiny-llama", "fish_mask", {"density": 1e-9}, "density=1e-09 keeps no entry"),
+])
+def test_sparse_bad_input_is_one_line(model: str, method: str, hp: dict, fragment: str) -> None:
+    with pytest.raises(SurveyError) as info:
+        closed_form(model, method, **hp)
+    assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_mask_counts_are_the_mask_entries_rounded_down() -> None:
+    """k = int(density * n) per weight: the closed form is this sum, the built model holds indices that long."""
+    config = load_config("tiny-llama")
+    density = 0.013
+    expected = sum(int(density * m.in_features * m.out_features) for m in layout(config).modules
+                   if m.kind == "linear" and m.layer is not None)
+    assert closed_form(config, "fish_mask", density=density).trainable == expected
+    built = apply_method(build_model("tiny-llama", device="cpu", dtype=torch.float32), "fish_mask", density=density,
+                         num_samples=2)
+    indices = [b for n, b in built.named_buffers() if n.endswith("_mask_index")]
+    assert sum(i.numel() for i in indices) == expected == count_parameters(built).trainable
+    assert all(i.unique().numel() == i.numel() for i in indices)
+
+
+def test_fish_mask_keeps_the_largest_fisher_entries() -> None:
+    from survey_utils.methods.layers.selective import fisher_scores, random_batches
+
+    model = build_model("tiny-gpt2", device="cpu", dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    batches = random_batches(model.config, 3)
+    apply_method(model, "fish_mask", density=0.02, target_modules=["c_fc"], num_samples=3)
+    name = "transformer.h.1.mlp.c_fc.weight"
+    score = fisher_scores(reference, [reference.get_parameter(name)], batches)[0].flatten()
+    index = model.get_buffer("transformer.h.1.mlp.c_fc.weight_mask_index")
+    assert score[index].min() >= score.topk(index.numel()).values.min()
+
+
+def test_lt_sft_rewinds_to_the_pretrained_values() -> None:
+    model = build_model("tiny-llama", device="cpu", dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    apply_method(model, "lt_sft", full_ft_steps=2)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert count_parameters(model).trainable == closed_form("tiny-llama", "lt_sft").trainable
+
+
+@pytest.mark.parametrize(("model", "method", "hp"), [
+    ("tiny-llama", "fish_mask", {"density": 0.05, "num_samples": 2}), ("tiny-gpt2", "lt_sft", {"full_ft_steps": 2}),
+    ("tiny-bert", "child_tuning", {"num_samples": 2}), ("tiny-t5", "fish_mask", {"num_samples": 2}),
+])
+def test_masked_entries_and_frozen_weights_stay_bit_identical(model: str, method: str, hp: dict) -> None:
+    report = train_and_compare(model, method, steps=2, **hp)
+    assert report.frozen_identical
+    assert report.trained == closed_form(model, method, **hp).trainable
+    assert 0.98 * report.trained <= report.changed <= report.trained
+
+
+def test_child_tuning_f_redraws_its_mask_every_step() -> None:
+    """Child-tuning_F: k entries per step, a new draw each step: after two steps more than k have moved."""
+    report = train_and_compare("tiny-llama", "child_tuning", steps=2, variant="F", reserve_p=0.1)
+    assert report.trained == closed_form("tiny-llama", "child_tuning", variant="F", reserve_p=0.1).trainable
+    assert 1.5 * report.trained < report.changed <= 2 * report.trained
+
+
+def test_diff_pruning_trains_twice_the_targets_and_changes_the_pruned_delta() -> None:
+    """Trained: a dense delta and a gate per weight; after pruning to the density, merging changes that many."""
+    from survey_utils.memory.simulate import make_batch
+    from survey_utils.methods.common import merge
+    from survey_utils.methods.layers.selective import l0_penalty, prune_diff
+
+    config = load_config("tiny-llama")
+    model = build_model(config, device="cpu", dtype=torch.float32)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    apply_method(model, "diff_pruning")  # density 0.005, the paper's 0.5%
+    targets = sum(m.in_features * m.out_features for m in layout(config).modules
+                  if m.kind == "linear" and m.layer is not None)
+    assert count_parameters(model).trainable == 2 * targets == closed_form(config, "diff_pruning").trainable
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(2):
+        loss = model(**make_batch(load_config("tiny-llama", full=True), 2, 16, "cpu")).loss + 1e-6 * l0_penalty(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    kept = prune_diff(model)
+    assert kept == sum(int(0.005 * m.in_features * m.out_features) for m in layout(config).modules
+                       if m.kind == "linear" and m.layer is not None)
+    assert count_parameters(model).trainable == kept  # the fixed-mask phase trains the kept entries only
+    model.eval()
+    merge(model)
+    after = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if "diff_" not in n}
+    assert sum(int((after[n] != w).sum()) for n, w in weights.items()) == kept
+    assert count("tiny-llama", "diff_pruning").trainable == 2 * targets
+    assert changed_params("tiny-llama", "diff_pruning")[0] == kept
+
+
+@pytest.mark.parametrize(("model", "method", "hp"), [
+    ("tiny-llama", "fish_mask", {}), ("tiny-gpt2", "lt_sft", {}), ("tiny-bert", "child_tuning", {"variant": "F"}),
+    ("tiny-t5", "child_tuning", {}), ("tiny-llama", "diff_pruning", {}), ("tiny-gpt2", "diff_pruning", {}),
+    ("tiny-bert", "diff_pruning", {}), ("tiny-t5", "diff_pruning", {"target_modules": ["q", "v"]}),
+])
+def test_sparse_estimate_within_five_percent_of_the_simulation(model: str, method: str, hp: dict) -> None:
+    """Masked weights hold dense gradients and AdamW states; diff pruning holds weights, a dense delta and gate,
+    and their AdamW states: the estimate says so and agrees with the fake-tensor step."""
+    est = estimate(model, method, hp, batch_size=2, seq_len=128, device="cpu")
+    sim = simulate(model, method, hp, batch_size=2, seq_len=128)
+    assert abs(est.total - sim.peak) / sim.peak < 0.05
+
+
+def test_a_mask_keeps_dense_gradients_and_states() -> None:
+    fish = estimate("llama-2-7b", "fish_mask", seq_len=512)
+    partial = estimate("llama-2-7b", "partial", {"top_k": 32}, seq_len=512)
+    assert fish.trainable_params < partial.trainable_params / 100
+    assert fish.gradients == partial.gradients - 2 * 32 * 2 * 4096  # every block linear; partial adds the norms
+    diff = estimate("llama-2-7b", "diff_pruning", seq_len=512)
+    assert diff.optimizer_states == 2 * diff.gradients and diff.trainable_params == 2 * fish.gradients // 2
+
+
+def test_sparse_footprints() -> None:
+    fish = footprint("roberta-base", "fish_mask")
+    assert fish.changed == fish.trained and fish.best[0] == "COO"
+    diff = footprint("roberta-base", "diff_pruning")
+    assert diff.trained > 200 * diff.changed and diff.best[0] == "COO"
+    assert diff.changed == fish.changed  # the same density of the same weights

@@ -63,3 +63,22 @@ def test_bad_settings_show_one_line_and_keep_the_plot(explorer: DensityExplorer,
     assert explorer.error is not None and fragment in explorer.error and "\n" not in explorer.error
     assert fragment.split("=")[0] in explorer.message.value
     assert explorer.view is kept
+
+
+def test_diff_pruning_is_small_to_store_and_large_in_memory(explorer: DensityExplorer) -> None:
+    """The chapter's point: diff pruning trains a dense delta and gate (2x the weights) but changes, and stores, the
+    pruned delta only; a FISH mask at the same density changes as much but holds no delta."""
+    explorer.controls["model"].value = "roberta-base"
+    explorer.controls["density"].value = 0.005
+    explorer.controls["method"].value = "diff_pruning"
+    diff = explorer.view
+    explorer.controls["method"].value = "fish_mask"
+    fish = explorer.view
+    assert explorer.error is None
+    assert diff.changed["method"] == fish.changed["method"] == fish.trained["method"]
+    assert diff.trained["method"] > 200 * diff.changed["method"]
+    assert diff.stored["method"] == fish.stored["method"] and diff.stored["method"][0] == "COO"
+    assert diff.peak["method"] > fish.peak["method"] > fish.peak["LoRA"]
+    before = fish.trained["method"]
+    explorer.controls["density"].value = 0.05
+    assert explorer.view.trained["method"] == pytest.approx(10 * before, rel=0.01)
