@@ -209,11 +209,33 @@ def _lagrange(points: list[tuple[int, int]], x: int) -> Fraction:
     return total
 
 
+_ROUNDINGS: dict[tuple[Any, ...], int] = {}
+_LAYOUTS: dict[int, tuple[Any, Any]] = {}
+
+
+def _layout(config: Any) -> Any:
+    """``layout(config)``, remembered per config object (the zoo's configs are shared and read-only)."""
+    cached = _LAYOUTS.get(id(config))
+    if cached is None or cached[0] is not config:
+        cached = _LAYOUTS[id(config)] = (config, layout(config))
+    return cached[1]
+
+
+
 def _rounding(config: Any, method: Method, est: MemoryEstimate, sharding: Sharding) -> int:
-    """Segment rounding of the persistent tensors: one flat shard per unit under ZeRO-3 / FULL_SHARD, the
-    tensors one by one otherwise (:func:`survey_utils.memory.allocator.persistent_tensors`)."""
+    """Block rounding of the persistent tensors: one flat shard per unit under ZeRO-3 / FULL_SHARD, the
+    tensors one by one otherwise (:func:`survey_utils.memory.allocator.persistent_tensors`); remembered per
+    model, storage and sharding."""
+    key = (getattr(config, "name_or_path", id(config)), est.total_params, est.weights, est.optimizer_states,
+           method.trains_whole_model, method.base_quantization, sharding.strategy, sharding.gpus)
+    if key not in _ROUNDINGS:
+        _ROUNDINGS[key] = _compute_rounding(config, method, est, sharding)
+    return _ROUNDINGS[key]
+
+
+def _compute_rounding(config: Any, method: Method, est: MemoryEstimate, sharding: Sharding) -> int:
     if sharding.strategy in SHARDS_PARAMS:
-        u = units(layout(config))
+        u = units(_layout(config))
         per_param = est.weights / max(est.total_params, 1)
         n = sharding.gpus
         shards = [int(u.largest_block * per_param) // n] * u.blocks + [int(u.root * per_param) // n]
@@ -225,11 +247,11 @@ def _rounding(config: Any, method: Method, est: MemoryEstimate, sharding: Shardi
 def point(config: Any, method: Method, est: MemoryEstimate, sharding: Sharding, ckpt: bool,
           rounding: int | None = None) -> Point:
     """Per-GPU allocated, reserved and device total of ``est`` under ``sharding``, with the terms."""
-    gpu: PerGPU = per_gpu(est, layout(config), sharding, method.trains_whole_model)
+    gpu: PerGPU = per_gpu(est, _layout(config), sharding, method.trains_whole_model)
     fixed = gpu.terms["weights"] + gpu.terms["optimizer states"] + gpu.terms.get("DDP gradient buckets", 0)
     if rounding is None:
         rounding = _rounding(config, method, est, sharding)
-    reserved, note = reserved_closed_form(gpu.total, rounding, gpu.total - fixed)
+    reserved, note = reserved_closed_form(gpu.total, rounding, gpu.total - fixed, ckpt)
     terms = dict(gpu.terms)
     terms["allocator reserve"] = reserved - gpu.total
     terms["CUDA context"] = CUDA_CONTEXT_BYTES
