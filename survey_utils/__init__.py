@@ -8,3 +8,10 @@ figures and ``cli`` exposes all of it as ``python -m survey_utils``.
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# bitsandbytes (imported by peft) warns on every CPU with AVX512-BF16 that an optional kernel package is
+# missing; its own pure-torch path is what runs here. The warning would break the CLI's one-line errors and
+# put a red box in the chapters, so only its errors are shown.
+_logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)

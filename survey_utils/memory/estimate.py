@@ -124,6 +124,11 @@ def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any],
                    dtype: str, adapter_dtype: str | None, optimizer: str, quantization: str | None,
                    attention: str, device: str = "cuda", gradient_checkpointing: bool = False) -> dict[str, Any]:
     """Validate every setting (one-line :class:`SurveyError`) and return the method's resolved hyper-parameters."""
+    family = layout(config).family
+    if family not in RECIPES:
+        # Counts are exact for any architecture (the generic layout); activations need a recipe per family.
+        raise SurveyError(f"the memory model has no activation recipe for model type '{family}' yet (parameter "
+                          f"counts are exact; memory covers {', '.join(sorted(RECIPES))})")
     if gradient_checkpointing and method.key_value_positions:
         # transformers' GradientCheckpointingLayer drops past_key_values, so the prefixes would silently vanish.
         raise SurveyError(f"method '{method.name}' feeds its prefixes through past_key_values, which transformers' "
@@ -244,8 +249,6 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     else:
         saved = Activations({}, 0, 0, 0)
         assumptions.append("the method does not back-propagate through the backbone: the backbone saves nothing")
-    if shape.family not in RECIPES:  # a layout without an activation recipe of its own (issue 12's generic ones)
-        assumptions.append(f"{config.model_type}: no recipe of its own, approximated by GPT-2's")
     assumptions.extend(ctx.notes)
     terms = saved.terms
     method_terms = _method_terms(method, config, batch_size, s, a, tb, resolved)
