@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml lab/overrides.json
 	touch $(STAMP)
 
 figures: env
-	# the memory model's validation grid (estimate vs fake-tensor simulation), then every figure
+	# the memory model's validation grid (estimate vs fake-tensor simulation), chapter 08's multi-task runs
+	# (deterministic, ~2-3 min on 2 cores), then every figure
 	$(PY) benchmarks/memory_grid.py
+	$(PY) -m survey_utils.experiments.ch08_multi_task
 	$(PY) -m survey_utils figures --out figures
 	$(MAKE) notebooks
 
