@@ -89,3 +89,25 @@ def test_bad_shardings_are_one_line(strategy, gpus, offload, fragment) -> None:
 def test_candidates_cover_every_strategy() -> None:
     assert candidates(1) == [Sharding()]
     assert {c.strategy for c in candidates(8)} == set(MULTI_GPU) and set(MULTI_GPU) < set(STRATEGIES)
+
+
+def test_fsdp_full_shard_estimate_matches_fsdp2_on_a_fake_process_group() -> None:
+    """FSDP2 (fully_shard per block, then the root) over 4 fake ranks, two steps under FSDPMemTracker."""
+    from survey_utils.memory.simulate_sharded import simulate_fsdp
+
+    est = estimate("tiny-llama", "full", batch_size=1, seq_len=128, device="cpu")
+    ours = per_gpu(est, layout(load_config("tiny-llama")), Sharding("fsdp_full_shard", 4), True).total
+    sim = simulate_fsdp("tiny-llama", "full", 4, batch_size=1, seq_len=128)
+    assert abs(ours - sim.peak) / sim.peak < 0.05
+    assert sim.by_category["Sharded Param"] * 4 >= est.weights  # every rank holds a quarter
+
+
+def test_committed_sharding_validation_is_within_5_percent() -> None:
+    import csv
+
+    from survey_utils.zoo import DATA_DIR
+
+    with (DATA_DIR / "sharding_validation.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) >= 8 and {r["model"] for r in rows} >= {"gpt2", "llama-2-7b"}
+    assert all(abs(float(r["relative_error"])) < 0.05 for r in rows)
