@@ -110,14 +110,17 @@ def closed_form(model: str | os.PathLike[str] | PretrainedConfig, method: str | 
     split = {c: (0, n) for c, n in base.items() if n}
     if method.trains_whole_model:
         split = {c: (n, n) for c, n in base.items() if n}
-    elif method.unfrozen_params is not None:  # selective methods: base parameters that train, by component
-        for spec, name in method.unfrozen_params(config, **hp):
+    else:
+        unfrozen = 0  # base parameters that train (selective methods, and hybrids with such a part), by component
+        for spec, name in method.unfrozen_params(config, **hp) if method.unfrozen_params is not None else ():
             if not spec.tied_to:
                 done, n = split[spec.component]
                 numel = dict(spec.params)[name]
-                split[spec.component] = (done + (method.mask_kept(numel, **hp) if method.mask_kept else numel), n)
-    elif added:
-        split["method"] = (trainable, added)
+                kept = method.mask_kept(numel, **hp) if method.mask_kept else numel
+                split[spec.component] = (done + kept, n)
+                unfrozen += kept
+        if added:
+            split["method"] = (trainable - unfrozen, added)
     shape = layout(config)
     active = shape.active_params + added if shape.num_experts else None
     return ParameterCount(trainable, total_params(config) + added, split, active)

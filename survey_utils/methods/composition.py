@@ -171,6 +171,12 @@ def compose(name: str, title: str, paper: str, arxiv_id: str | None, taxonomy: T
             sites.extend(found)
         return sites
 
+    def unfrozen_params(config: PretrainedConfig, **hp: Any) -> list[Any]:
+        """The base parameters the parts that unfreeze (BitFit) train, by part."""
+        by_part = resolved_parts(config, hp)
+        return [found for p in parts if p.registered.unfrozen_params is not None
+                for found in p.registered.unfrozen_params(config, **by_part[p.label])]
+
     def extra_positions(config: PretrainedConfig, **hp: Any) -> int:
         by_part = resolved_parts(config, hp)
         return sum(p.registered.extra_positions(config, **by_part[p.label]) for p in parts
@@ -198,6 +204,7 @@ def compose(name: str, title: str, paper: str, arxiv_id: str | None, taxonomy: T
         extra_positions=extra_positions if positional else None,
         key_value_positions=positional and all(m.key_value_positions for m in members if m.extra_positions),
         frozen_added_params=frozen_added_params if any(m.frozen_added_params for m in members) else None,
+        unfrozen_params=unfrozen_params if any(m.unfrozen_params for m in members) else None,
         param_prefixes=tuple(dict.fromkeys(x for m in members for x in m.param_prefixes))
         + (extra.param_prefixes if extra else ()),
         mergeable=all(m.mergeable for m in members) and extra is None,

@@ -283,16 +283,13 @@ def with_recipe(inner: Method, name: str, own: tuple[HyperParam, ...], fixed: tu
         apply=apply, trainable_params=wrap(inner.trainable_params), memory_terms=wrap(inner.memory_terms),
         validate=wrap(inner.validate), gradient_sites=wrap(inner.gradient_sites),
         extra_positions=wrap(inner.extra_positions), frozen_added_params=frozen_added_params,
+        unfrozen_params=wrap(inner.unfrozen_params),
         largest_trainable_tensor=wrap(inner.largest_trainable_tensor),
     )
 
 
 S4_PAPER = "Chen et al. 2023, Parameter-Efficient Fine-Tuning Design Spaces (ICLR 2023 submission)"
-# Not registered yet: its count, total, memory terms and layers are right (tests/methods/test_hybrid.py), but
-# counting.closed_form splits a method's trainable parameters by component either as a selective method's
-# (unfrozen_params) or as an additive one's ("method"), never both, so the registry-wide matrix would find S4's
-# component split wrong. Registering it needs closed_form to add the "method" component beside unfrozen_params.
-S4 = (with_recipe(
+S4 = register(with_recipe(
     compose(
         "s4", "S4 (spindle groups: A+L, A+P, A+P+B, P+B+L)", S4_PAPER, "2301.01821",
         Taxonomy(xu="hybrid / automatic combination", wang="hybrid", lialin="A:adapters+S+R"), CHAPTER,
