@@ -55,10 +55,9 @@ def cli_memory(args: argparse.Namespace) -> int:
         sim = simulate(args.model, method, hp, **settings)
     # The simulation runs CPU kernels: its error is taken against the CPU estimate (like with like).
     versus = result if sim is None or device == "cpu" else estimate(args.model, method, hp, device="cpu", **settings)
-    from survey_utils.memory.allocator import CUDA_CONTEXT_BYTES, CUDA_CONTEXT_SOURCE, reserved_of
-    from survey_utils.zoo import load_config
+    from survey_utils.memory.allocator import CUDA_CONTEXT_BYTES, CUDA_CONTEXT_SOURCE
 
-    reserved, reserved_note = reserved_of(load_config(args.model), method, result)
+    reserved, reserved_note = result.reserved, ""  # the estimate states its reserved term among its assumptions
     reserved_source = "closed form (estimate)"
     if sim is not None and sim.reserved is not None:
         # The replay runs the simulated (CPU-kernel) step: add its allocator overhead to this estimate.
@@ -71,7 +70,8 @@ def cli_memory(args: argparse.Namespace) -> int:
         payload["reserved"] = reserved
         payload["reserved_source"] = reserved_source
         payload["cuda_context"] = CUDA_CONTEXT_BYTES
-        payload["assumptions"] = [*payload["assumptions"], reserved_note, CUDA_CONTEXT_SOURCE]
+        payload["assumptions"] = [*payload["assumptions"], *([reserved_note] if reserved_note else []),
+                                  CUDA_CONTEXT_SOURCE]
         if sim is not None:
             payload["simulated_peak"] = sim.peak
             payload["simulation"] = sim.as_dict()
@@ -104,7 +104,8 @@ def cli_memory(args: argparse.Namespace) -> int:
     print(f"  {'reserved (' + ('replayed' if sim is not None else 'closed form') + ')':<30} "
           f"{format_bytes(reserved):>12}   + CUDA context {format_bytes(CUDA_CONTEXT_BYTES)} per GPU")
     print("assumptions:")
-    for line in result.assumptions + [reserved_note, CUDA_CONTEXT_SOURCE] + (sim.assumptions if sim else []):
+    for line in result.assumptions + ([reserved_note] if reserved_note else []) + [CUDA_CONTEXT_SOURCE] \
+            + (sim.assumptions if sim else []):
         print(f"  - {line}")
     print(f"note: {result.cuda_overhead_note}")
     return 0

@@ -19,6 +19,10 @@ The peak of *allocated* memory in a steady-state step (the optimizer states alre
 - :math:`G`: gradients of the trainable parameters; :math:`T_\text{opt}`: the optimizer's largest
   per-parameter temporary (AdamW's ``sqrt`` and ``/``: two tensors of the biggest parameter).
 
+``reserved`` adds what PyTorch's caching allocator holds beyond the allocated peak, by the closed form of
+:mod:`survey_utils.memory.allocator` (block rounding of the persistent tensors, plus a share of the transient
+peak derived from replaying simulated steps through the allocator model), stated among the assumptions.
+
 A method joins with no change here: trainable parameters come from the registry's closed form; a method
 whose tensors saved for backward matter sets ``Method.memory_terms`` (see the registry docstring); where
 its gradients enter the backbone comes from its ``target_modules`` or, for other methods, from
@@ -30,6 +34,7 @@ parameters a method adds (as peft's ``autocast_adapter_dtype``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -89,6 +94,9 @@ class MemoryEstimate:
     peak_phase: str
     cuda_overhead_note: str
     assumptions: list[str] = field(default_factory=list)
+    reserved: int | None = None
+    """Reserved bytes (CUDA context excluded): ``total`` plus the caching allocator's reserve
+    (:func:`survey_utils.memory.allocator.reserved_of`, stated in ``assumptions``)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object of ``memory --json``."""
@@ -100,6 +108,7 @@ class MemoryEstimate:
             "activations_by_term": self.activations_by_term, "trainable_params": self.trainable_params,
             "total_params": self.total_params, "peak_phase": self.peak_phase,
             "cuda_overhead_note": self.cuda_overhead_note, "assumptions": self.assumptions,
+            "reserved": self.reserved,
         }
 
     def terms(self) -> dict[str, int]:
@@ -290,17 +299,22 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     total = fixed + max(backward_peak, step_peak)
     phase = "backward" if backward_peak >= step_peak else "optimizer step"
     assumptions.append(f"the peak is reached at the {phase} (steady state: optimizer states already exist)")
-    assumptions.append("allocated bytes only: the CUDA context and the caching allocator are not included")
-    note = ("nvidia-smi and most published figures show reserved memory: add the CUDA context (about 0.3-1 GiB, "
-            "depending on the GPU and the loaded kernels) and the caching allocator's reserve (often 5-20% of "
-            "the peak, from fragmentation and rounding to 512 B blocks and 2 MiB segments)")
-    return MemoryEstimate(
+    assumptions.append("total: allocated bytes only; `reserved` adds the caching allocator's reserve (below), the "
+                       "CUDA context is kept apart")
+    note = ("nvidia-smi and most published figures show reserved memory plus the CUDA context: `reserved` adds "
+            "the caching allocator's reserve (survey_utils.memory.allocator), and the CUDA context is a per-GPU "
+            "constant kept apart (`cuda_context` in memory --json)")
+    result = MemoryEstimate(
         weights=weights, weights_by_dtype=by_dtype, gradients=gradients, optimizer_states=optimizer_states,
         master_weights=masters, activations=activations, activations_by_term=activations_by_term,
         loss_transient=loss_transient, optimizer_transient=optimizer_transient, batch=batch_bytes, total=total,
         trainable_params=trainable, total_params=base_total + added, peak_phase=phase,
         cuda_overhead_note=note, assumptions=assumptions,
     )
+    from survey_utils.memory.allocator import reserved_of
+
+    reserved, reserved_note = reserved_of(config, method, result)
+    return dataclasses.replace(result, reserved=reserved, assumptions=[*assumptions, reserved_note])
 
 
 _QUANT_NOTES = {
