@@ -312,9 +312,17 @@ def cached_rounding(sizes: list[int]) -> int:
     return _ROUNDING[key]
 
 
+_OF: dict[tuple[Any, ...], int] = {}
+
+
 def reserved_of(config: Any, method: Method, est: MemoryEstimate) -> tuple[int, str]:
     """Closed-form reserved bytes of one GPU running the step ``est`` describes (no sharding)."""
     persistent = est.weights + est.optimizer_states + est.master_weights
-    rounding = cached_rounding(persistent_tensors(config, method, est, method.trains_whole_model))
+    key = (id(config), getattr(config, "name_or_path", None), method.base_quantization, method.trains_whole_model,
+           tuple(est.weights_by_dtype), est.optimizer_states if method.trains_whole_model else 0,
+           est.trainable_params if method.trains_whole_model else 0)
+    rounding = _OF.get(key)
+    if rounding is None:
+        rounding = _OF[key] = cached_rounding(persistent_tensors(config, method, est, method.trains_whole_model))
     checkpointed = "one block recomputed" in est.activations_by_term
     return reserved_closed_form(est.total, rounding, est.total - persistent, checkpointed)
