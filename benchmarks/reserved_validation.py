@@ -44,7 +44,7 @@ from survey_utils.memory.allocator import (  # noqa: E402
     persistent_tensors,
     reserved_of,
 )
-from survey_utils.memory.estimate import estimate  # noqa: E402
+from survey_utils.memory.closed_form import estimate  # noqa: E402
 from survey_utils.memory.sharding import Sharding  # noqa: E402
 from survey_utils.methods import get_method  # noqa: E402
 from survey_utils.zoo import DATA_DIR, load_config  # noqa: E402
@@ -62,7 +62,7 @@ COLUMNS = ["model", "total_params", "method", "batch_size", "seq_len", "gradient
 
 
 def replay_grid(models: set[str] | None) -> list[dict]:
-    from survey_utils.memory.simulate import simulate
+    from survey_utils.memory.simulation import simulate
 
     rows = []
     for model, batch, seq in SHAPES:

@@ -2,7 +2,7 @@
 
 For each setting: the closed form's per-GPU peak under ``fsdp_full_shard`` (:mod:`survey_utils.memory.sharding`,
 on the CPU estimate: the simulation runs CPU kernels, like with like) and rank 0's peak of two FSDP2 steps over
-``gpus`` fake ranks (:func:`survey_utils.memory.simulate_sharded.simulate_fsdp`), and their relative error.
+``gpus`` fake ranks (:func:`survey_utils.memory.sharded_simulation.simulate_fsdp`), and their relative error.
 
     python benchmarks/sharding_validation.py [--out data/sharding_validation.csv] [--only-models gpt2]
 
@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from survey_utils.architecture import layout  # noqa: E402
-from survey_utils.memory.estimate import estimate  # noqa: E402
+from survey_utils.memory.closed_form import estimate  # noqa: E402
+from survey_utils.memory.sharded_simulation import simulate_fsdp  # noqa: E402
 from survey_utils.memory.sharding import Sharding, per_gpu  # noqa: E402
-from survey_utils.memory.simulate_sharded import simulate_fsdp  # noqa: E402
 from survey_utils.zoo import DATA_DIR, load_config  # noqa: E402
 
 OUT = DATA_DIR / "sharding_validation.csv"

@@ -87,7 +87,7 @@ display(fig.canvas if hasattr(fig.canvas, "comm") else fig)
 #
 # ## The memory model, from scratch
 #
-# `survey_utils.memory.estimate` writes every term in closed form; each block's saved activations follow
+# `survey_utils.memory.closed_form` writes every term in closed form; each block's saved activations follow
 # what transformers' code keeps for backward, tensor by tensor, each tagged with the stage of the block
 # where it is saved, so that a block below the lowest trainable module saves nothing and the block that
 # holds it saves only what comes after it (here the Llama block):

@@ -47,7 +47,7 @@ import inspect
 from IPython.display import Code, Markdown, display
 
 from survey_utils.counting import apply_method, closed_form, format_rows, three_way
-from survey_utils.memory.estimate import estimate
+from survey_utils.memory.closed_form import estimate
 from survey_utils.methods import adapters, get_method
 from survey_utils.methods.layers import adapters as adapter_layers
 from survey_utils.parity import example_inputs, forward, parity

@@ -43,7 +43,7 @@ from IPython.display import Code, Markdown, display
 from survey_utils.catalogue import load_catalogue
 from survey_utils.counting import apply_method, count_parameters, format_rows, three_way
 from survey_utils.experiments.ch02_soft_prompts import peft_trainable_at_defaults
-from survey_utils.memory.estimate import estimate
+from survey_utils.memory.closed_form import estimate
 from survey_utils.methods import get_method
 from survey_utils.methods.layers import prompts
 from survey_utils.parity import parity

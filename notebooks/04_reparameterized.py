@@ -163,7 +163,7 @@ import matplotlib.pyplot as plt
 
 from survey_utils.experiments.ch04_reparameterized import adalora_allocation, update_spectra
 from survey_utils.figures.charts import stacked_terms
-from survey_utils.memory.estimate import estimate
+from survey_utils.memory.closed_form import estimate
 from survey_utils.methods.layers import lowrank
 from survey_utils.methods.layers.lowrank import DoRALinear
 

@@ -1,6 +1,6 @@
 """What fits my GPUs: every registered method at its defaults, on N GPUs of a given memory (chapter 06).
 
-For each method the advisor asks the closed-form memory model (:func:`survey_utils.memory.estimate`), spread
+For each method the advisor asks the closed-form memory model (:func:`survey_utils.memory.closed_form`), spread
 over the GPUs by :mod:`survey_utils.memory.sharding`, with the reserved memory of
 :func:`survey_utils.memory.allocator.reserved_closed_form` and the CUDA context on top:
 
@@ -36,7 +36,7 @@ from survey_utils.memory.allocator import (
     persistent_tensors,
     reserved_closed_form,
 )
-from survey_utils.memory.estimate import MemoryEstimate, estimate
+from survey_utils.memory.closed_form import MemoryEstimate, estimate
 from survey_utils.memory.sharding import (
     SHARDS_PARAMS,
     PerGPU,

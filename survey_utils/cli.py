@@ -126,20 +126,15 @@ def _cmd_advise(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from survey_utils.architecture import layout, total_params
-    from survey_utils.zoo import list_models, load_config
+    from survey_utils.zoo import list_models, zoo_row
 
-    rows = []
-    for name in list_models():
-        config = load_config(name)
-        shape = layout(config)
-        rows.append({"name": name, "model_type": config.model_type, "architecture": config.architectures[0],
-                     "total": total_params(config), "layers": shape.num_layers, "hidden": shape.hidden_size})
+    rows = [zoo_row(name) for name in list_models()]
     if args.json:
         print(json.dumps(rows))
     else:
         for row in rows:
-            print(f"{row['name']:<16} {row['architecture']:<28} {row['total']:>16,}  "
+            total = f"{row['total']:>16,}" if row["total"] is not None else f"{'(not recorded)':>16}"
+            print(f"{row['name']:<16} {row['architecture']:<28} {total}  "
                   f"{row['layers']:>3} blocks  hidden {row['hidden']}")
     return 0
 

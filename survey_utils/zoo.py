@@ -76,6 +76,28 @@ def _recorded_totals() -> dict[str, int]:
                 if (row.get("counted_total") or "").isdigit()}
 
 
+def zoo_row(name: str) -> dict[str, Any]:
+    """One line of ``python -m survey_utils models``, without importing torch: families with a hand layout are
+    counted from it; other families read their config.json and the exact total ``sources.csv`` records for them
+    (tests/test_generic_layout.py checks it against the meta build), so listing never builds a model."""
+    from survey_utils.architecture import _BUILDERS, layout
+
+    raw = _read_json(config_path(name))
+    model_type = str(raw.get("model_type"))
+    architecture = (raw.get("architectures") or [model_type])[0]
+    if model_type in _BUILDERS:
+        shape = layout(load_config(name))
+        return {"name": name, "model_type": model_type, "architecture": architecture, "total": shape.total,
+                "layers": shape.num_layers, "hidden": shape.hidden_size}
+    text = raw.get("text_config") or raw
+    layers = text.get("num_hidden_layers") or text.get("n_layer") or text.get("num_layers")
+    if model_type in ("t5", "mt5", "umt5") or raw.get("is_encoder_decoder"):
+        layers = (text.get("num_layers") or 0) + (text.get("num_decoder_layers") or text.get("num_layers") or 0)
+    hidden = text.get("hidden_size") or text.get("d_model") or text.get("n_embd")
+    return {"name": name, "model_type": model_type, "architecture": architecture,
+            "total": _recorded_totals().get(name), "layers": layers, "hidden": hidden}
+
+
 def total_params_from_name(name: str) -> int:
     from survey_utils.architecture import total_params
 

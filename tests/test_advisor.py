@@ -18,7 +18,7 @@ from survey_utils.advisor import (
 )
 from survey_utils.cli import main
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import estimate
+from survey_utils.memory.closed_form import estimate
 from survey_utils.memory.sharding import Sharding
 from survey_utils.methods import get_method
 from survey_utils.zoo import DATA_DIR, load_config

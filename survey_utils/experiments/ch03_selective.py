@@ -150,7 +150,7 @@ def train_and_compare(model: str, method: str, steps: int = 3, seed: int = 0, **
     import torch
 
     from survey_utils.counting import apply_method, count_parameters
-    from survey_utils.memory.simulate import make_batch
+    from survey_utils.memory.simulation import make_batch
     from survey_utils.zoo import build_model
 
     config = load_config(model)
@@ -226,7 +226,7 @@ def diff_pruning_run(model: str, steps: int = 3, density: float = 0.005, l0_weig
     import torch
 
     from survey_utils.counting import apply_method, count_parameters
-    from survey_utils.memory.simulate import make_batch
+    from survey_utils.memory.simulation import make_batch
     from survey_utils.methods.common import merge
     from survey_utils.methods.layers.selective import l0_penalty, prune_diff
     from survey_utils.zoo import build_model

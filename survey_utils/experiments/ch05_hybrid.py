@@ -8,7 +8,7 @@ half. Each candidate is a :func:`~survey_utils.methods.composition.compose` of r
 a candidate's numbers are assembled from its atoms:
 
 - trainable parameters: the sum of its parts' (the composition's own rule);
-- peak memory of a training step: the memory model of ``survey_utils.memory.estimate`` (AdamW, no gradient
+- peak memory of a training step: the memory model of ``survey_utils.memory.closed_form`` (AdamW, no gradient
   checkpointing), assembled from the atoms' parameters, saved tensors and where gradients start (the lowest
   part's start; the backbone's saved activations are cached per start and prefix length).
   :func:`peak_of` equals ``estimate(compose(parts)).total`` exactly (tested on random candidates);
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from survey_utils.architecture import layout, total_params
 from survey_utils.errors import SurveyError
 from survey_utils.memory.activations import Ctx, Start, saved_activations, trainable_start
-from survey_utils.memory.estimate import estimate, supports_sdpa
+from survey_utils.memory.closed_form import estimate, supports_sdpa
 from survey_utils.methods import get_method
 from survey_utils.methods.composition import Part, compose
 from survey_utils.methods.registry import NOT_PLACED, Method, Taxonomy

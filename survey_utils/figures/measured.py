@@ -4,7 +4,7 @@ Every number comes from the registry's methods at their default hyper-parameters
 
 - storage: trainable parameters (closed form) x bytes per element of the adapter dtype: the size of the
   saved trainable state, without file-format overhead;
-- memory: the memory model's peak estimate (``survey_utils.memory.estimate``) for one training step;
+- memory: the memory model's peak estimate (``survey_utils.memory.closed_form``) for one training step;
 - backprop: ``Method.backprop_through_backbone`` (False for side networks such as LST);
 - inference overhead: extra FLOPs of a forward pass after ``merge`` on the tiny model of the reference
   model's architecture, counted with ``torch.utils.flop_counter.FlopCounterMode`` (deterministic); the extra
@@ -215,7 +215,7 @@ def memory_estimate(setting: Setting, method: Method) -> Any:
     try:
         from survey_utils.memory import estimate
     except ImportError:
-        raise FigureUnavailable("survey_utils.memory.estimate does not exist yet (memory model, issue 3)") from None
+        raise FigureUnavailable("survey_utils.memory.closed_form does not exist yet (memory model, issue 3)") from None
     return estimate(setting.model, method, {}, batch_size=setting.batch_size, seq_len=setting.seq_len,
                     dtype=setting.dtype, optimizer=setting.optimizer)
 
@@ -386,9 +386,9 @@ def lialin_comparison(out_dir: Path, setting: Setting = TABLE_SETTING) -> list[P
                 cell.get_text().set_fontweight("bold")
     ax.set_title(f"Lialin et al.'s comparison (Tables 1-2), measured on our implementations: {setting.describe()}",
                  fontsize=10)
-    memory_note = ("memory: peak of one training step from survey_utils.memory.estimate (share of full "
+    memory_note = ("memory: peak of one training step from survey_utils.memory.closed_form (share of full "
                    "fine-tuning in brackets)" if any(r.memory_bytes for r in rows)
-                   else "memory: n/a, the memory model (survey_utils.memory.estimate) is not available")
+                   else "memory: n/a, the memory model (survey_utils.memory.closed_form) is not available")
     tiny = tiny_for(setting.model)
     errors = " ".join(f"{r.method}: {r.error}." for r in rows if r.error)
     noise = latency_noise(rows)
@@ -495,7 +495,7 @@ def memory_breakdowns(setting: Setting = MEMORY_SETTING) -> dict[str, dict[str, 
         shows="the memory terms present at the peak of one training step (weights, optimizer states, "
               "activations, logits and loss, gradients or the optimizer step, batch) for every registered method at "
               "llama-2-7b, batch 1 x 512 tokens, bf16, AdamW",
-        source="survey_utils.memory.estimate (memory model)",
+        source="survey_utils.memory.closed_form (memory model)",
         survey_counterpart="Lialin et al. 2023, Table 1 'memory' column; Xu et al. 2023's GPU-memory "
                            "measurements (table not read)")
 def memory_breakdown(out_dir: Path, setting: Setting = MEMORY_SETTING) -> list[Path]:
@@ -524,7 +524,7 @@ def memory_breakdown(out_dir: Path, setting: Setting = MEMORY_SETTING) -> list[P
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, fontsize=8, frameon=False,
               title="term at the peak", title_fontsize=8)
     ax.set_title(f"Memory of one training step: {setting.describe()}", fontsize=11)
-    source_note(fig, "Estimated by survey_utils.memory.estimate (the memory model; chapter 00 checks it against "
+    source_note(fig, "Estimated by survey_utils.memory.closed_form (the memory model; chapter 00 checks it against "
                      "a simulated step): the terms present at the moment of the peak, which add up to it.")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return save_figure(fig, out_dir, "memory_breakdown")

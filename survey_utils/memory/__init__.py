@@ -14,10 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from survey_utils.memory.estimate import MemoryEstimate, estimate
+from survey_utils.memory.closed_form import MemoryEstimate, estimate
 from survey_utils.units import format_bytes
 
-_LAZY = {"Measurement": "measure", "measure": "measure", "Simulation": "simulate", "simulate": "simulate"}
+# The submodules are named apart from the functions they define (closed_form.estimate, simulation.simulate,
+# measurement.measure), so importing a submodule never rebinds a function's name here.
+_LAZY = {"Measurement": "measurement", "measure": "measurement", "Simulation": "simulation", "simulate": "simulation"}
 
 
 def __getattr__(name: str) -> Any:
@@ -26,7 +28,6 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         value = getattr(importlib.import_module(f"survey_utils.memory.{_LAZY[name]}"), name)
-        # importing the submodule bound its name (the module ``simulate``) here: bind the function instead
         globals()[name] = value
         return value
     raise AttributeError(f"module 'survey_utils.memory' has no attribute '{name}'")
@@ -50,7 +51,7 @@ def cli_memory(args: argparse.Namespace) -> int:
     result = estimate(args.model, method, hp, device=device, **settings)
     sim = None
     if args.simulate:
-        from survey_utils.memory.simulate import simulate
+        from survey_utils.memory.simulation import simulate
 
         sim = simulate(args.model, method, hp, **settings)
     # The simulation runs CPU kernels: its error is taken against the CPU estimate (like with like).

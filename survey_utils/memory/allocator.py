@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from survey_utils.memory.estimate import MemoryEstimate
+    from survey_utils.memory.closed_form import MemoryEstimate
     from survey_utils.methods.registry import Method
 
 K_MIN_BLOCK = 512
@@ -282,7 +282,7 @@ def persistent_tensors(config: Any, method: Method, est: MemoryEstimate, optimiz
     base tensor (full fine-tuning). Small trainable tensors of PEFT methods are left out: the small pool packs
     them into 2 MiB segments with at most one partly used segment."""
     from survey_utils.architecture import layout
-    from survey_utils.memory.estimate import NF4_BYTES_PER_WEIGHT
+    from survey_utils.memory.closed_form import NF4_BYTES_PER_WEIGHT
     from survey_utils.units import DTYPE_BYTES
 
     shape = layout(config)

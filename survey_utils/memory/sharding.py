@@ -1,7 +1,7 @@
 r"""Per-GPU memory of one training step on N GPUs: DDP, ZeRO-1/2/3, FSDP, CPU offload (chapter 06).
 
 Data parallelism gives every GPU its own micro-batch, so activations, the loss transient and the batch stay
-what one GPU holds (:func:`survey_utils.memory.estimate`); what sharding divides are the *model states*. In
+what one GPU holds (:func:`survey_utils.memory.closed_form`); what sharding divides are the *model states*. In
 the ZeRO paper's accounting (Rajbhandari et al. 2020, arXiv:1910.02054, section 5 and figure 1) with
 :math:`W` weights, :math:`G` gradients and :math:`O` optimizer states (with fp32 master copies where the
 estimate keeps them) on :math:`N` GPUs:
@@ -43,7 +43,7 @@ from survey_utils.errors import SurveyError
 
 if TYPE_CHECKING:
     from survey_utils.architecture import Layout
-    from survey_utils.memory.estimate import MemoryEstimate
+    from survey_utils.memory.closed_form import MemoryEstimate
 
 STRATEGIES = ("single", "ddp", "zero1", "zero2", "fsdp_shard_grad_op", "zero3", "fsdp_full_shard")
 """Strategies, cheapest in communication first: DDP, ZeRO-1 and ZeRO-2 move as much data per step as plain

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from survey_utils.advisor import gpu_table, parse_memory, point
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import MemoryEstimate, estimate
+from survey_utils.memory.closed_form import MemoryEstimate, estimate
 from survey_utils.memory.sharding import Sharding
 from survey_utils.methods import get_method, list_methods
 from survey_utils.units import format_bytes

@@ -13,7 +13,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from survey_utils.experiments.ch01_adapters import rank_for_budget
-from survey_utils.memory.estimate import MemoryEstimate, estimate
+from survey_utils.memory.closed_form import MemoryEstimate, estimate
 from survey_utils.methods import get_method
 from survey_utils.palette import MEMORY_TERMS, TERM_COLOURS
 from survey_utils.plotting import human, method_colour

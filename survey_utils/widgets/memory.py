@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import MemoryEstimate, estimate
+from survey_utils.memory.closed_form import MemoryEstimate, estimate
 from survey_utils.methods.registry import get_method, list_methods
 from survey_utils.palette import HIGHLIGHT, MEMORY_TERMS, TERM_COLOURS
 from survey_utils.units import DTYPES, OPTIMIZERS, format_bytes
@@ -308,7 +308,7 @@ def _sim_key(model: str, method: str, hp: dict[str, Any], kwargs: dict[str, Any]
 
 
 def _run_simulation(key: tuple) -> dict[str, int]:
-    from survey_utils.memory.simulate import simulate
+    from survey_utils.memory.simulation import simulate
 
     model, method, hp, kwargs = key
     sim = simulate(model, method, dict(hp), **dict(kwargs))

@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import estimate
+from survey_utils.memory.closed_form import estimate
 from survey_utils.methods import get_method, list_methods
 from survey_utils.methods.registry import Method
 from survey_utils.plotting import human

@@ -8,7 +8,7 @@ import pytest
 
 from survey_utils.architecture import layout
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import estimate
+from survey_utils.memory.closed_form import estimate
 from survey_utils.memory.sharding import (
     MULTI_GPU,
     STRATEGIES,
@@ -93,7 +93,7 @@ def test_candidates_cover_every_strategy() -> None:
 
 def test_fsdp_full_shard_estimate_matches_fsdp2_on_a_fake_process_group() -> None:
     """FSDP2 (fully_shard per block, then the root) over 4 fake ranks, two steps under FSDPMemTracker."""
-    from survey_utils.memory.simulate_sharded import simulate_fsdp
+    from survey_utils.memory.sharded_simulation import simulate_fsdp
 
     est = estimate("tiny-llama", "full", batch_size=1, seq_len=128, device="cpu")
     ours = per_gpu(est, layout(load_config("tiny-llama")), Sharding("fsdp_full_shard", 4), True).total

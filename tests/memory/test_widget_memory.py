@@ -18,6 +18,7 @@ def test_controls_change_the_view_and_errors_show_in_the_message_area() -> None:
     explorer.controls["seq_len"].value = 64
     assert explorer.error is None
     explorer.controls["simulate"].value = True
+    explorer.wait()  # the simulation runs in a background thread; it redraws when done
     simulated = explorer.view.simulated["_peak"]
     assert abs(explorer.view.estimate.total - simulated) / simulated < 0.05
     heights = [bars.patches[1].get_height() for bars in explorer.bars.values()]

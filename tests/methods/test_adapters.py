@@ -218,8 +218,8 @@ def test_memory_terms_agree_with_the_simulated_step(method: str) -> None:
     everywhere, as the memory model assumes. (Pfeiffer and AdapterDrop also skip the backward of the blocks
     below their first adapter, which the memory model does not know: 4% and 13% over on this model.)
     """
-    from survey_utils.memory.estimate import estimate
-    from survey_utils.memory.simulate import simulate
+    from survey_utils.memory.closed_form import estimate
+    from survey_utils.memory.simulation import simulate
 
     settings = {"batch_size": 4, "seq_len": 64, "dtype": "fp32"}
     estimated = estimate("tiny-llama", method, {}, **settings)
@@ -229,7 +229,7 @@ def test_memory_terms_agree_with_the_simulated_step(method: str) -> None:
 
 
 def test_lst_memory_is_below_adapters_and_lora() -> None:
-    from survey_utils.memory.estimate import estimate
+    from survey_utils.memory.closed_form import estimate
 
     peaks = {m: estimate("llama-2-7b", m, {}, batch_size=8, seq_len=512).total for m in ("lst", "houlsby", "lora")}
     assert peaks["lst"] < 0.6 * min(peaks["houlsby"], peaks["lora"])

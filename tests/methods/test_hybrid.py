@@ -13,8 +13,8 @@ from transformers import PretrainedConfig
 
 from survey_utils.counting import apply_method, closed_form, count_parameters
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import estimate
-from survey_utils.memory.simulate import simulate
+from survey_utils.memory.closed_form import estimate
+from survey_utils.memory.simulation import simulate
 from survey_utils.methods import get_method, list_methods
 from survey_utils.methods.composition import Part, compose
 from survey_utils.methods.hybrid import S4, S4_STRATEGIES, part_hyperparams, s4_groups, spindle_sizes

@@ -11,8 +11,8 @@ import torch
 
 from survey_utils.counting import apply_method
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import estimate
-from survey_utils.memory.simulate import simulate
+from survey_utils.memory.closed_form import estimate
+from survey_utils.memory.simulation import simulate
 from survey_utils.methods import list_methods
 from survey_utils.parity import parity
 from survey_utils.zoo import build_model, load_config

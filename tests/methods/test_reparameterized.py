@@ -297,8 +297,8 @@ def test_bad_values_raise_one_line_errors(method: str, hp: dict, fragment: str) 
                                             ("krona", {})])
 def test_family_memory_estimate_is_within_one_percent_of_the_simulated_step(method: str, hp: dict) -> None:
     """DoRA's two d_out-wide saved tensors are 2.4% of this step: leaving them out would fail the check."""
-    from survey_utils.memory.estimate import estimate
-    from survey_utils.memory.simulate import simulate
+    from survey_utils.memory.closed_form import estimate
+    from survey_utils.memory.simulation import simulate
 
     est = estimate("tiny-llama", method, hp=hp, batch_size=2, seq_len=256)
     sim = simulate("tiny-llama", method, hp=hp, batch_size=2, seq_len=256)

@@ -20,7 +20,7 @@ from survey_utils.counting import (
 from survey_utils.errors import SurveyError
 from survey_utils.experiments.ch03_selective import footprint, storage_formats, train_and_compare
 from survey_utils.memory import estimate
-from survey_utils.memory.simulate import simulate
+from survey_utils.memory.simulation import simulate
 from survey_utils.methods import get_method, list_methods
 from survey_utils.parity import example_inputs, forward, parity
 from survey_utils.zoo import build_model, load_config
@@ -283,7 +283,7 @@ def test_child_tuning_f_redraws_its_mask_every_step() -> None:
 
 def test_diff_pruning_trains_twice_the_targets_and_changes_the_pruned_delta() -> None:
     """Trained: a dense delta and a gate per weight; after pruning to the density, merging changes that many."""
-    from survey_utils.memory.simulate import make_batch
+    from survey_utils.memory.simulation import make_batch
     from survey_utils.methods.common import merge
     from survey_utils.methods.layers.selective import l0_penalty, prune_diff
 

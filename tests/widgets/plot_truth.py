@@ -16,7 +16,7 @@ import numpy as np
 
 from survey_utils.counting import closed_form
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import estimate
+from survey_utils.memory.closed_form import estimate
 from survey_utils.methods import get_method
 from survey_utils.zoo import load_config
 

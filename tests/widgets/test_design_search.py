@@ -6,7 +6,7 @@ import numpy as np
 
 from survey_utils.architecture import total_params
 from survey_utils.experiments.ch05_hybrid import as_method, search
-from survey_utils.memory.estimate import estimate
+from survey_utils.memory.closed_form import estimate
 from survey_utils.widgets.design_search import GIB, DesignSearchExplorer
 from survey_utils.zoo import load_config
 

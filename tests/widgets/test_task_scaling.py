@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from survey_utils.memory.estimate import estimate
+from survey_utils.memory.closed_form import estimate
 from survey_utils.methods import get_method
 from survey_utils.widgets.task_scaling import MEMORY, TaskScalingExplorer, settings_for
 from survey_utils.zoo import load_config

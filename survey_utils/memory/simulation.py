@@ -43,7 +43,7 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from transformers import PretrainedConfig
 
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import check_settings, supports_sdpa
+from survey_utils.memory.closed_form import check_settings, supports_sdpa
 from survey_utils.methods.registry import Method, get_method
 from survey_utils.units import OPTIMIZERS, torch_dtype
 from survey_utils.zoo import build_model, load_config

@@ -1,7 +1,7 @@
 """One GPU's peak under FSDP2 full sharding, simulated in one process: fake tensors on a fake process group.
 
 The check of :mod:`survey_utils.memory.sharding` (chapter 06): the model is built under ``FakeTensorMode``
-exactly as :func:`survey_utils.memory.simulate.simulate` builds it, every transformer block and then the root
+exactly as :func:`survey_utils.memory.simulation.simulate` builds it, every transformer block and then the root
 are wrapped with ``fully_shard`` (FSDP2, ``FULL_SHARD``: parameters resharded after forward, the root's kept)
 on a device mesh of ``gpus`` ranks of torch's ``fake`` backend (collectives return without moving data), and
 two steps run under torch's ``FSDPMemTracker``, which labels sharded and unsharded parameters, gradients,
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import check_settings
+from survey_utils.memory.closed_form import check_settings
 from survey_utils.methods.registry import get_method
 from survey_utils.zoo import load_config
 
@@ -84,7 +84,7 @@ def _run(config: Any, m: Any, resolved: dict[str, Any], mesh: Any, gpus: int, ba
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed.fsdp import fully_shard
 
-    from survey_utils.memory.simulate import _quiet, build_step, make_optimizer
+    from survey_utils.memory.simulation import _quiet, build_step, make_optimizer
 
     with _quiet(), FakeTensorMode():
         step = build_step(config, m, resolved, batch_size, seq_len, dtype, None, optimizer, False, "sdpa")

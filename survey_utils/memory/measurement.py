@@ -16,7 +16,7 @@ import torch
 from transformers import PretrainedConfig
 
 from survey_utils.errors import SurveyError
-from survey_utils.memory.estimate import check_settings
+from survey_utils.memory.closed_form import check_settings
 from survey_utils.methods.registry import Method, get_method
 from survey_utils.zoo import REAL_TENSOR_LIMIT, load_config
 
@@ -67,7 +67,7 @@ def measure(model_or_config: str | PretrainedConfig, method: str | Method, hp: d
     if total_params(config) > min(CPU_MEASURE_LIMIT, REAL_TENSOR_LIMIT):
         raise SurveyError(f"model '{config.name_or_path}' is too big for a real CPU step "
                           f"(limit {CPU_MEASURE_LIMIT:,} parameters); simulate it instead")
-    from survey_utils.memory.simulate import simulate
+    from survey_utils.memory.simulation import simulate
 
     result = simulate(config, method, resolved, batch_size, seq_len, dtype, adapter_dtype, optimizer,
                       gradient_checkpointing, None, attention, fake=False)
@@ -79,7 +79,7 @@ def measure(model_or_config: str | PretrainedConfig, method: str | Method, hp: d
 def _measure_cuda(config: PretrainedConfig, method: Method, hp: dict[str, Any], batch_size: int, seq_len: int,
                   dtype: str, adapter_dtype: str | None, optimizer: str, gradient_checkpointing: bool,
                   attention: str) -> Measurement:
-    from survey_utils.memory.simulate import _quiet, build_step
+    from survey_utils.memory.simulation import _quiet, build_step
 
     start = time.perf_counter()
     torch.cuda.empty_cache()

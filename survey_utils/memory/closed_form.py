@@ -175,7 +175,7 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     """Peak allocated bytes of a steady-state training step, term by term (see the module docstring).
 
     ``device`` picks the kernels whose saved tensors are counted: ``cuda`` (what users train on) or ``cpu``
-    (what :func:`survey_utils.memory.simulate` runs, for like-with-like validation); see
+    (what :func:`survey_utils.memory.simulation` runs, for like-with-like validation); see
     :mod:`survey_utils.memory.activations`.
     """
     config = load_config(model_or_config)

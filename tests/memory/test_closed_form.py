@@ -7,7 +7,7 @@ import pytest
 from survey_utils.architecture import total_params
 from survey_utils.errors import SurveyError
 from survey_utils.memory import estimate, simulate
-from survey_utils.memory.estimate import NF4_BYTES_PER_WEIGHT
+from survey_utils.memory.closed_form import NF4_BYTES_PER_WEIGHT
 from survey_utils.methods import list_methods
 from survey_utils.zoo import list_models, load_config
 
