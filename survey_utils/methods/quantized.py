@@ -52,11 +52,26 @@ def _specs(config: Any, method: str, hp: dict[str, Any]) -> list:
     return target_specs(config, method, _targets(config, hp), LINEAR)
 
 
+# transformers keeps these modules in full precision (``_keep_in_fp32_modules``; T5 casts the FFN's input to
+# ``wo.weight.dtype``, which for a quantized weight would be its integer codes), and bitsandbytes leaves them
+# unquantized: so do we, by refusing them as targets in one line.
+KEEP_IN_FULL_PRECISION = {"t5": ("wo",), "mt5": ("wo",)}
+
+
+def _refuse_full_precision_modules(config: Any, specs: list[Any]) -> None:
+    kept = KEEP_IN_FULL_PRECISION.get(config.model_type, ())
+    for spec in specs:
+        if spec.short_name in kept:
+            raise SurveyError(f"{spec.name}: {config.model_type} keeps '{spec.short_name}' in full precision "
+                              "(transformers' _keep_in_fp32_modules); leave it out of target_modules")
+
+
 def check_quantizable(method: str):
     """A ``validate``: targets exist and are ``nn.Linear``; each weight splits into whole blocks; LoRA's rules."""
 
     def validate(config: Any, blocksize: int, **hp: Any) -> None:
         LORA.validate(config, **{k: hp[k] for k in ("target_modules", "layers_to_transform", "layers_pattern")})
+        _refuse_full_precision_modules(config, _specs(config, method, hp))
         for spec in _specs(config, method, hp):
             if (spec.in_features * spec.out_features) % blocksize:
                 raise SurveyError(f"blocksize={blocksize} does not divide {spec.name}'s "
@@ -222,6 +237,7 @@ def _check_groups(method: str):
 
     def validate(config: Any, **hp: Any) -> None:
         LORA.validate(config, **{k: hp[k] for k in ("target_modules", "layers_to_transform", "layers_pattern")})
+        _refuse_full_precision_modules(config, _specs(config, method, hp))
         for spec in _specs(config, method, hp):
             group = hp.get("group_size", spec.in_features)
             if spec.in_features % group:

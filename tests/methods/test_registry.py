@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from survey_utils.errors import SurveyError
 from survey_utils.experiments.ch02_soft_prompts import peft_trainable_at_defaults
@@ -190,3 +191,32 @@ def test_ia3_default_targets_are_peft_s() -> None:
                                          "IA3_FEEDFORWARD_MODULES": peft_mappings.IA3_FEEDFORWARD_MODULES}, (
         "peft's IA3 mappings changed: python -m survey_utils.methods.peft_mappings > "
         "survey_utils/methods/peft_mappings.py")
+
+
+@pytest.mark.parametrize("method", [m.name for m in list_methods()])
+def test_every_method_runs_forward_and_merged_on_the_odd_tiny_models(method: str) -> None:
+    """Applied at its defaults with real tensors, a method's model runs a forward pass, and again after merging
+    where it merges, on the two architectures whose layers are odd (T5 reads ``wo.weight``'s dtype, GPT-2 has
+    Conv1D): wrappers must behave like the layers they wrap. Llama and BERT are run by the parity tests."""
+    from survey_utils.counting import apply_method
+    from survey_utils.methods.common import merge
+    from survey_utils.parity import example_inputs, forward
+    from survey_utils.zoo import build_model
+
+    registered = get_method(method)
+    ran = 0
+    for model in ("tiny-gpt2", "tiny-t5"):
+        try:
+            built = apply_method(build_model(model, device="cpu", seed=0), registered)
+        except SurveyError:
+            continue
+        built.eval()
+        inputs = example_inputs(built.config)
+        if registered.takes_task_ids:
+            inputs["task_ids"] = torch.zeros(inputs["input_ids"].shape[0], dtype=torch.long)
+        assert torch.isfinite(forward(built, inputs)).all(), (method, model)
+        if registered.mergeable:
+            assert torch.isfinite(forward(merge(built), inputs)).all(), (method, model)
+        ran += 1
+    if ran == 0:
+        pytest.skip(f"{method} at its defaults applies to neither tiny-gpt2 nor tiny-t5")

@@ -69,6 +69,11 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: transformers' T5 reads ``wo.weight.dtype`` (peft's layers expose it too)."""
+        return self.base_layer.weight
+
     def delta_weight(self) -> torch.Tensor:
         """:math:`\\frac{\\alpha}{r} B A`, laid out like the base weight."""
         delta = (self.lora_B @ self.lora_A) * self.scaling
@@ -176,6 +181,11 @@ class DeltaLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features, self.fan_in_fan_out = linear_dims(base_layer)
         self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: transformers' T5 reads ``wo.weight.dtype`` (peft's layers expose it too)."""
+        return self.base_layer.weight
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
