@@ -800,6 +800,10 @@ def build_model(
             built = cls(config)
     finally:
         torch.set_default_dtype(previous)
+    if getattr(built, "loss_type", "") is None and hasattr(built, "lm_head") and not config.is_encoder_decoder:
+        # transformers falls back to the causal-LM loss for decoder classes whose name it does not map (GPT-2's
+        # LMHeadModel), with a warning in every chapter that trains one: say so once, here, and set it.
+        built.loss_type = "ForCausalLM"
     return built.eval()
 
 
