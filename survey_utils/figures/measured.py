@@ -409,7 +409,7 @@ def lialin_comparison(out_dir: Path, setting: Setting = TABLE_SETTING) -> list[P
         "% changed = base tensors written by merge or trained in place + added parameters kept, whole tensors. "
         f"{errors}"))
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return save_figure(fig, out_dir, "lialin_comparison", dpi=100)  # a row per method: keep the PNG under 300 KB
+    return save_figure(fig, out_dir, "lialin_comparison", dpi=85)  # a row per method: keep the PNG under 300 KB
 
 
 def trainable_across_zoo(models: list[str] | None = None) -> dict[str, list[tuple[str, int, float]]]:
@@ -472,7 +472,7 @@ def trainable_vs_size(out_dir: Path) -> list[Path]:
                      "model of data/models/; a method that rejects a model (SurveyError) has no point there. Colours "
                      "and markers: survey_utils.palette (the same method, the same style in every figure)." + note)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return save_figure(fig, out_dir, "trainable_vs_size", dpi=110)
+    return save_figure(fig, out_dir, "trainable_vs_size", dpi=90)  # a marker per method and model: under 300 KB
 
 
 MEMORY_COLOURS = TERM_COLOURS  # the palette's, as in chapter 00's explorer
