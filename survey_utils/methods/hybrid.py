@@ -30,6 +30,7 @@ The layers a hybrid adds live in ``layers/hybrid.py``, imported inside ``apply``
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -258,7 +259,11 @@ def with_recipe(inner: Method, name: str, own: tuple[HyperParam, ...], fixed: tu
     def wrap(function: Any) -> Any:
         if function is None:
             return None
-        return lambda config, *args, **hp: function(config, *args, **recipe(config, hp))
+
+        def rewritten(config: PretrainedConfig, *args: Any, **hp: Any) -> Any:
+            return function(config, *args, **recipe(config, hp))
+
+        return functools.wraps(function)(rewritten)  # keeps the part's docstring (equation, paper)
 
     def apply(model: nn.Module, **hp: Any) -> nn.Module:
         return inner.apply(model, **recipe(model.config, hp))
