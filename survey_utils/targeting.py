@@ -42,7 +42,11 @@ def matches(
 ) -> bool:
     """Whether the module called ``name`` is a target (peft's rule)."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        try:
+            return re.fullmatch(target_modules, name) is not None
+        except re.error as error:  # a typed regex is user input: one line naming it, not a traceback
+            raise SurveyError(f"target_modules={target_modules!r} is not a valid regular expression ({error})") \
+                from None
     if name in target_modules:
         return True  # peft: a module named in full is a target whatever layers_to_transform says
     found = any(name.endswith(f".{t}") for t in target_modules)

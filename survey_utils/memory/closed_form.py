@@ -74,6 +74,15 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_BLOCK2)
 BNB_MIN_8BIT_SIZE, BNB_BLOCK_SIZE = 4096, 256
 
 
+RECOMPUTED = "one block recomputed"  # the checkpointed term: one block's activations rebuilt in backward
+
+
+def _backward_peak(activations: int, recomputed: int, loss_transient: int) -> int:
+    """Bytes at the backward peak beyond the fixed terms: the saved activations, with the loss's transients or
+    the one rebuilt block, whichever is larger (they are never alive together)."""
+    return activations - recomputed + max(loss_transient, recomputed)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """A step's memory in bytes, term by term, with the assumptions that produced it."""
@@ -110,6 +119,13 @@ class MemoryEstimate:
             "cuda_overhead_note": self.cuda_overhead_note, "assumptions": self.assumptions,
             "reserved": self.reserved,
         }
+
+    @property
+    def backward_peak(self) -> int:
+        """Activations and the loss's transients alive together at the backward peak: with checkpointing the
+        loss's transients are gone before the first block is rebuilt, so this is less than their sum."""
+        recomputed = self.activations_by_term.get(RECOMPUTED, 0)
+        return _backward_peak(self.activations, recomputed, self.loss_transient)
 
     def terms(self) -> dict[str, int]:
         """The stacked-bar terms at the peak; they add up to ``total``."""
@@ -271,7 +287,7 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
         activations_by_term = {
             "block inputs (checkpointed)": saved.saving_blocks * batch_size * s * shape.hidden_size * a
             + saved.checkpoint_extra,
-            "one block recomputed": recomputed}
+            RECOMPUTED: recomputed}
         activations_by_term.update({k: v for k, v in terms.items() if k.startswith("outside blocks")})
         assumptions.append("gradient checkpointing on every block (non-reentrant): each block keeps its input, "
                            "one block's activations are rebuilt at a time in backward")
@@ -294,7 +310,7 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
 
     fixed = weights + optimizer_states + masters + batch_bytes
     # With checkpointing the loss's transients are gone before the first block is rebuilt.
-    backward_peak = activations - recomputed + max(loss_transient, recomputed)
+    backward_peak = _backward_peak(activations, recomputed, loss_transient)
     step_peak = gradients + optimizer_transient
     total = fixed + max(backward_peak, step_peak)
     phase = "backward" if backward_peak >= step_peak else "optimizer step"

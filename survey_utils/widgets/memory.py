@@ -47,7 +47,7 @@ SIM_TERMS = {"Parameter": "weights", "Buffer": "weights", "Optstate": "optimizer
 GIB = 2**30
 LINES = {
     "fixed": ("weights + optimizer states (do not grow with s)", TERM_COLOURS["weights"], "-"),
-    "growing": ("activations + logits and loss (grow with s)", TERM_COLOURS["activations"], "-"),
+    "growing": ("activations + logits and loss at the backward peak (grow with s)", TERM_COLOURS["activations"], "-"),
     "step": ("gradients + optimizer step (optimizer phase)", TERM_COLOURS["gradients"], "-"),
     "totals": ("peak = first line + batch + larger phase", HIGHLIGHT, "-"),
 }
@@ -189,7 +189,7 @@ class MemoryExplorer(Explorer):
                 continue  # a length the method cannot take (a prompt past the context): no point there
             view.seq_lens.append(s)
             view.fixed.append(point.weights + point.optimizer_states + point.master_weights)
-            view.growing.append(point.activations + point.loss_transient)
+            view.growing.append(point.backward_peak)
             view.step.append(point.gradients + point.optimizer_transient)
             view.totals.append(point.total)
         if not view.seq_lens:
