@@ -71,12 +71,12 @@ def assert_one_line(error: str | None) -> None:
 
 
 def _slider_value(data: st.DataObject, control: W.Widget):
-    """A value for a control: in range, at the ends, or far outside (sliders clamp)."""
+    """A value for a control: in range, at the ends, or far outside (sliders and bounded boxes clamp)."""
     if isinstance(control, W.IntRangeSlider):
         a, b = sorted(data.draw(st.lists(st.integers(control.min - 50, control.max + 50), min_size=2,
                                          max_size=2), label="range"))
         return (a, b)
-    if isinstance(control, W.IntSlider):
+    if isinstance(control, (W.IntSlider, W.BoundedIntText)):
         return data.draw(st.one_of(st.integers(control.min, control.max), st.sampled_from([control.min, control.max]),
                                    st.integers(-10**9, 10**9)), label="int")
     if isinstance(control, W.FloatSlider):
