@@ -304,26 +304,36 @@ def format_claims(rows: list[dict[str, Any]]) -> str:
 
 # --- 8-bit optimizer states -------------------------------------------------------------------------------
 
-def adamw8bit_state_bytes(model: str = "tiny-llama", method: str = "qlora", **hp: Any) -> dict[str, int]:
-    """bitsandbytes' ``AdamW8bit`` state tensors after one step on CPU, against the memory model's estimate.
+def adamw8bit_state_bytes(model: str = "tiny-llama", method: str = "qlora", dtype: str = "fp32",
+                          **hp: Any) -> dict[str, Any]:
+    """bitsandbytes' ``AdamW8bit`` state tensors after one step on CPU, against the memory model's estimate
+    (:func:`survey_utils.memory.closed_form.adamw8bit_state_bytes`) and against treating the trainable
+    parameters as one tensor (what the estimate did before it read the tensors' sizes).
 
+    Each storage is counted once: the quantization maps are one pair shared by every 8-bit tensor.
     Defined for chapter 06, section "8-bit and paged optimizers"."""
     import bitsandbytes as bnb
 
     from survey_utils.counting import apply_method
     from survey_utils.memory import estimate
+    from survey_utils.memory.closed_form import BNB_MIN_8BIT_SIZE
+    from survey_utils.memory.closed_form import adamw8bit_state_bytes as rule
     from survey_utils.parity import example_inputs
+    from survey_utils.units import torch_dtype
     from survey_utils.zoo import build_model
 
-    built = apply_method(build_model(model, device="cpu"), method, **hp)
+    built = apply_method(build_model(model, device="cpu", dtype=torch_dtype(dtype)), method, **hp)
     params = [p for p in built.parameters() if p.requires_grad]
     optimizer = bnb.optim.AdamW8bit(params, lr=1e-3)
     inputs = example_inputs(built.config, batch=1, seq_len=8)
     built(**inputs, labels=inputs["input_ids"]).loss.backward()
     optimizer.step()
-    real = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
-               if isinstance(t, torch.Tensor))
-    per_tensor = sum(8 * p.numel() if p.numel() < 4096 else 2 * p.numel() + 8 * -(-p.numel() // 256)
-                     for p in params)
-    est = estimate(model, method, hp=hp, optimizer="adamw8bit", dtype="fp32").optimizer_states
-    return {"bitsandbytes state bytes": real, "per-tensor rule": per_tensor, "memory model estimate": est}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for state in optimizer.state.values()
+                for t in state.values() if isinstance(t, torch.Tensor)}
+    n = sum(p.numel() for p in params)
+    est = estimate(model, method, hp=hp, optimizer="adamw8bit", dtype=dtype)
+    return {"bitsandbytes state bytes": sum(storages.values()), "memory model estimate": est.optimizer_states,
+            "per-tensor rule": rule([p.numel() for p in params]), "one-tensor rule": rule([n]),
+            "trainable tensors": len(params),
+            "tensors under min_8bit_size": sum(p.numel() < BNB_MIN_8BIT_SIZE for p in params),
+            "trainable params": n}

@@ -69,9 +69,10 @@ if TYPE_CHECKING:
 NF4_BLOCK, NF4_BLOCK2 = 64, 256
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_BLOCK2)
 # bitsandbytes LLM.int8 (Dettmers et al. 2022, arXiv:2208.07339): int8 codes and one fp32 scale per row.
-# bitsandbytes' 8-bit optimizers: uint8 moments with one fp32 absmax per 256 elements, 32-bit states
-# below 4096 elements (``min_8bit_size``).
-BNB_MIN_8BIT_SIZE, BNB_BLOCK_SIZE = 4096, 256
+# bitsandbytes' 8-bit optimizers (0.50.2, ``Optimizer2State.init_state``): per tensor, uint8 moments with one
+# fp32 absmax per block of 256 elements, but fp32 moments for a tensor under ``min_8bit_size`` = 4096 elements;
+# the two 256-entry fp32 quantization maps (signed and unsigned dynamic) are shared by every 8-bit tensor.
+BNB_MIN_8BIT_SIZE, BNB_BLOCK_SIZE, BNB_QMAP_ENTRIES = 4096, 256, 256
 
 
 RECOMPUTED = "one block recomputed"  # the checkpointed term: one block's activations rebuilt in backward
@@ -239,7 +240,16 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     masters = 4 * held if tdtype == "fp16" else 0
     state_bytes = 4 if tdtype == "fp16" else tb
     largest = _largest_trainable(shape, method, config, resolved, full, held)
-    optimizer_states, optimizer_transient = _optimizer(optimizer, held, state_bytes, largest, shape, full)
+    if optimizer == "adamw8bit":
+        # bitsandbytes decides 8-bit or 32-bit per tensor: the sizes of the trainable tensors decide the bytes.
+        sizes = trainable_tensor_sizes(config, method, resolved)
+        optimizer_states, optimizer_transient = adamw8bit_state_bytes(sizes), 0
+        small = sum(n for n in sizes if n < BNB_MIN_8BIT_SIZE)
+        assumptions.append(f"8-bit AdamW: {len(sizes)} trainable tensors (sizes from a meta-device build of the "
+                           f"method); {small:,} of their {sum(sizes):,} elements sit in tensors under "
+                           f"{BNB_MIN_8BIT_SIZE} elements and keep fp32 moments")
+    else:
+        optimizer_states, optimizer_transient = _optimizer(optimizer, held, state_bytes, largest, shape, full)
     if masters:
         assumptions.append("fp16 trainable parameters: fp32 master copies (4 B/param) are updated by the "
                            "optimizer, whose states are fp32 too (mixed precision with loss scaling)")
@@ -351,6 +361,46 @@ _OPTIMIZER_NOTES = {
 }
 
 
+def adamw8bit_state_bytes(sizes: tuple[int, ...] | list[int]) -> int:
+    r"""State bytes of bitsandbytes' ``AdamW8bit`` (0.50.2, ``Optimizer2State.init_state``) for tensors of ``sizes``
+    elements (chapter 06, "8-bit and paged optimizers"):
+
+    .. math:: O = \sum_{n < 4096} 8n \;+\; \sum_{n \ge 4096} \bigl(2n + 2 \cdot 4 \lceil n / 256 \rceil\bigr)
+              \;+\; [\exists\, n \ge 4096]\; 2 \cdot 256 \cdot 4
+
+    two fp32 moments below ``min_8bit_size``; otherwise two uint8 moments with one fp32 absmax each per block of
+    256, and the two shared 256-entry fp32 quantization maps once. ``step`` is a Python int (no tensor);
+    ``unorm_vec`` exists only with ``max_unorm > 0`` (default 0). Paged variants hold the same bytes (in unified
+    memory that can spill to the CPU)."""
+    states = 0
+    quantized = False
+    for n in sizes:
+        if n < BNB_MIN_8BIT_SIZE:
+            states += 2 * 4 * n
+        else:
+            quantized = True
+            states += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK_SIZE)
+    return states + (2 * 4 * BNB_QMAP_ENTRIES if quantized else 0)
+
+
+def trainable_tensor_sizes(config: PretrainedConfig, method: Method, hp: dict[str, Any]) -> tuple[int, ...]:
+    """Element counts of the tensors that hold gradients and optimizer states (``hp`` resolved), sorted: read
+    from the method's own ``apply`` on a ``meta``-device build (no storage, so any size), cached per config,
+    method and settings. What an optimizer that decides per tensor (bitsandbytes' 8-bit ones) needs, and the
+    closed form's total cannot say."""
+    key = (config.to_json_string(use_diff=False), getattr(config, "name_or_path", ""), method.name,
+           tuple(sorted((k, repr(v)) for k, v in hp.items())))
+    if key not in _SIZES:
+        from survey_utils.zoo import build_model
+
+        model = method.apply(build_model(config, device="meta"), **hp)
+        _SIZES[key] = tuple(sorted(p.numel() for p in model.parameters() if p.requires_grad))
+    return _SIZES[key]
+
+
+_SIZES: dict[tuple[Any, ...], tuple[int, ...]] = {}
+
+
 def _quantized_bytes(shape: Layout, quantization: str) -> tuple[int, int]:
     weights = [m for m in shape.modules if m.kind in ("linear", "conv1d") and m.layer is not None]
     count = sum(m.in_features * m.out_features for m in weights)
@@ -375,10 +425,6 @@ def _optimizer(name: str, trainable: int, state_bytes: int, largest: int, shape:
         return 2 * trainable * state_bytes, 2 * largest * state_bytes
     if name == "sgd":
         return trainable * state_bytes, 0
-    if name == "adamw8bit":
-        if trainable < BNB_MIN_8BIT_SIZE:
-            return 8 * trainable, 0
-        return 2 * trainable + 2 * 4 * math.ceil(trainable / BNB_BLOCK_SIZE), 0
     # adafactor: a matrix (rows x cols) keeps rows + cols; vectors keep themselves.
     if full:
         states = 0

@@ -43,15 +43,16 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from transformers import PretrainedConfig
 
 from survey_utils.errors import SurveyError
-from survey_utils.memory.closed_form import check_settings, supports_sdpa
+from survey_utils.memory.closed_form import (
+    BNB_BLOCK_SIZE,
+    BNB_MIN_8BIT_SIZE,
+    BNB_QMAP_ENTRIES,
+    check_settings,
+    supports_sdpa,
+)
 from survey_utils.methods.registry import Method, get_method
 from survey_utils.units import OPTIMIZERS, torch_dtype
 from survey_utils.zoo import build_model, load_config
-
-# bitsandbytes' 8-bit optimizers keep 32-bit states for tensors below this many elements
-# (``min_8bit_size`` in bitsandbytes.optim.optimizer.Optimizer8bit) and quantize the rest blockwise.
-BNB_MIN_8BIT_SIZE = 4096
-BNB_BLOCK_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -180,12 +181,14 @@ class AdamW8bitLayout(torch.optim.Optimizer):
     """The memory layout of bitsandbytes' ``AdamW8bit``, for simulation (the update itself is not computed).
 
     Tensors with at least ``BNB_MIN_8BIT_SIZE`` elements keep both moments as uint8 with one fp32 absmax
-    per block of ``BNB_BLOCK_SIZE`` elements; smaller tensors keep fp32 moments. bitsandbytes' CUDA kernel
+    per block of ``BNB_BLOCK_SIZE`` elements; smaller tensors keep fp32 moments; the two 256-entry fp32
+    quantization maps are made once and shared (bitsandbytes' ``name2qmap``). bitsandbytes' CUDA kernel
     updates in place, so the step allocates nothing else.
     """
 
     def __init__(self, params: Any, lr: float = 1e-3) -> None:
         super().__init__(params, {"lr": lr})
+        self.qmaps: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -195,8 +198,12 @@ class AdamW8bitLayout(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["step"] = 0  # bitsandbytes counts steps in a Python int
                     if p.numel() >= BNB_MIN_8BIT_SIZE:
+                        if self.qmaps is None:
+                            self.qmaps = tuple(torch.zeros(BNB_QMAP_ENTRIES, dtype=torch.float32, device=p.device)
+                                               for _ in range(2))
+                        state["qmap1"], state["qmap2"] = self.qmaps
                         blocks = -(-p.numel() // BNB_BLOCK_SIZE)
                         for k in ("state1", "state2"):
                             state[k] = torch.zeros_like(p, dtype=torch.uint8)
@@ -205,7 +212,7 @@ class AdamW8bitLayout(torch.optim.Optimizer):
                     else:
                         for k in ("state1", "state2"):
                             state[k] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"].add_(1)
+                state["step"] += 1
 
 
 def make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
