@@ -255,8 +255,11 @@ class TrainingStep:
 
 def build_step(config: PretrainedConfig, method: Method, hp: dict[str, Any], batch_size: int, seq_len: int,
                dtype: str, adapter_dtype: str | None, optimizer: str, gradient_checkpointing: bool,
-               attention: str, device: str = "cpu", seed: int = 0) -> TrainingStep:
-    """Build the step under whatever mode is active (fake or real). Nothing is moved with ``.to()``."""
+               attention: str, device: str = "cpu", seed: int = 0, quantization: str | None = None) -> TrainingStep:
+    """Build the step under whatever mode is active (fake or real). Nothing is moved with ``.to()``.
+
+    ``quantization`` (``nf4``, ``int8``) gives the frozen block linears bitsandbytes' storage and kernels' tensors
+    (:mod:`survey_utils.memory.quantized_storage`)."""
     config = copy.deepcopy(config)
     config._attn_implementation = attention if supports_sdpa(config) else "eager"
     if hasattr(config, "use_cache"):
@@ -267,6 +270,11 @@ def build_step(config: PretrainedConfig, method: Method, hp: dict[str, Any], bat
     trainable_dtype = torch_dtype(method.trainable_dtype(dtype, adapter_dtype))
     if trainable_dtype != base_dtype:
         _retype_trainable(model, trainable_dtype)
+    if quantization is not None:
+        from survey_utils.architecture import layout
+        from survey_utils.memory.quantized_storage import quantize_base
+
+        quantize_base(model, layout(config), quantization, method.name)
     model.train()
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
@@ -333,9 +341,6 @@ def simulate(model_or_config: str | PretrainedConfig, method: str | Method,
     method = get_method(method) if isinstance(method, str) else method
     resolved = check_settings(config, method, hp or {}, batch_size, seq_len, dtype, adapter_dtype, optimizer,
                               quantization, attention, gradient_checkpointing=gradient_checkpointing)
-    if quantization is not None:
-        raise SurveyError(f"quantization '{quantization}' cannot be simulated (its kernels need bitsandbytes "
-                          "and a GPU); use the estimate")
     if steps < 1:
         raise SurveyError(f"steps={steps} must be at least 1")
     start = time.perf_counter()
@@ -343,7 +348,7 @@ def simulate(model_or_config: str | PretrainedConfig, method: str | Method,
     with _quiet(), mode:
         try:
             step = build_step(config, method, resolved, batch_size, seq_len, dtype, adapter_dtype, optimizer,
-                              gradient_checkpointing, attention)
+                              gradient_checkpointing, attention, quantization=quantization)
         except RuntimeError as error:
             raise SurveyError(f"method '{method.name}' could not be built on '{config.name_or_path}' with "
                               f"dtype {dtype}/{adapter_dtype or dtype}: {str(error).splitlines()[0]}") from None
@@ -355,7 +360,14 @@ def simulate(model_or_config: str | PretrainedConfig, method: str | Method,
         with tracker:
             for _ in range(steps):
                 tracker.reset_peak()
-                step.run()
+                try:
+                    step.run()
+                except RuntimeError as error:
+                    if quantization is None:
+                        raise
+                    # a method's layer that reads its base weight (DoRA's norm) meets the packed codes
+                    raise SurveyError(f"method '{method.name}' cannot run on a simulated {quantization} base (its "
+                                      f"layer reads the base weight itself): {str(error).splitlines()[0]}") from None
                 tracker.reset_mod_stats()
                 peaks.append(tracker.peak_bytes())
     trace = tracker.trace
@@ -369,6 +381,9 @@ def simulate(model_or_config: str | PretrainedConfig, method: str | Method,
         "batch = input_ids + labels (int64); loss from the model's own loss function",
         "model in train mode (dropout active where the config sets it)",
     ]
+    if quantization is not None:
+        assumptions.append(f"{quantization}: frozen block linears held as bitsandbytes 0.50.2 holds them, with its "
+                           "kernels' transients (survey_utils.memory.quantized_storage)")
     from survey_utils.memory.allocator import replay
 
     cached = replay(trace)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from survey_utils.errors import SurveyError
 from survey_utils.memory import simulate
 
 
@@ -36,8 +35,3 @@ def test_every_optimizer_simulates(optimizer: str) -> None:
 def test_a_seventy_billion_model_runs_without_memory() -> None:
     result = simulate("llama-2-70b", "lora", seq_len=16)
     assert result.peak > 128 * 2**30  # the bf16 weights alone (69B x 2 B)
-
-
-def test_quantization_is_estimate_only() -> None:
-    with pytest.raises(SurveyError, match="cannot be simulated"):
-        simulate("tiny-llama", "lora", quantization="nf4")
