@@ -1,4 +1,4 @@
-"""``python -m survey_utils``: count, memory, advise, models, methods, figures, build-notebooks.
+"""``python -m survey_utils``: count, memory, advise, search, models, methods, figures, build-notebooks.
 
 Bad input prints one line, ``error: ...`` naming the bad value, on stderr and exits 2; never a traceback.
 
@@ -72,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only this method (repeatable; default: every registered method)")
     advise.add_argument("--json", action="store_true", help="print one JSON object (its rows: one per method)")
 
+    search = commands.add_parser("search", help="chapter 05's budgeted design search: the Pareto front of hybrids")
+    search.add_argument("--model", required=True, help="zoo name (see `models`) or a path to a config.json")
+    search.add_argument("--trainable-budget", required=True, metavar="N|P%",
+                        help="most trainable parameters: a count (2000000) or a percent of the model (1%%)")
+    search.add_argument("--memory-budget", required=True, metavar="SIZE",
+                        help="most peak memory of one training step, with its unit: 24GiB or 16GB")
+    search.add_argument("--batch-size", type=int, default=8)
+    search.add_argument("--seq-len", type=int, default=128)
+    search.add_argument("--dtype", default="bf16", choices=DTYPES)
+    search.add_argument("--json", action="store_true", help="print one JSON object (the front and named points)")
+
     models = commands.add_parser("models", help="list the model zoo")
     models.add_argument("--json", action="store_true")
     methods = commands.add_parser("methods", help="list the registered methods")
@@ -125,6 +136,23 @@ def _cmd_advise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from survey_utils.experiments.ch05_hybrid import (
+        format_search,
+        parse_memory_budget,
+        parse_trainable_budget,
+        search,
+    )
+    from survey_utils.zoo import load_config
+
+    config = load_config(args.model)
+    result = search(config, parse_trainable_budget(args.trainable_budget, config),
+                    parse_memory_budget(args.memory_budget), batch_size=args.batch_size, seq_len=args.seq_len,
+                    dtype=args.dtype)
+    print(json.dumps(result.as_dict()) if args.json else format_search(result))
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from survey_utils.zoo import list_models, zoo_row
 
@@ -167,7 +195,8 @@ def _cmd_build_notebooks(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Any] = {
-    "count": _cmd_count, "memory": _cmd_memory, "advise": _cmd_advise, "models": _cmd_models, "methods": _cmd_methods,
+    "count": _cmd_count, "memory": _cmd_memory, "advise": _cmd_advise, "search": _cmd_search, "models": _cmd_models,
+    "methods": _cmd_methods,
     "figures": _cmd_figures, "build-notebooks": _cmd_build_notebooks,
 }
 

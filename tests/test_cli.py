@@ -84,3 +84,60 @@ def test_models_and_usage_errors_import_no_torch(argv: list[str]) -> None:
               "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+# --- search (chapter 05's budgeted design search) -----------------------------------------------------------------
+
+SEARCH = ["search", "--model", "roberta-base", "--trainable-budget", "1%", "--memory-budget", "4GiB"]
+
+
+def test_search_json_is_the_experiments_front(capsys) -> None:
+    """The command's JSON is ``search(...)``'s front at the budgets it was given (1% of the model's parameters,
+    4 GiB), recomputed here from the experiment module; every front point is inside both budgets."""
+    from survey_utils.architecture import total_params
+    from survey_utils.experiments.ch05_hybrid import search
+    from survey_utils.zoo import load_config
+
+    assert main([*SEARCH, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    config = load_config("roberta-base")
+    budget = total_params(config) // 100
+    assert out == search(config, budget, 4 * 2**30).as_dict()
+    assert out["front"] and all(row["trainable"] <= budget and row["peak_bytes"] <= 4 * 2**30 for row in out["front"])
+
+
+def test_search_text_lists_the_front(capsys) -> None:
+    assert main(SEARCH) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("roberta-base: ") and "Pareto front of" in lines[0]
+    assert "named configurations at their defaults:" in lines
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["search", "--model", "roberta-base", "--trainable-budget", "1%", "--memory-budget", "4"],
+     "memory budget '4' has no unit"),
+    (["search", "--model", "roberta-base", "--trainable-budget", "lots", "--memory-budget", "4GiB"],
+     "trainable budget 'lots' is not a positive parameter count"),
+    (["search", "--model", "roberta-base", "--trainable-budget", "0", "--memory-budget", "4GiB"],
+     "trainable budget '0' is not a positive parameter count"),
+    (["search", "--model", "roberta-base", "--trainable-budget", "10", "--memory-budget", "4GiB"],
+     "trainable budget 10 is below the smallest configuration"),
+    (["search", "--model", "roberta-base", "--trainable-budget", "1%", "--memory-budget", "1MiB"],
+     "memory budget 0.001 GiB is below the smallest configuration"),
+    (["search", "--model", "roberta-bass", "--trainable-budget", "1%", "--memory-budget", "4GiB"],
+     "unknown model 'roberta-bass'"),
+    (["search", "--model", "roberta-base", "--trainable-budget", "1%", "--memory-budget", "4GiB",
+      "--batch-size", "0"], "batch_size=0 must be a positive integer"),
+])
+def test_search_bad_input_is_one_line_and_exit_2(capsys, argv: list[str], fragment: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fragment in err and "Traceback" not in err
+
+
+def test_search_without_a_budget_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--model", "roberta-base", "--memory-budget", "4GiB"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--trainable-budget" in err

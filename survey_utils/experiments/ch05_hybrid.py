@@ -228,6 +228,49 @@ def search(model: str | PretrainedConfig, trainable_budget: int, memory_budget: 
                         {"batch_size": batch_size, "seq_len": seq_len, "dtype": dtype, "optimizer": "adamw"})
 
 
+def parse_trainable_budget(text: str, config: PretrainedConfig) -> int:
+    """``--trainable-budget``: a parameter count (``2000000``) or a percent of the model's parameters (``1%``)."""
+    value = str(text).strip()
+    try:
+        if value.endswith("%"):
+            percent = float(value[:-1])
+            if not 0 < percent <= 100:
+                raise ValueError
+            return int(total_params(config) * percent / 100)
+        budget = int(value.replace(",", "").replace("_", ""))
+        if budget < 1:
+            raise ValueError
+        return budget
+    except ValueError:
+        raise SurveyError(f"trainable budget '{text}' is not a positive parameter count (2000000) or a percent of "
+                          "the model (1%, at most 100%)") from None
+
+
+def parse_memory_budget(text: str) -> int:
+    """``--memory-budget``: a size with its unit (``24GiB``, ``16GB``), as the advisor reads GPU memory."""
+    from survey_utils.advisor import parse_memory
+
+    try:
+        return parse_memory(text)
+    except SurveyError as error:
+        raise SurveyError(str(error).replace("gpu memory", "memory budget", 1)) from None
+
+
+def format_search(result: SearchResult) -> str:
+    """The front as the command line prints it: one row per point, then the named configurations."""
+    from survey_utils.units import format_bytes
+
+    settings = result.settings
+    lines = [f"{result.model}: {len(result.feasible)} of {result.evaluated} candidates fit; Pareto front of "
+             f"{len(result.front)} (batch {settings['batch_size']} x {settings['seq_len']} tokens, "
+             f"{settings['dtype']}, {settings['optimizer']})",
+             f"{'trainable':>14}  {'peak':>10}  {'inference':>9}  configuration"]
+    lines += [f"{c.trainable:>14,}  {format_bytes(c.peak):>10}  {c.overhead:>8.3f}%  {c.label}" for c in result.front]
+    lines.append("named configurations at their defaults:")
+    lines += [f"{c.trainable:>14,}  {format_bytes(c.peak):>10}  {c.overhead:>8.3f}%  {c.label}" for c in result.named]
+    return "\n".join(lines)
+
+
 def named_configurations(space: DesignSpace) -> list[Candidate]:
     """The registered hybrids (and LoRA) at their defaults, scored by the full memory estimate (once per space)."""
     if space.named is not None:
@@ -240,9 +283,11 @@ def named_configurations(space: DesignSpace) -> list[Candidate]:
         except SurveyError:
             continue
         peak = estimate(space.config, method, batch_size=space.b, seq_len=space.s, dtype=space.dtype).total
-        flops = sum(space._flops(p.registered, p.registered.resolve(space.config, **{
-            k.split(".", 1)[1]: v for k, v in hp.items() if k.startswith(f"{p.label}.")}))
-            for p in method.parts) if method.parts else space._flops(method, hp)
+        if method.parts:  # each part at the settings the hybrid gives it on this model (a typed field of Method)
+            by_part = method.part_hyperparams(space.config, **hp)
+            flops = sum(space._flops(p.registered, by_part[p.label]) for p in method.parts)
+        else:
+            flops = space._flops(method, hp)
         named.append(Candidate(method.title, method.parts, method.trainable_params(space.config, **hp), peak,
                                100 * flops / space.base_flops))
     space.named = named

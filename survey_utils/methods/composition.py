@@ -127,6 +127,10 @@ def compose(name: str, title: str, paper: str, arxiv_id: str | None, taxonomy: T
         by_part = split_settings(parts, hp)
         return {p.label: p.registered.resolve(config, **by_part[p.label]) for p in parts}
 
+    def part_hyperparams(config: PretrainedConfig, **hp: Any) -> dict[str, dict[str, Any]]:
+        """Each part's resolved hyper-parameters (``Method.part_hyperparams``)."""
+        return resolved_parts(config, hp)
+
     def validate(config: PretrainedConfig, **hp: Any) -> None:
         check_collisions(parts, config, resolved_parts(config, hp))
 
@@ -209,6 +213,6 @@ def compose(name: str, title: str, paper: str, arxiv_id: str | None, taxonomy: T
         + (extra.param_prefixes if extra else ()),
         mergeable=all(m.mergeable for m in members) and extra is None,
         backprop_through_backbone=any(m.backprop_through_backbone for m in members),
-        parts=tuple(parts),
+        parts=tuple(parts), part_hyperparams=part_hyperparams,
         notes=notes,
     )

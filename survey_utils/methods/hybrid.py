@@ -25,6 +25,11 @@ Where our parts differ from AdapterHub's, the count differs too, and chapter 05 
 prefixes T5's decoder self-attention only (AdapterHub also its encoder and cross-attention, each with its own
 MLP); our gated LoRA keeps the :math:`\alpha/r` factor (AdapterHub drops it when gated).
 
+Xu et al.'s *unified* methods close the file, each a method of its own at the adapters' sites: **ProPETL** (Zeng et
+al. 2023: one prototype adapter, per-layer binary masks), **AdaMix** (Wang et al. 2022: a mixture of adapters,
+random routing in training, averaged weights at inference), **SparseAdapter** (He et al. 2022: adapters pruned at
+initialisation). Neither peft nor AdapterHub has them; their defaults are the papers' (each cited where set).
+
 The layers a hybrid adds live in ``layers/hybrid.py``, imported inside ``apply``: this file loads without torch.
 """
 
@@ -38,7 +43,13 @@ import survey_utils.methods.reparameterized  # noqa: F401  (registers LoRA, a pa
 import survey_utils.methods.selective  # noqa: F401  (registers BitFit, an S4 part)
 from survey_utils.architecture import layout
 from survey_utils.errors import SurveyError
-from survey_utils.methods.adapters import adapter_memory_sites
+from survey_utils.methods.adapters import (
+    ACTIVATION_NAMES,
+    adapter_memory_sites,
+    adapter_sites,
+    bottleneck_memory_terms,
+    bottleneck_width,
+)
 from survey_utils.methods.composition import Extra, Part, compose
 from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, get_method, register
 from survey_utils.methods.soft_prompts import prefix_memory_sites
@@ -237,24 +248,11 @@ def s4_part_settings(config: PretrainedConfig, hp: dict[str, Any]) -> dict[str, 
     return values
 
 
-RECIPES: dict[str, Any] = {}
-"""Hybrids whose parts' settings depend on the model (S4: its groups become each part's layers): the rewrite of
-the namespaced hyper-parameters, applied before the parts resolve. :func:`part_hyperparams` reads it."""
-
-
-def part_hyperparams(method: Method, config: PretrainedConfig, hp: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each part's resolved hyper-parameters in the hybrid ``method`` with resolved ``hp`` on ``config``."""
-    from survey_utils.methods.composition import split_settings
-
-    expanded = RECIPES[method.name](config, hp) if method.name in RECIPES else hp
-    by_part = split_settings(method.parts, expanded)
-    return {p.label: p.registered.resolve(config, **by_part[p.label]) for p in method.parts}
-
-
 def with_recipe(inner: Method, name: str, own: tuple[HyperParam, ...], fixed: tuple[str, ...],
                 recipe: Any) -> Method:
     """``inner`` (a composition) whose hyper-parameters ``fixed`` are set by ``recipe(config, hp)`` from the
-    hybrid's ``own`` hyper-parameters; every field of ``inner`` that reads hyper-parameters reads the rewrite."""
+    hybrid's ``own`` hyper-parameters; every field of ``inner`` that reads hyper-parameters reads the rewrite,
+    :attr:`Method.part_hyperparams` too (so the parts' settings on a model are a typed field, not a lookup by name)."""
 
     def wrap(function: Any) -> Any:
         if function is None:
@@ -282,7 +280,6 @@ def with_recipe(inner: Method, name: str, own: tuple[HyperParam, ...], fixed: tu
         return frozen - unfrozen
 
     apply.__doc__ = inner.apply.__doc__
-    RECIPES[name] = recipe
     return replace(
         inner, name=name, hyperparams=tuple(h for h in inner.hyperparams if h.name not in fixed) + own,
         apply=apply, trainable_params=wrap(inner.trainable_params), memory_terms=wrap(inner.memory_terms),
@@ -290,6 +287,7 @@ def with_recipe(inner: Method, name: str, own: tuple[HyperParam, ...], fixed: tu
         extra_positions=wrap(inner.extra_positions), frozen_added_params=frozen_added_params,
         unfrozen_params=wrap(inner.unfrozen_params),
         largest_trainable_tensor=wrap(inner.largest_trainable_tensor),
+        part_hyperparams=wrap(inner.part_hyperparams),
     )
 
 
@@ -308,4 +306,274 @@ S4 = register(with_recipe(
                     "spindle grouping 1:2:2:1", nullable=True),),
     fixed=("adapter.layers_to_transform", "lora.layers_to_transform", "lora.layers_pattern", "bitfit.bias_modules"),
     recipe=s4_part_settings,
+))
+
+
+# -------------------------------------------------------------- unified methods: ProPETL, AdaMix, SparseAdapter
+# Xu et al. 2023's *unified* methods: one adapter design that carries a second idea inside it (a shared prototype
+# with per-layer masks, a mixture of adapters, pruning at initialisation). Neither peft nor AdapterHub's `adapters`
+# has any of them, so their counts are checked closed form against the built model only (tests/methods/
+# test_hybrid.py). Each sits at the bottleneck adapters' sites (``adapters.adapter_sites``) and reuses their width
+# rule, wrapper and saved-tensor terms; only the branch is its own (``layers/hybrid.py``).
+UNIFIED = "unified"
+NO_PEFT = ("Neither HF peft nor AdapterHub's adapters implements it: its count is tested closed form against the "
+           "built model only.")
+
+
+def _validated_by(closed_form: Any) -> Any:
+    """``Method.validate`` by computing the count: the closed form raises the one-line ``SurveyError``."""
+    def validate(config: PretrainedConfig, **hp: Any) -> None:
+        closed_form(config, **hp)
+
+    return validate
+
+
+def _layers_hp() -> HyperParam:
+    return HyperParam("layers_to_transform", "int_list", None, "block indices that get the method; None: all",
+                      nullable=True)
+
+
+def _unified_sites(config: PretrainedConfig, placement: str, layers_to_transform: list[int] | None) -> list[Any]:
+    return [spec for spec, _ffn_in in adapter_sites(config, placement, layers_to_transform)]
+
+
+def _width(config: PretrainedConfig, placement: str, layers_to_transform: list[int] | None,
+           reduction_factor: float, bottleneck_size: int) -> tuple[int, int, int]:
+    """``(d, k, sites)``: every site of these methods has the model's width, so one (d, k) serves them all."""
+    from survey_utils.methods.common import model_label
+
+    sites = _unified_sites(config, placement, layers_to_transform)
+    widths = {spec.out_features for spec in sites}
+    if len(widths) != 1:
+        raise SurveyError(f"the adapter sites of {model_label(config)} have widths {sorted(widths)}; one shared "
+                          "prototype needs one width")
+    d = widths.pop()
+    return d, bottleneck_width(d, reduction_factor, bottleneck_size), len(sites)
+
+
+def _bottleneck_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int, adapter_bytes: int,
+                      placement: str, k: int, non_linearity: str, layers: list[int] | None) -> dict[str, int]:
+    return bottleneck_memory_terms(config, batch_size, seq_len, act_bytes, adapter_bytes, placement, 1.0, k,
+                                   non_linearity, layers)
+
+
+# ----------------------------------------------------------------------------------------------- ProPETL
+PROPETL_PLACEMENT = "pfeiffer"  # ProPETL-adapter on RoBERTa: adapter_config=pfeiffer (propetl-roberta/scripts)
+
+
+def propetl_params(config: PretrainedConfig, reduction_factor: float, bottleneck_size: int, sparsity: float,
+                   non_linearity: str, layers_to_transform: list[int] | None = None) -> int:
+    r""":math:`(2dk + d + k) + L \cdot 2dk`: one prototype adapter for the model, and per adapted layer one real
+    score per prototype weight (the masks are trained through them)."""
+    d, k, sites = _width(config, PROPETL_PLACEMENT, layers_to_transform, reduction_factor, bottleneck_size)
+    return 2 * d * k + d + k + sites * 2 * d * k
+
+
+def propetl_stored_bytes(config: PretrainedConfig, param_bytes: int, reduction_factor: float, bottleneck_size: int,
+                         layers_to_transform: list[int] | None = None, **_: Any) -> int:
+    r"""What a trained ProPETL model adds to storage: the prototype once, in ``param_bytes`` per parameter, and per
+    layer two binary masks at one bit per entry, :math:`2\lceil dk/8 \rceil` bytes (how the paper counts them)."""
+    d, k, sites = _width(config, PROPETL_PLACEMENT, layers_to_transform, reduction_factor, bottleneck_size)
+    return (2 * d * k + d + k) * param_bytes + sites * 2 * -(-d * k // 8)
+
+
+def apply_propetl(model: nn.Module, reduction_factor: float, bottleneck_size: int, sparsity: float,
+                  non_linearity: str, layers_to_transform: list[int] | None = None) -> nn.Module:
+    r"""Zeng et al. 2023: one prototype adapter :math:`(W_\text{down}, b_\text{down}, W_\text{up}, b_\text{up})`
+    shared by every layer; layer :math:`l` uses :math:`W \odot M_l` with its own binary masks (see
+    :class:`~survey_utils.methods.layers.hybrid.MaskedPrototype`), :math:`h \leftarrow h + \Delta_l(h)` after the
+    FFN (Pfeiffer placement)."""
+    from survey_utils.methods.common import freeze
+    from survey_utils.methods.layers.adapters import Bottleneck, insert_adapters
+    from survey_utils.methods.layers.hybrid import MaskedPrototype
+
+    freeze(model)
+    d, k, _ = _width(model.config, PROPETL_PLACEMENT, layers_to_transform, reduction_factor, bottleneck_size)
+    sites = adapter_sites(model.config, PROPETL_PLACEMENT, layers_to_transform)
+    prototype = Bottleneck(d, k, non_linearity, model.get_submodule(sites[0][0].name).weight)
+    return insert_adapters(model, sites, lambda width, like: MaskedPrototype(prototype, sparsity, like))
+
+
+def propetl_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int, adapter_bytes: int,
+                         reduction_factor: float, bottleneck_size: int, sparsity: float, non_linearity: str,
+                         layers_to_transform: list[int] | None = None) -> dict[str, int]:
+    r"""A bottleneck adapter's terms, plus per layer the two masks :math:`M_l` and the two masked weights
+    :math:`W \odot M_l` it builds (:math:`4dk` values: the product saves the mask, the linear map the product)."""
+    d, k, sites = _width(config, PROPETL_PLACEMENT, layers_to_transform, reduction_factor, bottleneck_size)
+    terms = _bottleneck_terms(config, batch_size, seq_len, act_bytes, adapter_bytes, PROPETL_PLACEMENT, k,
+                              non_linearity, layers_to_transform)
+    terms["masks and masked prototype weights"] = sites * 4 * d * k * adapter_bytes
+    return terms
+
+
+PROPETL = register(Method(
+    name="propetl", title="ProPETL adapter (shared prototype, per-layer binary masks)",
+    paper="Zeng et al. 2023, One Network, Many Masks: Towards More Parameter-Efficient Transfer Learning (ACL 2023)",
+    arxiv_id="2305.17682", taxonomy=Taxonomy(xu=UNIFIED, wang="hybrid", lialin=NOT_PLACED), chapter=CHAPTER,
+    hyperparams=(
+        HyperParam("reduction_factor", "float", 12.0, "prototype bottleneck k = hidden_size // reduction_factor "
+                   "(ProPETL's RoBERTa script: 12)", minimum=0.5, maximum=1024),
+        HyperParam("bottleneck_size", "int", 0, "prototype width k; 0 takes hidden_size // reduction_factor",
+                   minimum=0, maximum=16384),
+        HyperParam("sparsity", "float", 0.5, "fraction of the prototype's weights each layer's mask drops "
+                   "(ProPETL: 0.5)", minimum=0.0, maximum=0.99),
+        HyperParam("non_linearity", "str", "relu", "activation f of the prototype (AdapterHub's Pfeiffer: relu)",
+                   choices=ACTIVATION_NAMES),
+        _layers_hp(),
+    ),
+    apply=apply_propetl, trainable_params=propetl_params, memory_terms=propetl_memory_terms,
+    validate=_validated_by(propetl_params),
+    gradient_sites=lambda config, **hp: _unified_sites(config, PROPETL_PLACEMENT, hp["layers_to_transform"]),
+    largest_trainable_tensor=lambda config, **hp: (lambda d, k, _: d * k)(
+        *_width(config, PROPETL_PLACEMENT, hp["layers_to_transform"], hp["reduction_factor"], hp["bottleneck_size"])),
+    param_prefixes=("propetl_", "prototype."),
+    notes="Trainable while training: the prototype and every layer's scores; stored after: the prototype and "
+          "one bit per mask entry (propetl_stored_bytes). " + NO_PEFT,
+))
+
+
+# ------------------------------------------------------------------------------------------------ AdaMix
+ADAMIX_PLACEMENT = "pfeiffer"  # AdaMix's ExpertSoup sits after the FFN's output projection (RobertaOutput)
+
+
+def adamix_params(config: PretrainedConfig, bottleneck_size: int, num_experts: int, share_down: bool,
+                  share_up: bool, non_linearity: str, layers_to_transform: list[int] | None = None) -> int:
+    r""":math:`\sum_\text{sites} [E_\downarrow (dk + k) + E_\uparrow (kd + d)]`, :math:`E_\downarrow = 1` when the
+    down-projection is shared, else :math:`E` (likewise up)."""
+    d, k, sites = _width(config, ADAMIX_PLACEMENT, layers_to_transform, 1.0, bottleneck_size)
+    down, up = (1 if share_down else num_experts), (1 if share_up else num_experts)
+    return sites * (down * (d * k + k) + up * (k * d + d))
+
+
+def apply_adamix(model: nn.Module, bottleneck_size: int, num_experts: int, share_down: bool, share_up: bool,
+                 non_linearity: str, layers_to_transform: list[int] | None = None) -> nn.Module:
+    r"""Wang et al. 2022: :math:`h \leftarrow h + \Delta(h)` after the FFN, :math:`\Delta` a mixture of
+    adapters routed at random in training and averaged at inference
+    (:class:`~survey_utils.methods.layers.hybrid.MixtureOfAdapters`)."""
+    from survey_utils.methods.common import freeze
+    from survey_utils.methods.layers.adapters import insert_adapters
+    from survey_utils.methods.layers.hybrid import MixtureOfAdapters
+
+    freeze(model)
+    sites = adapter_sites(model.config, ADAMIX_PLACEMENT, layers_to_transform)
+    seeds = iter(range(len(sites)))  # each site routes with its own stream
+    return insert_adapters(model, sites, lambda width, like: MixtureOfAdapters(
+        width, bottleneck_size, num_experts, share_down, share_up, non_linearity, like, seed=next(seeds)))
+
+
+def adamix_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int, adapter_bytes: int,
+                        bottleneck_size: int, non_linearity: str, layers_to_transform: list[int] | None = None,
+                        **_: Any) -> dict[str, int]:
+    """One expert runs per step: a bottleneck adapter's saved tensors (the unchosen experts save nothing)."""
+    return _bottleneck_terms(config, batch_size, seq_len, act_bytes, adapter_bytes, ADAMIX_PLACEMENT,
+                             bottleneck_size, non_linearity, layers_to_transform)
+
+
+ADAMIX = register(Method(
+    name="adamix", title="AdaMix (mixture of adapters, averaged for inference)",
+    paper="Wang et al. 2022, AdaMix: Mixture-of-Adaptations for Parameter-efficient Model Tuning (EMNLP 2022)",
+    arxiv_id="2205.12410", taxonomy=Taxonomy(xu=UNIFIED, wang="multi-task", lialin="A:adapters"), chapter=CHAPTER,
+    hyperparams=(
+        HyperParam("bottleneck_size", "int", 16, "adapter width k (AdaMix's adapter_size: 16)", minimum=1,
+                   maximum=16384),
+        HyperParam("num_experts", "int", 4, "adapters in the mixture E (AdaMix: 4)", minimum=1, maximum=64),
+        HyperParam("share_down", "bool", False, "one down-projection for all experts (AdaMix's sharing_down: 0)"),
+        HyperParam("share_up", "bool", True, "one up-projection for all experts (AdaMix's sharing_up: 1)"),
+        HyperParam("non_linearity", "str", "gelu", "activation f (AdaMix: gelu)", choices=ACTIVATION_NAMES),
+        _layers_hp(),
+    ),
+    apply=apply_adamix, trainable_params=adamix_params, memory_terms=adamix_memory_terms,
+    validate=_validated_by(adamix_params),
+    gradient_sites=lambda config, **hp: _unified_sites(config, ADAMIX_PLACEMENT, hp["layers_to_transform"]),
+    largest_trainable_tensor=lambda config, **hp: max(
+        (lambda d, k, _: d * k)(*_width(config, ADAMIX_PLACEMENT, hp["layers_to_transform"], 1.0,
+                                        hp["bottleneck_size"])), 1),
+    param_prefixes=("adamix_",),
+    notes="Defaults from microsoft/AdaMix's README (adapter_size 16, num_experts 4, sharing_up 1, sharing_down 0, "
+          "inference_level 3 = weight averaging). Served as one averaged adapter. " + NO_PEFT,
+))
+
+
+# ----------------------------------------------------------------------------------------- SparseAdapter
+def sparse_kept(numel: int, sparsity: float) -> int:
+    """Entries a pruned weight keeps: :math:`n - \\lfloor s\\,n \\rfloor`."""
+    return numel - int(sparsity * numel)
+
+
+def sparse_adapter_params(config: PretrainedConfig, placement: str, reduction_factor: float, bottleneck_size: int,
+                          sparsity: float, layers_to_transform: list[int] | None = None, **_: Any) -> int:
+    r""":math:`\sum_\text{adapters} [2\,(dk - \lfloor s\,dk \rfloor) + d + k]`: both weights pruned to
+    :math:`1 - s` of their entries, the biases dense."""
+    total = 0
+    for spec in _unified_sites(config, placement, layers_to_transform):
+        d = spec.out_features
+        k = bottleneck_width(d, reduction_factor, bottleneck_size)
+        total += 2 * sparse_kept(d * k, sparsity) + d + k
+    return total
+
+
+def apply_sparse_adapter(model: nn.Module, placement: str, reduction_factor: float, bottleneck_size: int,
+                         sparsity: float, non_linearity: str, seed: int,
+                         layers_to_transform: list[int] | None = None) -> nn.Module:
+    r"""He et al. 2022: a bottleneck adapter :math:`h \leftarrow h + W_\text{up} f(W_\text{down} h + b) + b'` whose
+    weights are pruned to :math:`1 - s` of their entries before training; only the kept entries train
+    (:class:`~survey_utils.methods.layers.hybrid.SparseBottleneck`)."""
+    from survey_utils.methods.common import freeze
+    from survey_utils.methods.layers.adapters import insert_adapters
+    from survey_utils.methods.layers.hybrid import SparseBottleneck
+
+    freeze(model)
+    sites = adapter_sites(model.config, placement, layers_to_transform)
+    seeds = iter(range(seed, seed + 2 * len(sites), 2))
+
+    def make(width: int, like: Any) -> Any:
+        k = bottleneck_width(width, reduction_factor, bottleneck_size)
+        return SparseBottleneck(width, k, sparse_kept(width * k, sparsity), non_linearity, next(seeds), like)
+
+    return insert_adapters(model, sites, make)
+
+
+def sparse_adapter_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                                adapter_bytes: int, placement: str, reduction_factor: float, bottleneck_size: int,
+                                sparsity: float, non_linearity: str, seed: int,
+                                layers_to_transform: list[int] | None = None) -> dict[str, int]:
+    """A bottleneck adapter's terms, plus per adapter the two dense weights rebuilt from the kept values (each
+    linear map saves its weight) and the kept positions (int64 buffers, held for the whole step)."""
+    terms = bottleneck_memory_terms(config, batch_size, seq_len, act_bytes, adapter_bytes, placement,
+                                    reduction_factor, bottleneck_size, non_linearity, layers_to_transform)
+    dense = index = 0
+    for spec in _unified_sites(config, placement, layers_to_transform):
+        dk = spec.out_features * bottleneck_width(spec.out_features, reduction_factor, bottleneck_size)
+        dense += 2 * dk * adapter_bytes
+        index += 2 * 8 * sparse_kept(dk, sparsity)
+    terms["dense weights rebuilt from kept entries"] = dense
+    terms["kept positions (int64)"] = index
+    return terms
+
+
+SPARSE_ADAPTER = register(Method(
+    name="sparse_adapter", title="SparseAdapter (adapters pruned at initialisation)",
+    paper="He et al. 2022, SparseAdapter: An Easy Approach for Improving the Parameter-Efficiency of Adapters "
+          "(Findings of EMNLP 2022)",
+    arxiv_id="2210.04284", taxonomy=Taxonomy(xu=UNIFIED, wang=NOT_PLACED, lialin="A:adapters+S"), chapter=CHAPTER,
+    hyperparams=(
+        HyperParam("sparsity", "float", 0.4, "fraction of each adapter weight pruned at initialisation (Lialin et "
+                   "al.: about 40%)", minimum=0.0, maximum=0.99),
+        HyperParam("placement", "str", "pfeiffer", "adapter architecture (houlsby: two per block; pfeiffer: after "
+                   "the FFN)", choices=("houlsby", "pfeiffer")),
+        HyperParam("bottleneck_size", "int", 0, "bottleneck width k; 0 takes hidden_size // reduction_factor "
+                   "(Large-Sparse: raise it with the sparsity)", minimum=0, maximum=16384),
+        HyperParam("reduction_factor", "float", 16.0, "k = hidden_size // reduction_factor (AdapterHub's "
+                   "Pfeiffer default)", minimum=0.5, maximum=1024),
+        HyperParam("non_linearity", "str", "relu", "activation f between the projections", choices=ACTIVATION_NAMES),
+        HyperParam("seed", "int", 0, "seed of the random pruning (which entries survive; never how many)",
+                   minimum=0, maximum=2**31 - 1),
+        _layers_hp(),
+    ),
+    apply=apply_sparse_adapter, trainable_params=sparse_adapter_params, memory_terms=sparse_adapter_memory_terms,
+    validate=_validated_by(sparse_adapter_params),
+    gradient_sites=lambda config, **hp: _unified_sites(config, hp["placement"], hp["layers_to_transform"]),
+    param_prefixes=("sparse_",),
+    notes="Random pruning (the paper's rand pruner; SNIP, its other choice, needs a batch of data and keeps as "
+          "many entries). " + NO_PEFT,
 ))

@@ -249,6 +249,11 @@ class Method:
     parts: tuple[Any, ...] = ()
     """For a hybrid built by :func:`survey_utils.methods.composition.compose`: its parts (each a registered
     method with the recipe's settings); empty for a method of its own."""
+    part_hyperparams: Callable[..., dict[str, dict[str, Any]]] | None = None
+    """For a hybrid (:attr:`parts` not empty): ``part_hyperparams(config, **hp) -> {part label: its resolved
+    hyper-parameters}``, the settings each part is applied with on ``config``, after the hybrid's own rewrites (S4's
+    groups become its parts' layers). Set by ``compose``; whoever needs a hybrid's parts at their settings (its
+    tests, chapter 05's design search) reads this field, never a table keyed by the method's name."""
     notes: str = ""
 
     @property
