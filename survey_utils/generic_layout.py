@@ -99,10 +99,13 @@ def build_on_meta(config: PretrainedConfig) -> nn.Module:
     import warnings
 
     import torch
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     cls = model_class_for(config)
     try:
-        with warnings.catch_warnings(), torch.device("meta"):
+        # unset_fake_temporarily: a layout first asked for inside the simulation's FakeTensorMode must still be
+        # read from a plain meta build (some models make meta tensors the fake mode refuses, e.g. Gemma-2).
+        with warnings.catch_warnings(), unset_fake_temporarily(), torch.device("meta"):
             warnings.simplefilter("ignore")
             return cls(copy.deepcopy(config))
     except SurveyError:

@@ -6,7 +6,10 @@
 ``block.3``) is in the list; ``layers_pattern`` names that segment. A module named by its full path is a
 target regardless of ``layers_to_transform``, as in peft. This is the rule of
 ``peft.tuners.tuners_utils.check_target_module_exists``; a property test checks the two agree.
-Chapter 04 explains target selection.
+
+``"all-linear"`` (any case) is peft's keyword, not a regular expression: every linear (``nn.Linear`` or GPT-2's
+``Conv1D``) except the output head, named in full (so ``layers_to_transform`` does not filter them, as in peft's
+``_maybe_include_all_linear_layers``). Chapter 04 explains target selection.
 """
 
 from __future__ import annotations
@@ -18,6 +21,25 @@ from survey_utils.architecture import Layout, ModuleSpec
 from survey_utils.errors import SurveyError, closest
 
 Targets = str | Sequence[str]
+ALL_LINEAR = "all-linear"  # peft's INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+
+def is_all_linear(target_modules: object) -> bool:
+    """Whether ``target_modules`` is peft's ``"all-linear"`` keyword (compared case-insensitively, as peft does)."""
+    return isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
+
+
+def output_head(layout: Layout) -> ModuleSpec | None:
+    """The output head (transformers' ``get_output_embeddings()``): the last linear outside the blocks that maps
+    to the vocabulary, whether its weight is tied or not; ``None`` for a model without one (a bare encoder)."""
+    heads = [m for m in layout.linear_modules() if m.layer is None and m.out_features == layout.vocab_size]
+    return heads[-1] if heads else None
+
+
+def all_linear(layout: Layout) -> list[str]:
+    """The full names peft's ``"all-linear"`` expands to: every linear or Conv1D module but the output head."""
+    head = output_head(layout)
+    return [m.name for m in layout.linear_modules() if head is None or m.name != head.name]
 
 
 def layer_index(name: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
@@ -40,7 +62,10 @@ def matches(
     layers_to_transform: Sequence[int] | int | None = None,
     layers_pattern: str | Sequence[str] | None = None,
 ) -> bool:
-    """Whether the module called ``name`` is a target (peft's rule)."""
+    """Whether the module called ``name`` is a target (peft's rule). ``"all-linear"`` needs the layout: expand it
+    with :func:`all_linear` first (:func:`select` does)."""
+    if is_all_linear(target_modules):
+        raise SurveyError("target_modules='all-linear' depends on the model: expand it with all_linear(layout)")
     if isinstance(target_modules, str):
         try:
             return re.fullmatch(target_modules, name) is not None
@@ -110,6 +135,11 @@ def _select(layout: Layout, target_modules: Targets | None, layers_to_transform:
                               f"for {method} on {model_name}; its linear modules are: "
                               f"{', '.join(layout.linear_names())}")
         target_modules = list(layout.default_lora_targets)
+    if is_all_linear(target_modules):
+        target_modules = all_linear(layout)  # full names: peft then ignores layers_to_transform for them too
+        if not target_modules:
+            raise SurveyError(f"target_modules='all-linear' finds no linear module in {model_name} besides its "
+                              "output head")
     if not isinstance(target_modules, str) and len(target_modules) == 0:
         raise SurveyError(f"target_modules is empty: {method} needs at least one module of {model_name}")
     _check_layers(layout, layers_to_transform, model_name)

@@ -61,3 +61,28 @@ def test_bad_targets_fail_in_one_line(kwargs: dict, fragment: str) -> None:
     shape = layout(load_config("llama-2-7b"))
     with pytest.raises(SurveyError, match=fragment):
         select(shape, kwargs["target_modules"], kwargs.get("layers_to_transform"), model_name="llama-2-7b")
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5", "opt-350m", "qwen3-0.6b",
+                                   "phi-3-mini", "mixtral-8x7b"])
+def test_all_linear_expands_as_peft_does(model: str) -> None:
+    """peft's 'all-linear' keyword (not a regex): every Linear/Conv1D but the output head, from peft's own
+    expansion on the model built on meta."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    from survey_utils.targeting import all_linear
+    from survey_utils.zoo import build_model
+
+    config = load_config(model)
+    theirs = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"),
+                                              build_model(config, device="meta")).target_modules
+    shape = layout(config)
+    assert set(all_linear(shape)) == set(theirs)
+    chosen = select(shape, "ALL-LINEAR", [0])  # case-insensitive; full names ignore layers_to_transform, as in peft
+    assert {m.name for m in chosen} == set(theirs)
+
+
+def test_all_linear_is_not_a_regex() -> None:
+    with pytest.raises(SurveyError, match="all-linear"):
+        matches("model.layers.0.self_attn.q_proj", "all-linear")
