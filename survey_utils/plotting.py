@@ -6,6 +6,7 @@ no software tag and a fixed SVG id salt, so regenerating a figure gives byte-ide
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib as mpl
@@ -68,3 +69,29 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
     return f"{n:.3g}"
+
+
+# Renard's R10 series: ten steps a decade, each ~25% above the one before.
+_R10 = (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0, 10.0)
+
+
+def nice_ceiling(value: float) -> float:
+    """The smallest number of the R10 series (1, 1.25, 1.6, 2, 2.5, ... times a power of ten) at or above
+    ``value``; 1 for a value that is not positive and finite.
+
+    An axis limit from it contains the data and stays put while the data moves by less than a step, so a
+    slider's redraw keeps its frame (axes, ticks) and draws only what moved (``widgets/base.py``).
+    """
+    if not (value > 0 and math.isfinite(value)):
+        return 1.0
+    power = 10.0 ** math.floor(math.log10(value))
+    return next(step * power for step in _R10 if step * power >= value * (1 - 1e-12))
+
+
+def nice_log_bounds(low: float, high: float, per_decade: int = 4) -> tuple[float, float]:
+    """``(low, high)`` widened to the nearest ``10**(k / per_decade)`` below and above, for a log axis;
+    positive finite inputs only (the caller's data), else ``(low, high)`` unchanged."""
+    if not (0 < low <= high and math.isfinite(high)):
+        return low, high
+    return (10.0 ** (math.floor(math.log10(low) * per_decade + 1e-9) / per_decade),
+            10.0 ** (math.ceil(math.log10(high) * per_decade - 1e-9) / per_decade))

@@ -10,14 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import matplotlib as mpl
 from matplotlib.figure import Figure
 
 from survey_utils.experiments.ch01_adapters import rank_for_budget
 from survey_utils.memory.closed_form import MemoryEstimate, estimate
 from survey_utils.methods import get_method
 from survey_utils.palette import MEMORY_TERMS, TERM_COLOURS
-from survey_utils.plotting import human, method_colour
+from survey_utils.plotting import human, method_colour, nice_ceiling
 from survey_utils.units import format_bytes
+from survey_utils.widgets.base import TITLE_Y
 from survey_utils.widgets.params import MethodExplorer, ParamsView
 from survey_utils.zoo import load_config
 
@@ -48,12 +50,20 @@ class EqualBudgetExplorer(MethodExplorer):
         self.ax_budget, self.ax_memory = bottom.subplots(1, 2)
         self.budget_bars = self.ax_budget.barh([0, 1], [1, 1])
         self.budget_labels = [self.ax_budget.text(0, i, "", va="center", fontsize=8) for i in (0, 1)]
+        # The rows' names are texts where tick labels would be: they change with the reference's rank, and a
+        # text redraws alone while tick labels would redraw the whole figure (widgets/base.py).
+        self.budget_names = [self.ax_budget.text(-0.02, i, "", transform=self.ax_budget.get_yaxis_transform(),
+                                                 ha="right", va="center", fontsize=mpl.rcParams["ytick.labelsize"])
+                             for i in (0, 1)]
         self.ax_budget.set_yticks([0, 1], ["", ""])
         self.ax_budget.invert_yaxis()
         self.ax_budget.set_xlabel("trainable parameters")
         self.memory_bars = {term: self.ax_memory.barh([0, 1], [0, 0], color=TERM_COLOURS[term], label=term)
                             for term in MEMORY_TERMS}
         self.memory_labels = [self.ax_memory.text(0, i, "", va="center", fontsize=8) for i in (0, 1)]
+        self.memory_names = [self.ax_memory.text(-0.02, i, "", transform=self.ax_memory.get_yaxis_transform(),
+                                                 ha="right", va="center", fontsize=mpl.rcParams["ytick.labelsize"])
+                             for i in (0, 1)]
         self.ax_memory.set_yticks([0, 1], ["", ""])
         self.ax_memory.invert_yaxis()
         self.ax_memory.set_xlabel("GiB at the peak of one training step")
@@ -83,9 +93,10 @@ class EqualBudgetExplorer(MethodExplorer):
             bar.set_color(method_colour(name))
             text.set_position((count, text.get_position()[1]))
             text.set_text(f" {human(count)}")
-        self.ax_budget.set_yticks([0, 1], labels)
-        self.ax_budget.set_xlim(0, max(counts) * 1.3 or 1)
-        self.ax_budget.set_title(f"equal budget on {view.model}", fontsize=10)
+        for text, label in zip(self.budget_names, labels, strict=True):
+            text.set_text(label)
+        self.ax_budget.set_xlim(0, nice_ceiling(max(counts) * 1.3))  # a step, not a jitter: the frame stays
+        self.ax_budget.set_title(f"equal budget on {view.model}", fontsize=10, y=TITLE_Y)
         lefts = [0.0, 0.0]
         for term in MEMORY_TERMS:
             for row, (patch, (_, mem)) in enumerate(zip(self.memory_bars[term].patches, view.memory, strict=True)):
@@ -97,5 +108,11 @@ class EqualBudgetExplorer(MethodExplorer):
             own = sum(v for k, v in mem.activations_by_term.items() if k.startswith("method:"))
             text.set_position((lefts[row], row))
             text.set_text(f" {format_bytes(mem.total)}\n (method's own activations {format_bytes(own)})")
-        self.ax_memory.set_yticks([0, 1], labels)
-        self.ax_memory.set_xlim(0, max(lefts) * 2.3 or 1)
+        for text, label in zip(self.memory_names, labels, strict=True):
+            text.set_text(label)
+        self.ax_memory.set_xlim(0, nice_ceiling(max(lefts) * 2.3))
+
+    def dynamic_artists(self) -> list[Any]:
+        return [*super().dynamic_artists(), *self.budget_bars, *self.budget_labels, *self.budget_names,
+                self.ax_budget.title, *(p for bars in self.memory_bars.values() for p in bars.patches),
+                *self.memory_labels, *self.memory_names]

@@ -21,6 +21,7 @@ optimizer states (dashed) marked.
 
 from __future__ import annotations
 
+import functools
 import html
 import threading
 import time
@@ -37,8 +38,9 @@ from survey_utils.errors import SurveyError
 from survey_utils.memory.closed_form import MemoryEstimate, estimate
 from survey_utils.methods.registry import get_method, list_methods
 from survey_utils.palette import HIGHLIGHT, MEMORY_TERMS, TERM_COLOURS
+from survey_utils.plotting import nice_ceiling
 from survey_utils.units import DTYPES, OPTIMIZERS, format_bytes
-from survey_utils.widgets.base import Explorer
+from survey_utils.widgets.base import TITLE_Y, Explorer
 from survey_utils.zoo import list_models
 
 TERMS = MEMORY_TERMS
@@ -158,6 +160,10 @@ class MemoryExplorer(Explorer):
         self.ax_seq.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                            borderaxespad=0, frameon=False)
 
+    def dynamic_artists(self) -> list[Any]:
+        return [*(p for bars in self.bars.values() for p in bars.patches), *self.bar_values, *self.lines.values(),
+                self.cross_line, self.current, self.ax_bar.title, self.ax_seq.title]
+
     def settings(self, **state: Any) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
         method = get_method(state["method"])
         hp = {"r": state["rank"]} if any(h.name == "r" for h in method.hyperparams) else {}
@@ -182,16 +188,13 @@ class MemoryExplorer(Explorer):
                 view.sim_pending = True
         limit = _context(model)
         top = max(min(limit or 32768, 32768), 256)
-        for s in sorted({int(v) for v in np.geomspace(64, top, 18)}):
-            try:
-                point = estimate(model, method, hp, **dict(kwargs, seq_len=s))
-            except SurveyError:
-                continue  # a length the method cannot take (a prompt past the context): no point there
+        others = tuple(sorted((k, type(v).__name__, v) for k, v in kwargs.items() if k != "seq_len"))
+        for s, fixed, growing, step, total in _seq_sweep(model, method, tuple(sorted(hp.items())), others, top):
             view.seq_lens.append(s)
-            view.fixed.append(point.weights + point.optimizer_states + point.master_weights)
-            view.growing.append(point.backward_peak)
-            view.step.append(point.gradients + point.optimizer_transient)
-            view.totals.append(point.total)
+            view.fixed.append(fixed)
+            view.growing.append(growing)
+            view.step.append(step)
+            view.totals.append(total)
         if not view.seq_lens:
             raise SurveyError(f"{method} on {model}: no sequence length from 64 to {top} fits")
         view.crossover = next((s for s, f, g in zip(view.seq_lens, view.fixed, view.growing, strict=True)
@@ -265,8 +268,8 @@ class MemoryExplorer(Explorer):
         else:
             self.ax_bar.set_xticks([0], ["estimate"])
             self.ax_bar.set_xlim(-0.6, 0.6)
-        self.ax_bar.set_ylim(0, max(bottoms) * 1.25 or 1)
-        self.ax_bar.set_title(f"peak {format_bytes(est)} ({view.estimate.peak_phase})", fontsize=9)
+        self.ax_bar.set_ylim(0, nice_ceiling(max(bottoms) * 1.2))  # room for the value labels; a step, not a jitter
+        self.ax_bar.set_title(f"peak {format_bytes(est)} ({view.estimate.peak_phase})", fontsize=9, y=TITLE_Y)
 
         for key, line in self.lines.items():
             line.set_data(view.seq_lens, [v / GIB for v in getattr(view, key)])
@@ -278,11 +281,27 @@ class MemoryExplorer(Explorer):
         self.ax_seq.set_ylim(low / 1.5, high * 1.5)
         title = (f"activations + logits overtake at s = {view.crossover}" if view.crossover
                  else "activations + logits stay below the weights + optimizer states")
-        self.ax_seq.set_title(title, fontsize=9)
+        self.ax_seq.set_title(title, fontsize=9, y=TITLE_Y)
         if self._sim_running is not None:
             self.message.value = self._progress
         elif view.notes:
             self.message.value = html.escape("; ".join(view.notes))
+
+
+@functools.lru_cache(maxsize=128)
+def _seq_sweep(model: str, method: str, hp: tuple, others: tuple, top: int) -> tuple[tuple[int, ...], ...]:
+    """``(s, fixed, growing, step, total)`` bytes at each swept length; the same for every current ``s``, so
+    cached: moving the sequence-length slider costs one estimate, not nineteen."""
+    kwargs = {k: v for k, _type, v in others}
+    points = []
+    for s in sorted({int(v) for v in np.geomspace(64, top, 18)}):
+        try:
+            point = estimate(model, method, dict(hp), **kwargs, seq_len=s)
+        except SurveyError:
+            continue  # a length the method cannot take (a prompt past the context): no point there
+        points.append((s, point.weights + point.optimizer_states + point.master_weights, point.backward_peak,
+                       point.gradients + point.optimizer_transient, point.total))
+    return tuple(points)
 
 
 def plain_log_axes(ax: Any) -> None:

@@ -28,9 +28,9 @@ from survey_utils.counting import closed_form
 from survey_utils.errors import SurveyError
 from survey_utils.methods.registry import HyperParam, Method, get_method
 from survey_utils.palette import HIGHLIGHT, NOT_APPLICABLE
-from survey_utils.plotting import human, method_colour
+from survey_utils.plotting import human, method_colour, nice_log_bounds
 from survey_utils.targeting import num_blocks
-from survey_utils.widgets.base import Explorer
+from survey_utils.widgets.base import TITLE_Y, Explorer
 from survey_utils.zoo import list_models, load_config
 
 _STYLE = {"description_width": "initial"}
@@ -248,9 +248,9 @@ class MethodExplorer(Explorer):
                                              va="center", fontsize=9, color=NOT_APPLICABLE)
         self.ax_sweep.set_yscale("log")
         self._total = 1.0
-        self.ax_sweep.secondary_yaxis("right", functions=(lambda y: 100 * y / self._total,
-                                                          lambda p: p * self._total / 100)).set_ylabel(
-            "% of the model")
+        self.percent_axis = self.ax_sweep.secondary_yaxis("right", functions=(lambda y: 100 * y / self._total,
+                                                                              lambda p: p * self._total / 100))
+        self.percent_axis.set_ylabel("% of the model")
         self.ax_sweep.set_ylabel("trainable parameters")
         names = [m.name for m in self.methods]
         self.bars = self.ax_compare.barh(names, [1e-6] * len(names), color=[method_colour(n) for n in names])
@@ -317,7 +317,7 @@ class MethodExplorer(Explorer):
                                  f"{view.method} has no integer size to sweep:\nits count is fixed by the model "
                                  f"({human(view.trainable)} trainable)")
         ax.set_title(f"{view.method} on {view.model}: {human(view.trainable)} trainable "
-                     f"= {view.percent:.4g}% of {human(view.total)}", fontsize=10)
+                     f"= {view.percent:.4g}% of {human(view.total)}", fontsize=10, y=TITLE_Y)
         finite = [p for _, p in view.comparison if math.isfinite(p) and p > 0] or [1.0]
         for bar, label, (name, percent) in zip(self.bars, self.bar_labels, view.comparison, strict=True):
             ok = math.isfinite(percent) and percent > 0
@@ -328,4 +328,10 @@ class MethodExplorer(Explorer):
             label.set_position((percent if ok else min(finite) / 10, label.get_position()[1]))
             label.set_text(f" {percent:.3g}%" if ok else f" n/a: {view.reasons.get(name, 'not computable')[:70]}")
             label.set_color("#222222" if ok else NOT_APPLICABLE)
-        self.ax_compare.set_xlim(min(finite) / 20, max(finite) * 30)
+        # half-decade steps: the frame stays while a slider moves the bars a little (widgets/base.py)
+        self.ax_compare.set_xlim(*nice_log_bounds(min(finite) / 25, max(finite) * 30, per_decade=2))
+
+    def dynamic_artists(self) -> list[Any]:
+        # the % axis follows the model's total, which grows with the added parameters: redrawn every time
+        return [self.sweep_line, self.current_point, self.sweep_note, self.ax_sweep.title, self.percent_axis,
+                *self.bars, *self.bar_labels]

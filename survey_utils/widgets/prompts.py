@@ -24,7 +24,7 @@ from survey_utils.memory import estimate
 from survey_utils.methods import get_method
 from survey_utils.methods.soft_prompts import check_context
 from survey_utils.plotting import human
-from survey_utils.widgets.base import Explorer
+from survey_utils.widgets.base import TITLE_Y, Explorer
 from survey_utils.zoo import list_models, load_config
 
 PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2")
@@ -88,6 +88,7 @@ class PromptLengthExplorer(Explorer):
             ax.set_ylabel(label)
         self.axes[0].set_yscale("log")
         self.axes[0].legend(fontsize=7, loc="upper left")
+        self.suptitle = fig.suptitle("", fontsize=9)
 
     def compute(self, model: str, num_virtual_tokens: int, seq_len: int, batch_size: int,
                 prefix_projection: bool) -> PromptView:
@@ -125,13 +126,16 @@ class PromptLengthExplorer(Explorer):
         for ax in self.axes:
             ax.relim()
             ax.autoscale_view()
-        self.axes[0].set_title(f"{view.model}: at n={view.n}", fontsize=9)
-        self.axes[1].set_title(f"prompts: {view.n + view.seq_len} positions in every block", fontsize=9)
-        self.axes[2].set_title(f"prefixes: {view.seq_len} queries over {view.n + view.seq_len} keys", fontsize=9)
+        self.axes[0].set_title(f"{view.model}: at n={view.n}", fontsize=9, y=TITLE_Y)
+        self.axes[1].set_title(f"prompts: {view.n + view.seq_len} positions in every block", fontsize=9, y=TITLE_Y)
+        self.axes[2].set_title(f"prefixes: {view.seq_len} queries over {view.n + view.seq_len} keys", fontsize=9, y=TITLE_Y)
         finite = [v for m in self.methods for v in view.trainable[m] if math.isfinite(v)]
         if finite:
             self.axes[0].set_ylim(min(finite) / 2, max(finite) * 2)
-        self.fig.suptitle(
+        self.suptitle.set_text(
             f"trainable at n={view.n}: " + ", ".join(
-                f"{m} {human(view.trainable[m][at])}" for m in self.methods if math.isfinite(view.trainable[m][at])),
-            fontsize=9)
+                f"{m} {human(view.trainable[m][at])}" for m in self.methods if math.isfinite(view.trainable[m][at])))
+
+    def dynamic_artists(self) -> list[Any]:
+        return [*(a for m in self.methods for a in (*self.lines[m], *self.markers[m])),
+                *(ax.title for ax in self.axes), self.suptitle]

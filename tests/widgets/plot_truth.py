@@ -24,6 +24,29 @@ GIB = 2**30
 REL = 1e-9
 
 
+def check_frame(explorer: Any) -> bool:
+    """A redraw that reused the cached frame (``Explorer.render_frame`` blitted) shows the same pixels as a
+    full render of the same state: nothing the frame is drawn from changed without its key changing.
+    Returns whether the redraw blitted (tests assert the fast path is taken where it should be)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = explorer.fig.canvas
+    if not isinstance(canvas, FigureCanvasAgg):
+        return False
+    blitted = explorer.render_frame()
+    if blitted:
+        fast = np.asarray(canvas.buffer_rgba()).copy()
+        explorer._background = None  # force the full render
+        assert explorer.render_frame() is False
+        full = np.asarray(canvas.buffer_rgba())
+        changed = np.argwhere((fast != full).any(axis=2))
+        assert changed.size == 0, (f"the blitted frame differs from a full render at {len(changed)} pixels, "
+                                   f"rows {changed[:, 0].min()}-{changed[:, 0].max()}, columns "
+                                   f"{changed[:, 1].min()}-{changed[:, 1].max()}: draw() changed an artist "
+                                   "that is neither dynamic nor in the frame's key")
+    return blitted
+
+
 def _close(a: Any, b: Any, what: str) -> None:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     assert a.shape == b.shape, f"{what}: {a.shape} points plotted, {b.shape} expected"

@@ -14,6 +14,7 @@ from tests.widgets.plot_truth import (
     assert_legend_outside,
     check_budget,
     check_comparison,
+    check_frame,
     check_memory,
     check_params,
     check_prompts,
@@ -105,3 +106,41 @@ def test_comparison_explorer_blank_panel_says_why() -> None:
     check_comparison(explorer)
     assert "exceeds the context" in explorer.mem_note.get_text()
     assert "Notes" in explorer.table.value and "(see note)" not in explorer.table.value
+
+
+# --- cheap redraws (issue 19's latency): the frame is reused only when it is unchanged ---------------------
+def _memory() -> tuple[MemoryExplorer, object, list[int]]:
+    explorer = MemoryExplorer(model="llama-2-7b", method="lora")
+    return explorer, explorer.controls["seq_len"], [528, 544, 512, 4096, 4112]
+
+
+def _params() -> tuple[MethodExplorer, object, list[int]]:
+    explorer = MethodExplorer(["lora", "full"], model="llama-2-7b")
+    return explorer, explorer.hp_controls["r"], [9, 10, 11, 256]
+
+
+def _budget() -> tuple[EqualBudgetExplorer, object, list[int]]:
+    explorer = EqualBudgetExplorer(["houlsby", "compacter", "lst", "lora"], model="roberta-base",
+                                   reference="lora", sweep="bottleneck_size", method="compacter")
+    return explorer, explorer.hp_controls["bottleneck_size"], [65, 66, 64, 8]
+
+
+def _prompts() -> tuple[PromptLengthExplorer, object, list[int]]:
+    explorer = PromptLengthExplorer(model="llama-2-7b")
+    return explorer, explorer.controls["num_virtual_tokens"], [21, 22, 20, 400]
+
+
+@pytest.mark.parametrize("make", [_memory, _params, _budget, _prompts], ids=["memory", "params", "budget", "prompts"])
+def test_slider_redraws_reuse_the_frame_and_match_a_full_render(make) -> None:
+    explorer, slider, values = make()
+    assert check_frame(explorer) is False  # the first render draws the frame
+    blits = []
+    for value in values:
+        slider.value = value
+        blits.append(check_frame(explorer))  # a blitted redraw equals a full render, pixel for pixel
+    assert sum(blits[:3]) >= 2, f"small moves of the main slider should reuse the frame: {blits}"
+    first = list(explorer.controls)[0]  # the model dropdown: a new frame, still equal to a full render
+    explorer.controls[first].value = "gpt2" if explorer.controls[first].value != "gpt2" else "roberta-base"
+    check_frame(explorer)
+    slider.value = values[0]
+    check_frame(explorer)

@@ -1,0 +1,130 @@
+"""Where a slider's redraw goes, kernel side, per explorer: compute + artists, a full render, a reused frame.
+
+For each explorer of chapters 00, 01, 02 and 04 this moves its main slider ``--moves`` times (alternately up
+and down by one step, as the browser benchmark does, then across its range) and times, per move:
+
+- ``update``: the callback's compute and artist updates (``Explorer.update`` without sending the frame);
+- ``full``: a full Agg render of the figure plus the PNG diff ipympl sends (what every move cost before
+  issue 19's change, and what a move that changes the frame, e.g. an axis limit, still costs);
+- ``frame``: what a move costs now (``Explorer.render_frame``: the cached frame restored and the dynamic
+  artists drawn, or a full render when the frame changed) plus the PNG diff;
+
+and prints p50 / p95 of each, and how many moves reused the frame. It runs on Agg, without a browser: the
+browser's share (message round trips, PNG decode, canvas paint) is in ``benchmarks/browser_latency.py``. The
+first line says how loaded the machine was (the numbers scale with it).
+
+    python benchmarks/explorer_redraw.py [--moves 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402  (after the backend is chosen)
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def _explorers() -> dict[str, Callable[[], tuple[object, object, list[int]]]]:
+    from survey_utils.widgets import MethodExplorer
+    from survey_utils.widgets.budget import EqualBudgetExplorer
+    from survey_utils.widgets.memory import MemoryExplorer
+    from survey_utils.widgets.prompts import PromptLengthExplorer
+
+    def memory():
+        e = MemoryExplorer(model="llama-2-7b", method="lora")
+        return e, e.controls["seq_len"], [16 * v for v in range(2, 512, 20)]
+
+    def params():
+        e = MethodExplorer(["lora", "full"], model="llama-2-7b")
+        return e, e.hp_controls["r"], list(range(1, 129, 5))
+
+    def budget():
+        e = EqualBudgetExplorer(["houlsby", "compacter", "lst", "lora"], model="roberta-base", reference="lora",
+                                sweep="bottleneck_size", method="compacter")
+        return e, e.hp_controls["bottleneck_size"], list(range(8, 768, 30))
+
+    def prompts():
+        e = PromptLengthExplorer(model="llama-2-7b")
+        return e, e.controls["num_virtual_tokens"], list(range(1, 400, 16))
+
+    return {"00 memory (seq len)": memory, "04 params (r)": params, "01 budget (bottleneck_size)": budget,
+            "02 prompts (virtual tokens)": prompts}
+
+
+class _Png:
+    """ipympl's diff PNG (webagg's get_diff_image): changed pixels against the last frame sent."""
+
+    def __init__(self) -> None:
+        self.last = None
+
+    def __call__(self, canvas: FigureCanvasAgg) -> int:
+        buff = np.asarray(canvas.get_renderer().buffer_rgba()).view(np.uint32).squeeze(2)
+        output = buff if self.last is None or self.last.shape != buff.shape else np.where(buff != self.last, buff, 0)
+        self.last = buff.copy()
+        with io.BytesIO() as png:
+            Image.fromarray(output.view(np.uint8).reshape((*output.shape, 4))).save(png, format="png")
+            return len(png.getvalue())
+
+
+def _ms(values: list[float]) -> str:
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    return f"p50 {1000 * statistics.median(values):6.1f}  p95 {1000 * p95:6.1f}"
+
+
+def measure(make: Callable[[], tuple[object, object, list[int]]], moves: int) -> dict[str, list[float] | int]:
+    explorer, slider, sweep = make()
+    explorer._refresh = lambda: None  # time the render separately
+    canvas = explorer.fig.canvas
+    explorer.render_frame()
+    start = slider.value
+    values = [start + (1 if i % 2 == 0 else 0) * slider.step for i in range(moves)] + sweep[:moves]
+    times: dict[str, list[float]] = {"update": [], "full": [], "frame": []}
+    blits, png_full, png_frame = 0, _Png(), _Png()
+    for value in values:
+        t0 = time.perf_counter()
+        slider.value = value
+        t1 = time.perf_counter()
+        FigureCanvasAgg.draw(canvas)  # the old path: every artist, every tick label, every legend
+        png_full(canvas)
+        t2 = time.perf_counter()
+        blits += explorer.render_frame()  # the new path (its cache follows the moves as in a session)
+        png_frame(canvas)
+        t3 = time.perf_counter()
+        times["update"].append(t1 - t0)
+        times["full"].append(t2 - t1)
+        times["frame"].append(t3 - t2)
+    return {**times, "blits": blits, "moves": len(values)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--moves", type=int, default=20)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {args.moves} steps up/down, then "
+          f"{args.moves} across the range; milliseconds per move")
+    for name, make in _explorers().items():
+        result = measure(make, args.moves)
+        print(f"{name:<30} update {_ms(result['update'])} | full render {_ms(result['full'])} | "
+              f"frame reused or rendered {_ms(result['frame'])} | reused {result['blits']}/{result['moves']}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
