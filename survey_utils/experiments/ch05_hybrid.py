@@ -298,3 +298,77 @@ def as_method(candidate: Candidate) -> Method:
     """The candidate as a registered-style composition (to build it, or to check :func:`DesignSpace.peak_of`)."""
     return compose("candidate", candidate.label, "chapter 05 design search", None,
                    Taxonomy(NOT_PLACED, NOT_PLACED, NOT_PLACED), "05_hybrid_unified", candidate.parts)
+
+
+# ------------------------------------------------------------------------- section "Unified methods" (chapter 05)
+@dataclass(frozen=True)
+class Check:
+    """One real-tensor claim about a unified method: what was measured beside what the closed form says."""
+
+    method: str
+    claim: str
+    measured: float
+    expected: float
+
+    @property
+    def holds(self) -> bool:
+        return abs(self.measured - self.expected) <= 1e-6 * max(1.0, abs(self.expected))
+
+
+def unified_checks(model: str = "tiny-bert", steps: int = 3) -> list[Check]:
+    """The issue's measurements for ProPETL, AdaMix and SparseAdapter on a tiny model with real tensors (chapter 05,
+    "Unified methods"): ProPETL's stored bytes and its layers' shared storage, AdaMix's served adapter against the
+    mean of its experts, SparseAdapter's pruned entries after ``steps`` AdamW steps."""
+    import torch
+    from torch.nn import functional as F
+
+    from survey_utils.counting import apply_method
+    from survey_utils.methods.hybrid import ADAMIX, PROPETL, SPARSE_ADAPTER, propetl_stored_bytes
+    from survey_utils.methods.layers.hybrid import (
+        MaskedPrototype,
+        MixtureOfAdapters,
+        SparseProjection,
+        stored_bytes,
+    )
+    from survey_utils.parity import example_inputs
+    from survey_utils.zoo import build_model
+
+    config = load_config(model)
+    checks = []
+    hp = PROPETL.resolve(config)
+    built = apply_method(build_model(config, device="cpu", seed=0), PROPETL)
+    layers = [m for m in built.modules() if isinstance(m, MaskedPrototype)]
+    storages = {m.prototype.adapter_down.weight.untyped_storage().data_ptr() for m in layers}
+    checks.append(Check("propetl", f"prototype storages read by the {len(layers)} masked layers", len(storages), 1))
+    checks.append(Check("propetl", "stored bytes (fp32 prototype once + 1 bit per mask entry)", stored_bytes(built),
+                        propetl_stored_bytes(config, 4, **hp)))
+
+    built = apply_method(build_model(config, device="cpu", seed=0), ADAMIX, share_up=False)
+    mixture = next(m for m in built.modules() if isinstance(m, MixtureOfAdapters))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in mixture.parameters():  # distinct experts (the up-projections start at zero)
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+        mixture.eval()
+        x = torch.randn(2, 5, mixture.adamix_down[0].weight.shape[1], generator=generator)
+        (w1, b1), (w2, b2) = [(torch.stack([e.weight for e in experts]).mean(0),
+                               torch.stack([e.bias for e in experts]).mean(0))
+                              for experts in (mixture.adamix_down, mixture.adamix_up)]
+        gap = (mixture(x) - F.linear(mixture.act(F.linear(x, w1, b1)), w2, b2)).abs().max().item()
+    checks.append(Check("adamix", "max |served adapter - adapter of the mean expert weights|", gap, 0.0))
+
+    built = apply_method(build_model(config, device="cpu", seed=0), SPARSE_ADAPTER)
+    optimizer = torch.optim.AdamW([p for p in built.parameters() if p.requires_grad], lr=1e-2)
+    inputs = example_inputs(config)
+    for _ in range(steps):
+        built(**inputs).logits.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    projections = [m for m in built.modules() if isinstance(m, SparseProjection)]
+    with torch.no_grad():
+        nonzero = sum(int(torch.count_nonzero(m.weight())) for m in projections)
+        kept = sum(m.sparse_index.numel() for m in projections)
+        outside = nonzero - sum(int(torch.count_nonzero(m.weight().flatten()[m.sparse_index])) for m in projections)
+    checks.append(Check("sparse_adapter", f"non-zero weights outside the masks after {steps} AdamW steps "
+                        f"({kept:,} kept entries)", outside, 0))
+    return checks

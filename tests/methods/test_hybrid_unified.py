@@ -209,3 +209,12 @@ def test_bad_settings_are_one_line(method: Method, settings: dict[str, object], 
     with pytest.raises(SurveyError, match=fragment) as info:
         method.resolve(load_config("roberta-base"), **settings)
     assert "\n" not in str(info.value)
+
+
+def test_the_chapters_checks_hold() -> None:
+    """Chapter 05 prints ``unified_checks``: each claim measured on real tensors equals its closed form."""
+    from survey_utils.experiments.ch05_hybrid import unified_checks
+
+    checks = unified_checks("tiny-bert")
+    assert {c.method for c in checks} == {"propetl", "adamix", "sparse_adapter"}
+    assert [c.claim for c in checks if not c.holds] == []
