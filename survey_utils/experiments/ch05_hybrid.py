@@ -48,7 +48,7 @@ PREFIX_LENGTHS = (0, 5, 10, 20, 30, 50, 100, 200)
 ADAPTERS = ("none", "pfeiffer", "parallel_adapter")
 BOTTLENECKS = (8, 16, 32, 64, 128, 256, 512)
 BLOCKS = ("all", "upper half")
-NAMED = ("lora", "mam_adapter", "unipelt", "compacter_pp", "scaled_parallel")
+NAMED = ("lora", "mam_adapter", "unipelt", "compacter_pp", "scaled_parallel", "s4")
 """The named configurations marked on the front (registered methods at their defaults)."""
 
 

@@ -2,7 +2,7 @@
 
 Left: every feasible candidate of :mod:`survey_utils.experiments.ch05_hybrid` (grey), its Pareto front
 (coloured by inference overhead) and the named configurations (LoRA, MAM, UniPELT, Compacter++, scaled
-parallel) at their defaults, in trainable parameters against the peak memory of one training step. Right:
+parallel, S4) at their defaults, in trainable parameters against the peak memory of one training step. Right:
 the chosen front point's trainable parameters by part. The budgets are a % of the model's parameters and a
 multiple of the smallest candidate's peak, so the same sliders fit every model; a budget below every
 candidate is a one-line message and the plot keeps its last front.

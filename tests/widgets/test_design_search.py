@@ -39,3 +39,23 @@ def test_moving_a_budget_redraws_and_a_budget_below_everything_is_one_line() -> 
     assert explorer.error is not None and "below the smallest configuration" in explorer.error
     assert "\n" not in explorer.error
     assert len(explorer.all_points.get_offsets()) < len(before)  # the last valid plot stays
+
+
+def test_the_named_stars_are_the_registered_hybrids_at_their_defaults() -> None:
+    """Each star is a named method's closed-form count and full memory estimate; exactly those inside both budgets
+    are shown (S4 among them, refused where its BitFit groups find no bias)."""
+    from survey_utils.experiments.ch05_hybrid import NAMED
+    from survey_utils.methods import get_method
+
+    explorer = DesignSearchExplorer(["roberta-base"], model="roberta-base")
+    explorer.controls["trainable"].value = 10.0
+    explorer.controls["memory"].value = 2.0
+    view, config = explorer.view, load_config("roberta-base")
+    expected = []
+    for name in NAMED:
+        method = get_method(name)
+        point = (method.count(config), estimate(config, method, batch_size=8, seq_len=128).total / GIB)
+        if point[0] <= view.trainable_budget and point[1] * GIB <= view.memory_budget:
+            expected.append(point)
+    assert "s4" in NAMED and len(expected) >= 3
+    assert np.allclose(np.asarray(explorer.named_points.get_offsets()), expected, rtol=1e-12)
