@@ -32,11 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from survey_utils.advisor import point  # noqa: E402
 from survey_utils.architecture import total_params  # noqa: E402
 from survey_utils.errors import SurveyError  # noqa: E402
 from survey_utils.memory.allocator import (  # noqa: E402
-    CUDA_CONTEXT_BYTES,
     DERIVATION_MIN_PARAMS,
     TRANSIENT_OVERHEAD,
     TRANSIENT_OVERHEAD_CHECKPOINTED,
@@ -45,7 +43,6 @@ from survey_utils.memory.allocator import (  # noqa: E402
     reserved_of,
 )
 from survey_utils.memory.closed_form import estimate  # noqa: E402
-from survey_utils.memory.sharding import Sharding  # noqa: E402
 from survey_utils.methods import get_method  # noqa: E402
 from survey_utils.zoo import DATA_DIR, load_config  # noqa: E402
 
@@ -114,73 +111,20 @@ def derive(rows: list[dict]) -> dict[bool, float]:
 
 
 def published_rows() -> list[dict]:
-    """Each published figure beside the estimate and the closed-form reserved (CUDA context added where the
-    figure is what nvidia-smi shows)."""
-    if not PUBLISHED.is_file():
-        return []
-    with PUBLISHED.open(encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    out = []
-    for row in rows:
-        hp = dict(item.split("=", 1) for item in row["hp"].split()) if row["hp"] else {}
-        m = get_method(row["method"])
-        hp = m.parse_settings([f"{k}={v}" for k, v in hp.items()])
-        est = estimate(row["model"], m, hp, batch_size=int(row["batch_size"]), seq_len=int(row["seq_len"]),
-                       dtype=row["dtype"], optimizer=row["optimizer"],
-                       gradient_checkpointing=row["gradient_checkpointing"] == "yes",
-                       quantization=m.base_quantization)
-        config = load_config(row["model"])
-        sharding = Sharding(row["sharding"], int(row["gpus"]), row["offload"])
-        gpu = point(config, m, est, sharding, row["gradient_checkpointing"] == "yes")
-        allocated, reserved = gpu.allocated, gpu.reserved
-        kind = row["kind"]  # "unstated" is compared with reserved, what nvidia-smi and most logs show
-        predicted = allocated if kind == "allocated" else reserved + (CUDA_CONTEXT_BYTES if kind == "device" else 0)
-        published = float(row["published_gib"]) * 2**30
-        out.append(dict(row, estimate=allocated, closed_form_reserved=reserved, predicted=predicted,
-                        error=(predicted - published) / published))
-    return out
+    """Each published figure beside our prediction of the same kind (survey_utils.memory.reserved_figure)."""
+    from survey_utils.memory.reserved_figure import published_rows as rows
+
+    return rows(PUBLISHED)
 
 
 def draw(rows: list[dict], published: list[dict], figures: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from survey_utils.plotting import apply_style, method_style, save_figure
+    from survey_utils.memory.reserved_figure import draw_reserved
+    from survey_utils.plotting import save_figure
 
-    apply_style()
     with plt.rc_context({"svg.fonttype": "path"}):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12.5, 4.6))
-        for method in sorted({r["method"] for r in rows}):
-            chosen = [r for r in rows if r["method"] == method]
-            colour, marker = method_style(method)
-            x = [int(r["simulated_allocated"]) / 2**30 for r in chosen]
-            left.scatter(x, [100 * (int(r["replayed_reserved"]) - int(r["simulated_allocated"]))
-                             / int(r["simulated_allocated"]) for r in chosen], marker=marker, color=colour,
-                         label=f"{method}: replayed reserved")
-            left.scatter(x, [100 * (int(r["closed_form_reserved"]) - int(r["simulated_allocated"]))
-                             / int(r["simulated_allocated"]) for r in chosen], marker=marker, facecolors="none",
-                         edgecolors=colour, label=f"{method}: closed form")
-        left.set_xscale("log")
-        left.set_xlabel("allocated peak of the simulated step (GiB)")
-        left.set_ylabel("reserved above allocated (%)")
-        left.set_title(f"caching allocator: replay vs closed form ({len(rows)} settings)")
-        left.legend(fontsize=7, frameon=False)
-        if published:
-            labels = [f"{r['model']} {r['method']}, {r['gpu']}" for r in published]
-            y = range(len(published))
-            right.barh([i + 0.2 for i in y], [float(r["published_gib"]) for r in published], height=0.4,
-                       color="#999999", label="published")
-            right.barh([i - 0.2 for i in y], [r["predicted"] / 2**30 for r in published], height=0.4,
-                       color="#1f77b4", label="ours (same kind: allocated / reserved / device)")
-            right.set_yticks(list(y), labels, fontsize=7)
-            right.set_xlabel("GiB")
-            right.legend(fontsize=7, frameon=False, loc="lower right")
-            complete = sum(r["settings_complete"] == "yes" for r in published)
-            right.set_title(f"published peaks, batch 2, seq 2048 ({complete} of {len(published)} with every setting "
-                            "stated;\nthe others are our reading of their settings: indicative only)", fontsize=9)
-        else:
-            right.text(0.5, 0.5, "no published rows", ha="center", va="center", transform=right.transAxes)
-            right.set_axis_off()
-        fig.tight_layout()
+        fig = draw_reserved(rows, published)
         paths = save_figure(fig, figures, FIGURE, dpi=110)
         plt.close(fig)
     return paths

@@ -18,11 +18,14 @@
 
 # %%
 # %matplotlib widget
+from survey_utils.advisor import advise, format_advice
 from survey_utils.counting import format_rows, three_way
 from survey_utils.experiments import ch06_quantized as ch06
+from survey_utils.memory.reserved_figure import reserved_validation_figure
 from survey_utils.methods import get_method
 from survey_utils.parity import parity
 from survey_utils.quantization import nf4_codebook
+from survey_utils.widgets.advisor import FeasibilityExplorer, FeasibilityTable
 from survey_utils.widgets.quantization import QLoRAMemoryExplorer, QuantizationExplorer
 from survey_utils.zoo import load_config
 
@@ -156,16 +159,24 @@ for name in ("qlora", "loftq", "qa_lora", "peqa"):
 # * **Gradient checkpointing** keeps each block's input only and recomputes the block in backward: about
 #   one more forward pass of time for most of the activations' memory.
 #
-# bitsandbytes' `AdamW8bit` state tensors after one step, against the per-tensor rule and the memory model:
+# bitsandbytes 0.50.2 decides *per tensor* (`Optimizer2State.init_state`): with $n$ elements a tensor keeps
+#
+# $$O(n) = \begin{cases} 8n & n < 4096 \ (\texttt{min\_8bit\_size}: \text{two fp32 moments})\\
+#   2n + 2\cdot 4\,\lceil n/256 \rceil & \text{otherwise (two uint8 moments, an fp32 absmax per 256)}\end{cases}$$
+#
+# plus two shared 256-entry fp32 quantization maps once. The memory model sums this over the trainable tensors
+# (their sizes read from a `meta` build of the method). Against the real `AdamW8bit`'s state tensors after one
+# step on CPU, and against treating the trainable parameters as one tensor:
 
 # %%
 adam8 = ch06.adamw8bit_state_bytes("tiny-llama", "qlora")
-print(adam8)
+for name, value in adam8.items():
+    print(f"{name:<30}{value:>12,}")
 
 # %% [markdown]
-# The per-tensor rule is exact; the memory model applies the 4096-element rule to the *total* trainable
-# count, so for tiny-llama's LoRA tensors (each under 4096 elements) it counts 2 bytes per parameter where
-# bitsandbytes keeps 8. On a 7B model every LoRA tensor is above the threshold and the two agree.
+# Each of tiny-llama's 56 LoRA factors has fewer than 4096 elements, so every one keeps fp32 moments: 8 bytes
+# per parameter, four times what "8-bit" suggests. On a 7B model a LoRA factor has $r \cdot 4096$ elements and
+# is quantized at $r \ge 1$; the threshold matters for small models, biases, norms and soft prompts.
 #
 # The explorer below stacks one step's memory terms for LoRA on every linear layer with the base in bf16,
 # int8 or NF4 (LLaMA-65B is built from the transcribed architecture in `data/quantization_claims.csv`);
@@ -197,10 +208,81 @@ print(ch06.format_claims(claims))
 # * **Lialin's 12-20x**: read as multiples of the weights' bytes, our full fine-tuning with AdamW costs 4x
 #   (fp32) to 8x (fp16 mixed precision) at batch 1; read as bytes per parameter it is 16.2, inside 12-20.
 #
+# ## Reserved, not allocated
+#
+# Everything above is *allocated* memory: the bytes of live tensors at the step's peak. What `nvidia-smi`
+# and most published tables show is *reserved* memory (plus the CUDA context, a few hundred MiB per GPU):
+# PyTorch's caching allocator (`c10/cuda/CUDACachingAllocator.cpp`) rounds every request up to 512 B, serves
+# requests up to 1 MiB from 2 MiB segments and larger ones from 20 MiB segments (1-10 MiB) or their size
+# rounded to 2 MiB, reuses the best-fitting free block, and never returns a segment on its own. So reserved
+# $\ge$ allocated, and the gap grows when transient tensors of many sizes come and go (fragmentation).
+#
+# We do not guess that gap: the fake-tensor simulation records every allocation and free of the step in
+# order, and `survey_utils.memory.allocator` replays them through a model of the caching allocator. The
+# closed form's reserved term is derived from those replays (stated among its assumptions). One step of LoRA
+# on tiny-llama, batch 1 x 128 (the replay's segments are large against so small a model):
+
+# %%
+for name, value in ch06.reserved_demo("tiny-llama", "lora", seq_len=128).items():
+    print(f"{name:<40}{value / 2**20:>10.2f} MiB")
+
+# %% [markdown]
+# On the replay grid (`benchmarks/reserved_validation.py`, 40 simulated steps from 2M to 7B parameters) and
+# against published peaks whose settings are transcribed in `data/published_peaks.csv` (with sources; the
+# figures validate, they calibrate nothing), drawn from the committed CSVs:
+
+# %%
+reserved_fig, reserved_lines = reserved_validation_figure()
+print("\n".join(reserved_lines))
+
+# %% [markdown]
+# ## More than one GPU
+#
+# Past one GPU, the ZeRO paper's accounting (Rajbhandari et al. 2020, arXiv:1910.02054) divides what each GPU
+# holds: DDP replicates everything; ZeRO-1 shards the optimizer states over the $N$ GPUs, ZeRO-2 the gradients
+# too, ZeRO-3 (FSDP full shard) the weights as well, at the price of gathering each wrapped unit (a block) in
+# full while it runs: FSDP's peak holds the largest unit materialised. CPU offload moves the optimizer states
+# (and with ZeRO-3 the weights) to host memory. Full fine-tuning of Llama-3-70B on 8 GPUs, bf16 AdamW,
+# checkpointing, batch 1 x 2048, per GPU (fits: reserved + CUDA context within 80 GB):
+
+# %%
+print(ch06.format_sharding(ch06.sharding_table("llama-3-70b", "full", gpus=8), capacity=80 * 10**9))
+
+# %% [markdown]
+# ## What fits my GPUs
+#
+# `python -m survey_utils advise` asks the same question of every registered method at its defaults: does it
+# fit, at what largest batch (at the sequence length) and largest sequence (at batch 1), and with the cheapest
+# sharding that fits. QLoRA's claim, LLaMA-65B on one 48 GB GPU:
+
+# %%
+advice_65b = advise("llama-65b", "48GB")
+print(format_advice(advice_65b))
+
+# %% [markdown]
+# Only the NF4 methods (QLoRA, LoftQ) fit: every 16-bit method needs the 131 GB of bf16 weights, and the
+# int8 bases of QA-LoRA and PEQA still take 65 GB. On 8 x 80 GB, Llama-3-70B fits almost every method, most
+# only with ZeRO-3 (the bf16 weights alone are 141 GB); full fine-tuning needs the optimizer states offloaded:
+
+# %%
+advice_70b = advise("llama-3-70b", "80GB", gpus=8)
+print(format_advice(advice_70b))
+
+# %% [markdown]
+# The feasibility map asks it of several models at once: pick a GPU type and a count; each cell is one model
+# and method (green: fits; olive: fits with gradient checkpointing; orange: fits only sharded; red: does not
+# fit; grey: the method cannot run on that model). Pick a cell for its per-GPU terms.
+
+# %%
+FeasibilityExplorer(FeasibilityTable(models=("llama-2-7b", "llama-2-13b", "mistral-7b", "llama-65b",
+                                             "llama-3-70b")), gpu="rtx-a6000")
+
+# %% [markdown]
 # ## Summary
 #
 # The closing numbers, computed above: NF4's and int8's reconstruction errors, LoftQ's error reduction, the
-# 8-bit optimizer's state bytes against our estimate, and the claims.
+# 8-bit optimizer's state bytes against our estimate, the claims, the reserved-memory validation, and the
+# advisor's answers.
 
 # %%
 for row in errors:
@@ -210,6 +292,11 @@ print(f"AdamW8bit states: bitsandbytes {adam8['bitsandbytes state bytes']:,} B, 
       f"{adam8['memory model estimate']:,} B")
 for row in claims:
     print(f"{row['claim'][:60]:<61} claimed {row['claimed']:g} {row['unit']}, ours {row['ours']:g}")
+print("\n".join(reserved_lines))
+for advice in (advice_65b, advice_70b):
+    answer = {r.method: r.sharding or "does not fit" for r in advice.rows}
+    print(f"{advice.model} on {advice.gpus} x {advice.gpu_memory / 1e9:g} GB: {sum(r.fits for r in advice.rows)} of "
+          f"{len(advice.rows)} methods fit; full fine-tuning: {answer['full']}; QLoRA: {answer['qlora']}")
 
 # %% [markdown]
 # ## Exercises

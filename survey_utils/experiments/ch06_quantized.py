@@ -337,3 +337,64 @@ def adamw8bit_state_bytes(model: str = "tiny-llama", method: str = "qlora", dtyp
             "trainable tensors": len(params),
             "tensors under min_8bit_size": sum(p.numel() < BNB_MIN_8BIT_SIZE for p in params),
             "trainable params": n}
+
+
+# --- reserved memory, sharding, the advisor ---------------------------------------------------------------
+
+def reserved_demo(model: str = "tiny-llama", method: str = "lora", batch_size: int = 1, seq_len: int = 128
+                  ) -> dict[str, int]:
+    """One step's allocated and reserved peaks: the closed form (CPU kernels, like the simulation), and the
+    simulated step's allocation trace replayed through the caching-allocator model (with and without
+    ``expandable_segments``).
+
+    Defined for chapter 06, section "Reserved, not allocated"."""
+    from survey_utils.memory import estimate
+    from survey_utils.memory.simulation import simulate
+
+    est = estimate(model, method, batch_size=batch_size, seq_len=seq_len, device="cpu")
+    sim = simulate(model, method, batch_size=batch_size, seq_len=seq_len)
+    return {"estimate: allocated": est.total, "estimate: reserved (closed form)": int(est.reserved or 0),
+            "simulation: allocated": sim.peak, "replay: allocated (512 B blocks)": int(sim.allocated_rounded or 0),
+            "replay: reserved": int(sim.reserved or 0),
+            "replay: reserved, expandable segments": int(sim.reserved_expandable or 0)}
+
+
+def sharding_table(model: str = "llama-3-70b", method: str = "full", gpus: int = 8, batch_size: int = 1,
+                   seq_len: int = 2048, gradient_checkpointing: bool = True) -> list[dict[str, Any]]:
+    """Per-GPU memory of one step under every sharding the advisor tries on ``gpus`` GPUs (DDP, ZeRO-1/2/3, FSDP,
+    CPU offload), from the ZeRO paper's accounting and FSDP's unit-wise all-gather peak
+    (:func:`survey_utils.memory.sharding.per_gpu`), with the allocator's reserve and the CUDA context.
+
+    Defined for chapter 06, section "More than one GPU"."""
+    from survey_utils.advisor import point
+    from survey_utils.memory import estimate
+    from survey_utils.memory.sharding import candidates
+    from survey_utils.methods import get_method
+    from survey_utils.zoo import load_config
+
+    m = get_method(method)
+    config = load_config(model)
+    est = estimate(config, m, batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+                   quantization=m.base_quantization)
+    rows = []
+    for sharding in candidates(gpus):
+        p = point(config, m, est, sharding, gradient_checkpointing)
+        rows.append({"sharding": sharding.label, "weights": p.terms.get("weights", 0),
+                     "gradients": p.terms.get("gradients", 0), "optimizer states": p.terms.get("optimizer states", 0),
+                     "allocated": p.allocated, "reserved": p.reserved, "device total": p.device_total})
+    return rows
+
+
+def format_sharding(rows: list[dict[str, Any]], capacity: int | None = None) -> str:
+    """The sharding table as fixed-width text (GiB), with a fits column when ``capacity`` (bytes per GPU) is given.
+
+    Defined for chapter 06, section "More than one GPU"."""
+    keys = ["weights", "gradients", "optimizer states", "allocated", "reserved", "device total"]
+    head = f"{'sharding':<46}" + "".join(f"{k:>17}" for k in keys) + ("   fits" if capacity else "")
+    lines = [head]
+    for r in rows:
+        line = f"{r['sharding']:<46}" + "".join(f"{r[k] / 2**30:>13.1f} GiB" for k in keys)
+        if capacity:
+            line += f"   {'yes' if r['device total'] <= capacity else 'no'}"
+        lines.append(line)
+    return "\n".join(lines)
