@@ -7,10 +7,18 @@ costs, which :attr:`~survey_utils.methods.registry.Method.tasks_hp` names for th
 - **MPT** (multitask prompt tuning): one shared prompt :math:`P^\ast` and, per task, a rank-:math:`r` matrix
   :math:`U_kV_k` that rescales it element-wise; a task adds :math:`nr + rd` parameters;
 - **Polytropon**: per target layer an inventory of :math:`S` LoRA skills and a task-skill allocation
-  :math:`Z \in \mathbb{R}^{T\times S}`; a task adds :math:`S` numbers per layer.
+  :math:`Z \in \mathbb{R}^{T\times S}`; a task adds :math:`S` numbers per layer;
+- **AdapterFusion**: :math:`N` task adapters, trained one per task and frozen, and a learned attention over their
+  outputs at each adapter site; a task adds one adapter (frozen), the fusion does not grow;
+- **MOELoRA**: LoRA experts per layer mixed by a gate that reads a learned task embedding; a task adds one
+  embedding (:math:`e` numbers) per layer;
+- **LoRAHub**: :math:`N` frozen LoRA modules summed with :math:`N` weights found without gradients; a task (an
+  upstream module) adds one LoRA (frozen) and one weight.
 
-Both take ``task_ids`` (one task index per example) in the forward, as peft's ``MULTITASK_PROMPT_TUNING`` and
-``POLY`` do (:attr:`Method.takes_task_ids`). The layers live in ``layers/multi_task.py``, imported inside ``apply``.
+MPT, Polytropon and MOELoRA take ``task_ids`` (one task index per example) in the forward, as peft's
+``MULTITASK_PROMPT_TUNING`` and ``POLY`` do (:attr:`Method.takes_task_ids`). AdapterFusion and LoRAHub serve one
+target task from :math:`N` source modules (:attr:`Method.tasks_hp` is ``num_sources``); what they add frozen is
+:attr:`Method.frozen_added_params`. The layers live in ``layers/multi_task.py``, imported inside ``apply``.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import adapt_targets, freeze, model_label, target_specs
-from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register
+from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register, saves_nothing
 from survey_utils.methods.soft_prompts import (
     embedding_width,
     peft_task_type,
@@ -188,4 +196,249 @@ register(Method(
                     "poly_logits": "poly_router.default.module_logits"},
     tasks_hp="n_tasks", takes_task_ids=True,
     notes="nn.Linear targets only, as peft's Poly; peft's PolyConfig has no layers_to_transform, so neither do we",
+))
+
+
+# --- AdapterFusion -----------------------------------------------------------------------------------------------
+# AdapterHub's `adapters` (1.3.0) pins transformers ~=4.57 and this project runs transformers 5, so it cannot be
+# installed beside it: its defaults are transcribed from adapters 1.3.0, configuration/adapter_fusion_config.py
+# (DEFAULT_ADAPTERFUSION_CONFIG = "dynamic": key, query, value, value_initialized, regularization on; temperature
+# and residual_before off) and configuration/adapter_config.py (SeqBnConfig: reduction_factor 16, relu, the
+# Pfeiffer placement), and the count is checked closed form against built model only.
+FUSION_PLACEMENT = "pfeiffer"
+
+
+def apply_adapter_fusion(model: nn.Module, num_sources: int, reduction_factor: float, bottleneck_size: int,
+                         non_linearity: str, fusion_value: bool, **_: Any) -> nn.Module:
+    r"""AdapterFusion (Pfeiffer et al. 2021, arXiv:2005.00247): :math:`y = h + \sum_n a_n V\,\mathrm{adapter}_n(h)`,
+    :math:`a = \mathrm{softmax}_n((Qh)^\top K\,\mathrm{adapter}_n(h))`, at every Pfeiffer site (after each block's
+    FFN output projection).
+
+    Freeze ``model``, put :math:`N` frozen bottleneck adapters and one trainable fusion layer
+    (:class:`~survey_utils.methods.layers.multi_task.AdapterFusionLayer`) at each site. The adapters start as
+    chapter 01's (zero up-projection); :func:`~survey_utils.methods.layers.multi_task.load_fusion_sources` loads
+    trained ones (stage one of the paper: one adapter per task; stage two, this method: the fusion).
+    """
+    from survey_utils.methods.adapters import adapter_sites, bottleneck_width
+    from survey_utils.methods.common import replace_module
+    from survey_utils.methods.layers.adapters import Bottleneck
+    from survey_utils.methods.layers.multi_task import AdapterFusionLayer
+
+    freeze(model)
+    for spec, _ffn_in in adapter_sites(model.config, FUSION_PLACEMENT):
+        base = model.get_submodule(spec.name)
+        size = bottleneck_width(spec.out_features, reduction_factor, bottleneck_size)
+        sources = [Bottleneck(spec.out_features, size, non_linearity, base.weight) for _ in range(num_sources)]
+        replace_module(model, spec.name, AdapterFusionLayer(base, sources, fusion_value, base.weight))
+    return model
+
+
+def _fusion_widths(config: PretrainedConfig, reduction_factor: float, bottleneck_size: int) -> list[tuple[int, int]]:
+    from survey_utils.methods.adapters import adapter_sites, bottleneck_width
+
+    return [(spec.out_features, bottleneck_width(spec.out_features, reduction_factor, bottleneck_size))
+            for spec, _ffn_in in adapter_sites(config, FUSION_PLACEMENT)]
+
+
+def adapter_fusion_trainable_params(config: PretrainedConfig, reduction_factor: float, bottleneck_size: int,
+                                    fusion_value: bool, **_: Any) -> int:
+    r""":math:`\sum_\text{sites} (2d^2 + 2d + [\text{value}]\,d^2)`: query and key with biases, the value matrix
+    without; independent of the number of fused adapters :math:`N`."""
+    return sum(2 * d * d + 2 * d + (d * d if fusion_value else 0)
+               for d, _k in _fusion_widths(config, reduction_factor, bottleneck_size))
+
+
+def adapter_fusion_frozen_params(config: PretrainedConfig, num_sources: int, reduction_factor: float,
+                                 bottleneck_size: int, **_: Any) -> int:
+    r""":math:`N \sum_\text{sites} (2dk + d + k)`: the fused adapters, trained beforehand, frozen here."""
+    return num_sources * sum(2 * d * k + d + k for d, k in _fusion_widths(config, reduction_factor, bottleneck_size))
+
+
+def adapter_fusion_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                                adapter_bytes: int, num_sources: int, reduction_factor: float, bottleneck_size: int,
+                                non_linearity: str, fusion_value: bool, **_: Any) -> dict[str, int]:
+    """Saved for backward at each site, ``t = batch x seq_len`` positions: the query's input :math:`h` (cast to
+    the adapter dtype), the :math:`N` adapters' outputs (read by K and V), the keys and the values
+    (:math:`N` each), the query, the attention weights (twice: softmax output and the mixing's input), and
+    each frozen adapter's bottleneck activations (gradients pass through them to the blocks below)."""
+    t = batch_size * seq_len
+    n = num_sources
+    inner = 1 if non_linearity in ("relu", "tanh") else 2
+    fusion = adapters = 0
+    for d, k in _fusion_widths(config, reduction_factor, bottleneck_size):
+        fusion += adapter_bytes * t * (2 * d + n * d * (3 if fusion_value else 2) + 2 * n)
+        adapters += adapter_bytes * t * n * (inner * k + d)
+    return {"fusion: query input, adapter outputs, keys, values, weights": fusion,
+            "fused adapters' inputs and bottleneck activations": adapters}
+
+
+def adapter_fusion_sites(config: PretrainedConfig, **_: Any) -> list[Any]:
+    from survey_utils.methods.adapters import adapter_memory_sites
+
+    return adapter_memory_sites(config, FUSION_PLACEMENT)
+
+
+def validate_adapter_fusion(config: PretrainedConfig, **hp: Any) -> None:
+    """The bottleneck fits every site (the closed form raises the one-line error)."""
+    adapter_fusion_frozen_params(config, **hp)
+
+
+register(Method(
+    name="adapter_fusion", title="AdapterFusion",
+    paper="Pfeiffer et al. 2021, AdapterFusion: Non-Destructive Task Composition for Transfer Learning (EACL 2021)",
+    arxiv_id="2005.00247", taxonomy=MULTI_TASK, chapter=CHAPTER,
+    hyperparams=(HyperParam("num_sources", "int", 2, "N: task adapters fused (AdapterHub: the adapters named in "
+                            "Fuse(...); 2 is the smallest fusion)", minimum=1, maximum=MAX_SKILLS),
+                 HyperParam("bottleneck_size", "int", 0, "bottleneck width k of the fused adapters; 0 takes "
+                            "hidden_size // reduction_factor", minimum=0, maximum=16384),
+                 HyperParam("reduction_factor", "float", 16.0, "fused adapters' k = hidden_size // reduction_factor "
+                            "(AdapterHub's SeqBnConfig)", minimum=0.5, maximum=1024),
+                 HyperParam("non_linearity", "str", "relu", "the fused adapters' activation (SeqBnConfig)",
+                            choices=("relu", "gelu", "swish", "silu", "tanh")),
+                 HyperParam("fusion_value", "bool", True, "learn the value matrix V (AdapterHub's default "
+                            "'dynamic' fusion; False: 'static')")),
+    apply=apply_adapter_fusion, trainable_params=adapter_fusion_trainable_params,
+    memory_terms=adapter_fusion_memory_terms, frozen_added_params=adapter_fusion_frozen_params,
+    gradient_sites=adapter_fusion_sites, validate=validate_adapter_fusion, param_prefixes=("fusion_",),
+    largest_trainable_tensor=lambda config, **hp: max(d * d for d, _k in _fusion_widths(
+        config, hp["reduction_factor"], hp["bottleneck_size"])),
+    tasks_hp="num_sources",
+    notes="AdapterHub's `adapters` cannot be installed beside transformers 5 (it pins ~=4.57): defaults transcribed "
+          "from adapters 1.3.0 (dynamic fusion, SeqBnConfig adapters); counts closed form vs built model only. "
+          "A new task costs one adapter (trained alone, then frozen); the fusion's size does not grow with N",
+))
+
+
+# --- MOELoRA -------------------------------------------------------------------------------------------------------
+# Neither peft nor AdapterHub has MOELoRA: counts are checked closed form against built model. LoRA's settings are
+# peft's LoRA defaults (r=8, lora_alpha=8, query and value projections); the experts and the task embedding's width
+# are the authors' (liuqidong07/MOELoRA-peft: Gate(task_embedding_dim=64 -> expert_num=8), as its scripts train it).
+def _only_targets(hp: dict[str, Any]) -> dict[str, Any]:
+    return {"target_modules": hp.get("target_modules"), "layers_to_transform": None, "layers_pattern": None}
+
+
+def apply_moelora(model: nn.Module, r: int, lora_alpha: float, num_experts: int, n_tasks: int,
+                  task_embedding_dim: int, **targets: Any) -> nn.Module:
+    r"""MOELoRA (Liu et al. 2024, arXiv:2310.18339): :math:`h = W_0x + \frac{\alpha}{r}\sum_e \omega_{ke} B_eA_ex`,
+    :math:`\omega_k = \mathrm{softmax}(G t_k)`, in every target linear layer.
+
+    Freeze ``model``, wrap each target in :class:`~survey_utils.methods.layers.multi_task.MoELoRALinear` and read
+    each example's task :math:`k` from ``task_ids=`` in the forward.
+    """
+    from survey_utils.methods.layers.multi_task import MoELoRALinear, install_task_ids
+
+    freeze(model)
+    context = install_task_ids(model, n_tasks)
+    adapt_targets(model, "moelora", _only_targets(targets), lambda base: MoELoRALinear(
+        base, r, lora_alpha, num_experts, n_tasks, task_embedding_dim, context))
+    return model
+
+
+def moelora_trainable_params(config: PretrainedConfig, r: int, num_experts: int, n_tasks: int,
+                             task_embedding_dim: int, **hp: Any) -> int:
+    r""":math:`\sum_W r(d_\text{in} + d_\text{out}) + Te + Ee`: the experts (rank :math:`r/E` each), the task
+    embeddings and the gate, per target layer."""
+    return sum(r * (m.in_features + m.out_features) + (n_tasks + num_experts) * task_embedding_dim
+               for m in target_specs(config, "moelora", _only_targets(hp)))
+
+
+def validate_moelora(config: PretrainedConfig, r: int, num_experts: int, **hp: Any) -> None:
+    """``r`` splits evenly over the experts; the targets exist."""
+    if r % num_experts:
+        raise SurveyError(f"r={r} does not split over num_experts={num_experts}: each expert gets rank "
+                          f"r / num_experts, so r must be a multiple of it")
+    target_specs(config, "moelora", _only_targets(hp))
+
+
+def moelora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
+                         adapter_bytes: int, r: int, **hp: Any) -> dict[str, int]:
+    """LoRA's saved tensors at the total rank r (each distinct input once, ``x A``) plus the gate-weighted
+    ``x A`` that multiplies the experts' :math:`B` (``t x r`` per layer)."""
+    from survey_utils.methods.reparameterized import lora_memory_terms
+
+    targets = _only_targets(hp)
+    terms = lora_memory_terms(config, batch_size, seq_len, act_bytes, adapter_bytes, r=r, lora_dropout=0.0,
+                              **targets)
+    terms["gate-weighted x A"] = len(target_specs(config, "moelora", targets)) * adapter_bytes * batch_size \
+        * seq_len * r
+    return terms
+
+
+register(Method(
+    name="moelora", title="MOELoRA (task-routed LoRA experts)",
+    paper="Liu et al. 2024, When MOE Meets LLMs: Parameter Efficient Fine-tuning for Multi-task Medical "
+          "Applications (SIGIR 2024)",
+    arxiv_id="2310.18339", taxonomy=MULTI_TASK, chapter=CHAPTER,
+    hyperparams=(HyperParam("r", "int", 8, "total rank, split evenly over the experts (peft's LoRA default)",
+                            minimum=1),
+                 HyperParam("lora_alpha", "float", 8.0, "scale alpha / r of the update (peft's LoRA default)",
+                            minimum=0),
+                 HyperParam("num_experts", "int", 8, "E: LoRA experts per layer (authors' code)", minimum=1,
+                            maximum=MAX_SKILLS),
+                 HyperParam("n_tasks", "int", 1, "T: tasks (rows of each layer's task embedding)", minimum=1,
+                            maximum=MAX_TASKS),
+                 HyperParam("task_embedding_dim", "int", 64, "e: width of a task's embedding (authors' code)",
+                            minimum=1, maximum=4096),
+                 HyperParam("target_modules", "targets", None,
+                            "module names (or one regex) to adapt; None takes the query and value projections",
+                            nullable=True)),
+    apply=apply_moelora, trainable_params=moelora_trainable_params, memory_terms=moelora_memory_terms,
+    validate=validate_moelora, param_prefixes=("moelora_",), tasks_hp="n_tasks", takes_task_ids=True,
+    notes="in neither peft nor AdapterHub: counts closed form vs built model; the authors' per-layer task "
+          "embedding has one spare row (task_num + 1), ours exactly n_tasks",
+))
+
+
+# --- LoRAHub -------------------------------------------------------------------------------------------------------
+# Neither peft nor AdapterHub has LoRAHub: counts closed form vs built model. The LoRA modules take peft's LoRA
+# defaults (r=8, lora_alpha=8, query and value); the paper composes N=20 modules drawn from ~200 FLAN-task LoRAs.
+def apply_lorahub(model: nn.Module, r: int, lora_alpha: float, num_sources: int, **targets: Any) -> nn.Module:
+    r"""LoRAHub (Huang et al. 2023, arXiv:2307.13269): :math:`h = W_0x + \frac{\alpha}{r}\sum_n w_n B_nA_nx`.
+
+    Freeze ``model`` and wrap each target in :class:`~survey_utils.methods.layers.multi_task.LoraHubLinear`, all
+    sharing one weight vector :math:`w` (zero: the base model), the only numbers the method learns, by the
+    gradient-free :func:`~survey_utils.methods.layers.multi_task.search_weights`.
+    """
+    from torch import nn as torch_nn
+
+    from survey_utils.methods.layers.multi_task import LoraHubLinear
+
+    freeze(model)
+    like = model.get_input_embeddings().weight
+    weights = torch_nn.Parameter(like.new_zeros(num_sources))
+    adapt_targets(model, "lorahub", _only_targets(targets),
+                  lambda base: LoraHubLinear(base, r, lora_alpha, num_sources, weights))
+    return model
+
+
+def lorahub_trainable_params(config: PretrainedConfig, num_sources: int, **hp: Any) -> int:
+    r""":math:`N`: one composition weight per LoRA module, shared by every layer (found without gradients)."""
+    target_specs(config, "lorahub", _only_targets(hp))
+    return num_sources
+
+
+def lorahub_frozen_params(config: PretrainedConfig, r: int, num_sources: int, **hp: Any) -> int:
+    r""":math:`N \sum_W r(d_\text{in} + d_\text{out})`: the composed LoRA modules, trained one per upstream task."""
+    return num_sources * sum(r * (m.in_features + m.out_features)
+                             for m in target_specs(config, "lorahub", _only_targets(hp)))
+
+
+register(Method(
+    name="lorahub", title="LoRAHub (gradient-free LoRA composition)",
+    paper="Huang et al. 2023, LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition (COLM 2024)",
+    arxiv_id="2307.13269", taxonomy=MULTI_TASK, chapter=CHAPTER,
+    hyperparams=(HyperParam("r", "int", 8, "rank of each composed LoRA module (peft's LoRA default)", minimum=1),
+                 HyperParam("lora_alpha", "float", 8.0, "scale alpha / r (peft's LoRA default)", minimum=0),
+                 HyperParam("num_sources", "int", 20, "N: LoRA modules composed (the paper's 20)", minimum=1,
+                            maximum=MAX_TASKS),
+                 HyperParam("target_modules", "targets", None,
+                            "module names (or one regex) to adapt; None takes the query and value projections",
+                            nullable=True)),
+    apply=apply_lorahub, trainable_params=lorahub_trainable_params, memory_terms=saves_nothing,
+    frozen_added_params=lorahub_frozen_params, param_prefixes=("lorahub_",), mergeable=True,
+    backprop_through_backbone=False, largest_trainable_tensor=lambda config, num_sources, **hp: num_sources,
+    tasks_hp="num_sources",
+    notes="the weights are searched without gradients (a (1+1) evolution strategy here, CMA-ES in the paper): no "
+          "backward pass, so nothing is saved for one; in neither peft nor AdapterHub: counts closed form vs built "
+          "model",
 ))

@@ -48,8 +48,10 @@ def test_peft_parity_with_three_tasks(method, model: str) -> None:
 
 @pytest.mark.parametrize("method", MULTI, ids=lambda m: m.name)
 def test_each_added_task_costs_the_same(method) -> None:
+    """Parameters added (trained, plus frozen where a task's module is trained beforehand: AdapterFusion's adapters,
+    LoRAHub's modules) grow by the same amount with every task."""
     config = load_config("tiny-llama")
-    counts = [method.count(config, **{method.tasks_hp: t}) for t in (1, 2, 3, 10)]
+    counts = [method.added_params(config, **method.resolve(config, **{method.tasks_hp: t})) for t in (1, 2, 3, 10)]
     per_task = counts[1] - counts[0]
     assert per_task > 0 and counts[2] - counts[1] == per_task and counts[3] - counts[0] == 9 * per_task
 
@@ -99,7 +101,10 @@ def test_poly_refuses_conv1d_and_splits_that_do_not_divide() -> None:
     ("tiny-llama", "poly", {}),
     ("tiny-llama", "mpt", {}),
     ("tiny-bert", "poly", {"n_skills": 8}),
-])
+    ("tiny-llama", "moelora", {}),
+    ("tiny-llama", "adapter_fusion", {}),
+    ("tiny-bert", "adapter_fusion", {"num_sources": 4}),
+])  # not LoRAHub: the simulation runs a backward pass, and LoRAHub's gradient-free search never does
 def test_estimate_within_five_percent_of_the_simulation(model: str, method: str, hp: dict) -> None:
     est = estimate(model, method, hp, device="cpu", batch_size=2, seq_len=128)
     sim = simulate(model, method, hp, batch_size=2, seq_len=128)
@@ -151,3 +156,87 @@ def get_method_by_name(name: str):
     from survey_utils.methods import get_method
 
     return get_method(name)
+
+
+# --- AdapterFusion, MOELoRA, LoRAHub: what their layers do beyond the count ------------------------------------
+def _trained_pfeiffer(seed: int):
+    """A tiny-llama with Pfeiffer adapters whose up-projections are non-zero (a stand-in for a trained adapter)."""
+    model = apply_method(build_model("tiny-llama", seed=0), "pfeiffer")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def test_fusion_of_one_adapter_is_that_adapter_and_attends_over_several() -> None:
+    """N = 1: softmax over one adapter is 1 and V = I (+1e-6), so fusion reproduces the adapter's model;
+    N = 2: the fusion's weights are a distribution over the two adapters at every position."""
+    from survey_utils.methods.layers.multi_task import AdapterFusionLayer, load_fusion_sources
+
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(1))
+    source = _trained_pfeiffer(1)
+    fused = apply_method(build_model("tiny-llama", seed=0), "adapter_fusion", num_sources=1).eval()
+    assert load_fusion_sources(fused, [source]) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, source(input_ids=ids).logits, atol=1e-3, rtol=1e-3)
+    two = apply_method(build_model("tiny-llama", seed=0), "adapter_fusion", num_sources=2).eval()
+    load_fusion_sources(two, [source, _trained_pfeiffer(2)])
+    layer = next(m for m in two.modules() if isinstance(m, AdapterFusionLayer))
+    _, weights = layer.attention(torch.randn(3, 5, layer.fusion_query.shape[0]))
+    assert weights.shape == (3, 5, 2) and torch.allclose(weights.sum(-1), torch.ones(3, 5))
+    trainable = {n for n, p in two.named_parameters() if p.requires_grad}
+    assert trainable and all(".fusion_" in n for n in trainable)
+
+
+def test_fusing_adapters_from_another_model_is_one_line() -> None:
+    from survey_utils.methods.layers.multi_task import load_fusion_sources
+
+    fused = apply_method(build_model("tiny-llama", seed=0), "adapter_fusion", num_sources=1)
+    other = apply_method(build_model("tiny-llama", seed=0), "pfeiffer", reduction_factor=8.0)
+    with pytest.raises(SurveyError, match=r"source 0's .* has shape .* adapters trained on a different model") as info:
+        load_fusion_sources(fused, [other])
+    assert "\n" not in str(info.value)
+    with pytest.raises(SurveyError, match="source 0 has no adapter at"):
+        load_fusion_sources(fused, [build_model("tiny-llama", seed=0)])
+    with pytest.raises(SurveyError, match="2 source models for 1 fused adapters"):
+        load_fusion_sources(fused, [other, other])
+
+
+def test_moelora_gates_are_distributions_and_r_must_split() -> None:
+    from survey_utils.methods import get_method
+    from survey_utils.methods.layers.multi_task import MoELoRALinear
+
+    model = apply_method(build_model("tiny-llama", seed=0), "moelora", n_tasks=3, num_experts=4)
+    layer = next(m for m in model.modules() if isinstance(m, MoELoRALinear))
+    gate = layer.gate(torch.tensor([0, 1, 2]))
+    assert gate.shape == (3, 4) and torch.allclose(gate.sum(-1), torch.ones(3))
+    assert not torch.allclose(gate[0], gate[1])  # tasks route differently from the start
+    with pytest.raises(SurveyError, match="r=8 does not split over num_experts=3"):
+        get_method("moelora").resolve(load_config("tiny-llama"), num_experts=3)
+    with pytest.raises(SurveyError, match="num_experts=65 is above its maximum 64"):
+        get_method("moelora").resolve(load_config("tiny-llama"), num_experts=65)
+
+
+def test_lorahub_shares_one_weight_vector_merges_and_its_search_finds_a_known_optimum() -> None:
+    from survey_utils.methods.common import merge
+    from survey_utils.methods.layers.multi_task import LoraHubLinear, search_weights
+
+    model = apply_method(build_model("tiny-llama", seed=0), "lorahub", num_sources=3).eval()
+    layers = [m for m in model.modules() if isinstance(m, LoraHubLinear)]
+    assert len({id(m.lorahub_weights) for m in layers}) == 1 and len(layers) > 1
+    with torch.no_grad():
+        for layer in layers:
+            layer.lorahub_B.normal_(0, 0.1)
+        layers[0].lorahub_weights.copy_(torch.tensor([0.5, -1.0, 0.25]))
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        composed = model(input_ids=ids).logits
+        merged = merge(model)(input_ids=ids).logits
+    torch.testing.assert_close(merged, composed, atol=1e-4, rtol=1e-4)
+    target = torch.tensor([0.7, -0.3, 1.2], dtype=torch.float64)
+    best, value = search_weights(lambda w: float(((w - target) ** 2).sum()), 3, budget=300, seed=0)
+    assert value < 1e-3 and torch.allclose(best, target, atol=0.05)
+    again, _ = search_weights(lambda w: float(((w - target) ** 2).sum()), 3, budget=300, seed=0)
+    assert torch.equal(best, again)

@@ -5,7 +5,12 @@ r"""Layers of the multi-task methods (chapter 08); the methods are registered in
   the model reads it (as peft's Polytropon passes ``task_ids`` to its layers through forward pre-hooks);
 - :class:`MultitaskPromptEmbedding` (MPT): a shared prompt, rescaled element-wise by a low-rank task matrix;
 - :class:`PolyLinear` (Polytropon): an inventory of LoRA skills around a frozen linear layer, mixed per
-  task by a learned, relaxed-binary allocation.
+  task by a learned, relaxed-binary allocation;
+- :class:`AdapterFusionLayer` (AdapterFusion): frozen task adapters and a learned attention over their outputs;
+  :func:`load_fusion_sources` copies trained single-task adapters in;
+- :class:`MoELoRALinear` (MOELoRA): LoRA experts mixed by a gate on a learned task embedding;
+- :class:`LoraHubLinear` (LoRAHub): frozen LoRA modules summed with one shared weight vector, found by the
+  gradient-free :func:`search_weights`.
 
 A task-conditioned layer lists in ``task_parameters`` its tensors indexed by task on their first dimension: row
 :math:`k` is all that task :math:`k` owns (chapter 08 adds a task by training only that row). Only the methods'
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
+from torch.nn import functional as F
 
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import linear_dims, new_parameter
@@ -176,3 +182,253 @@ def _kaiming_per_skill(tensor: torch.Tensor) -> None:
             block = torch.empty(tensor.shape[3], tensor.shape[2], dtype=tensor.dtype, device=tensor.device)
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
             tensor[split, skill] = block.T
+
+
+# --- AdapterFusion ---------------------------------------------------------------------------------------------
+class AdapterFusionLayer(nn.Module):
+    r"""AdapterFusion (Pfeiffer et al. 2021, arXiv:2005.00247) around a frozen module with :math:`N` source adapters.
+
+    ::
+
+        x ──► [ m (frozen) ] ──► h ──┬──► [ adapter_1 ] … [ adapter_N ]  (frozen, trained one per task)
+                                     │          │ u_1 … u_N
+                                     └─ Q h ──► softmax_n( (Q h)·(K u_n) ) ──► Σ_n a_n V u_n ──(+ h)──► y
+
+    .. math:: y = h + \sum_{n=1}^{N} a_n\, V u_n, \qquad a = \operatorname{softmax}_n\big((Qh + b_Q)^\top
+              (K u_n + b_K)\big), \qquad u_n = \mathrm{adapter}_n(h)
+
+    per position, :math:`h` the output of the adapted module (our Pfeiffer site, chapter 01). Only
+    :math:`Q, b_Q, K, b_K` and :math:`V` train: :math:`3d^2 + 2d` per site (:math:`2d^2 + 2d` without the value
+    matrix, AdapterHub's "static" fusion). Init as AdapterHub's ``BertFusion`` (adapters 1.3.0,
+    ``methods/modeling.py``): :math:`Q, K` from N(0, 0.02) with zero biases, :math:`V = I` with 1e-6 off the
+    diagonal (``value_initialized=True``), so fusion starts as an average of the adapters' outputs. AdapterHub's
+    temperature schedule is off by default (``temperature=False``: the softmax's temperature stays 1); its
+    attention dropout and its value regularisation :math:`\lambda\lVert I - V\rVert^2` (``regularization=True``)
+    belong to training, not to the layer. The query is the adapted module's output :math:`h` (AdapterHub reads it
+    after the residual and layer norm of its own ``seq_bn`` placement).
+    """
+
+    def __init__(self, base_layer: nn.Module, sources: list[nn.Module], value: bool, like: torch.Tensor) -> None:
+        super().__init__()
+        width = linear_dims(base_layer)[1]
+        self.base_layer = base_layer
+        self.sources = nn.ModuleList(sources)
+        self.sources.requires_grad_(False)  # trained one per task beforehand; frozen while fusing
+        bert_init = lambda t: nn.init.normal_(t, 0.0, 0.02)  # noqa: E731 - AdapterHub's init_bert_weights
+        self.fusion_query = new_parameter((width, width), like, bert_init)
+        self.fusion_query_bias = new_parameter((width,), like, nn.init.zeros_)
+        self.fusion_key = new_parameter((width, width), like, bert_init)
+        self.fusion_key_bias = new_parameter((width,), like, nn.init.zeros_)
+        self.fusion_value = new_parameter((width, width), like, _near_identity) if value else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def attention(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapters' outputs ``(..., N, d)`` and the fusion's weights over them ``(..., N)``."""
+        h = h.to(self.fusion_query.dtype)
+        ups = torch.stack([source(h) for source in self.sources], dim=-2)
+        query = F.linear(h, self.fusion_query, self.fusion_query_bias)
+        keys = F.linear(ups, self.fusion_key, self.fusion_key_bias)
+        return ups, torch.softmax((keys @ query.unsqueeze(-1)).squeeze(-1), dim=-1)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        h = self.base_layer(x, *args, **kwargs)
+        ups, weights = self.attention(h)
+        values = ups if self.fusion_value is None else F.linear(ups, self.fusion_value)
+        return h + (weights.unsqueeze(-2) @ values).squeeze(-2).to(h.dtype)
+
+
+def _near_identity(tensor: torch.Tensor) -> None:
+    """AdapterHub's ``value_initialized``: the identity, with 1e-6 everywhere off the diagonal."""
+    tensor.fill_(1e-6)
+    tensor.fill_diagonal_(1.0)
+
+
+def load_fusion_sources(model: nn.Module, sources: list[nn.Module]) -> int:
+    """Copy trained single-task adapters into a fusion model's frozen sources; returns tensors copied.
+
+    ``sources[n]`` is a model with adapters of the same placement and width (e.g. the registered ``pfeiffer``
+    method applied and trained on task ``n``). Adapters trained on a different model, or with another bottleneck,
+    are refused in one line naming the first tensor that does not fit."""
+    fusions = [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterFusionLayer)]
+    if not fusions:
+        raise SurveyError("the model has no AdapterFusion layers: apply adapter_fusion first")
+    if len(sources) != len(fusions[0][1].sources):
+        raise SurveyError(f"{len(sources)} source models for {len(fusions[0][1].sources)} fused adapters")
+    copied = 0
+    for n, source in enumerate(sources):
+        for name, fusion in fusions:
+            try:
+                adapter = source.get_submodule(name).adapter
+            except AttributeError:
+                raise SurveyError(f"source {n} has no adapter at {name}: it was built on another model or "
+                                  "placement") from None
+            target = fusion.sources[n]
+            for key, tensor in adapter.state_dict().items():
+                mine = target.state_dict()[key]
+                if tensor.shape != mine.shape:
+                    raise SurveyError(f"source {n}'s {name}.{key} has shape {tuple(tensor.shape)}, the fusion "
+                                      f"model's {tuple(mine.shape)}: adapters trained on a different model")
+            target.load_state_dict(adapter.state_dict())
+            copied += len(adapter.state_dict())
+    return copied
+
+
+# --- MOELoRA ---------------------------------------------------------------------------------------------------
+class MoELoRALinear(nn.Module):
+    r"""MOELoRA (Liu et al. 2024, arXiv:2310.18339): LoRA experts mixed by a task-conditioned gate.
+
+    .. math:: h = W_0 x + \frac{\alpha}{r} \sum_{e=1}^{E} \omega_{ke}\, B_e A_e x, \qquad
+              \omega_k = \operatorname{softmax}(G\, t_k)
+
+    :math:`E` experts of rank :math:`r/E` each (the total rank :math:`r` is split, as the paper's code does),
+    a task embedding :math:`t_k \in \mathbb{R}^{e}` per task and a gate :math:`G \in \mathbb{R}^{E\times e}` (no
+    bias), both per layer as in the authors' ``MMOELoraLinearS``. Init: :math:`A_e` like LoRA's (Kaiming-uniform),
+    :math:`B_e = 0` (the model starts unchanged), :math:`t_k` like ``nn.Embedding`` (N(0, 1)), :math:`G` like
+    ``nn.Linear``. Trainable per layer: :math:`r(d_\text{in} + d_\text{out}) + Te + Ee`; a task adds :math:`e` per
+    layer. The authors' table has one spare row (``task_num + 1``); ours has exactly :math:`T`.
+    """
+
+    task_parameters = ("moelora_task_embedding",)
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, num_experts: int, n_tasks: int,
+                 task_embedding_dim: int, context: TaskContext) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features, _ = linear_dims(base_layer)
+        self.r, self.num_experts, self.scaling, self.context = r, num_experts, lora_alpha / r, context
+        weight = base_layer.weight
+        rank = r // num_experts
+        self.moelora_A = new_parameter((num_experts, self.in_features, rank), weight, _kaiming_per_expert)
+        self.moelora_B = new_parameter((num_experts, rank, self.out_features), weight, nn.init.zeros_)
+        self.moelora_task_embedding = new_parameter((n_tasks, task_embedding_dim), weight, nn.init.normal_)
+        self.moelora_gate = new_parameter((num_experts, task_embedding_dim), weight,
+                                          lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def gate(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """Each example's expert weights ``(batch, E)``: a softmax of the gate applied to its task's embedding."""
+        return torch.softmax(self.moelora_task_embedding[task_ids] @ self.moelora_gate.T, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        omega = self.gate(self.context.ids(x.shape[0], x.device)).to(self.moelora_A.dtype)
+        experts, rank = self.moelora_A.shape[0], self.moelora_A.shape[2]
+        # The experts side by side: x [A_1 .. A_E] (t x r), each expert's block scaled by its gate weight, then
+        # times [B_1; ..; B_E]. Contracting in this order keeps every intermediate at rank r (an einsum over
+        # (expert, rank, out) may build a t x E x d_out tensor first).
+        inner = x.to(self.moelora_A.dtype) @ self.moelora_A.permute(1, 0, 2).reshape(self.in_features, self.r)
+        scale = omega.repeat_interleave(rank, dim=-1).view(x.shape[0], *[1] * (x.dim() - 2), experts * rank)
+        update = (inner * scale) @ self.moelora_B.reshape(self.r, self.out_features)
+        return result + (self.scaling * update).to(result.dtype)
+
+
+def _kaiming_per_expert(tensor: torch.Tensor) -> None:
+    """Each expert's A is the transpose of an ``nn.Linear``-initialised (rank x d_in) matrix, as LoRA's."""
+    for expert in range(tensor.shape[0]):
+        block = torch.empty(tensor.shape[2], tensor.shape[1], dtype=tensor.dtype, device=tensor.device)
+        nn.init.kaiming_uniform_(block, a=math.sqrt(5))
+        tensor[expert] = block.T
+
+
+# --- LoRAHub ---------------------------------------------------------------------------------------------------
+class LoraHubLinear(nn.Module):
+    r"""LoRAHub (Huang et al. 2023, arXiv:2307.13269): a weighted sum of :math:`N` frozen LoRA modules.
+
+    .. math:: h = W_0 x + \frac{\alpha}{r} \sum_{n=1}^{N} w_n B_n A_n x
+
+    The :math:`N` modules were trained one per upstream task; the weights :math:`w \in \mathbb{R}^N`, one vector
+    shared by every adapted layer of the model, are the method's only learned numbers, found without gradients
+    (:func:`search_weights`). Init: :math:`w = 0` (the paper starts its search there: the base model); the
+    modules as LoRA's (:math:`A` Kaiming-uniform, :math:`B = 0`) until trained ones are loaded. Added: :math:`N`
+    searched numbers and :math:`N r (d_\text{in} + d_\text{out})` frozen per layer. Mergeable:
+    :math:`W_0 + \frac{\alpha}{r}\sum_n w_n B_n A_n` once :math:`w` is found.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, num_sources: int,
+                 weights: nn.Parameter) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_dims(base_layer)
+        self.scaling = lora_alpha / r
+        weight = base_layer.weight
+        self.lorahub_A = new_parameter((num_sources, r, self.in_features), weight,
+                                       lambda t: [nn.init.kaiming_uniform_(t[n], a=math.sqrt(5)) for n in range(len(t))])
+        self.lorahub_B = new_parameter((num_sources, self.out_features, r), weight, nn.init.zeros_)
+        self.lorahub_A.requires_grad_(False)
+        self.lorahub_B.requires_grad_(False)
+        self.lorahub_weights = weights  # the same Parameter in every layer: counted once
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def delta(self) -> torch.Tensor:
+        r""":math:`\frac{\alpha}{r}\sum_n w_n B_n A_n`, (d_out x d_in)."""
+        w = self.lorahub_weights.to(self.lorahub_A.dtype)
+        return self.scaling * torch.einsum("n,nor,nri->oi", w, self.lorahub_B, self.lorahub_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        w = self.lorahub_weights.to(self.lorahub_A.dtype)
+        inner = torch.einsum("...i,nri->...nr", x.to(self.lorahub_A.dtype), self.lorahub_A)
+        update = torch.einsum("...nr,nor,n->...o", inner, self.lorahub_B, w)
+        return result + (self.scaling * update).to(result.dtype)
+
+    def merge(self) -> None:
+        if not self.merged:
+            with torch.no_grad():
+                delta = self.delta().to(self.weight.dtype)
+                self.weight.add_(delta.T if self.fan_in_fan_out else delta)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            with torch.no_grad():
+                delta = self.delta().to(self.weight.dtype)
+                self.weight.sub_(delta.T if self.fan_in_fan_out else delta)
+            self.merged = False
+
+
+def search_weights(objective: Any, num_sources: int, budget: int, seed: int = 0, sigma: float = 0.5,
+                   bound: float = 1.5) -> tuple[torch.Tensor, float]:
+    r"""Minimise ``objective(w)`` over :math:`w \in [-1.5, 1.5]^N` without gradients: a (1+1) evolution strategy.
+
+    From :math:`w = 0`, each of ``budget`` steps draws :math:`w' = \mathrm{clip}(w + \sigma z)`,
+    :math:`z \sim N(0, I)`, keeps it if it is no worse, and adapts :math:`\sigma` by Rechenberg's one-fifth
+    success rule (:math:`\times 1.5` on success, :math:`\times 1.5^{-1/4}` on failure). The paper uses CMA-ES from
+    nevergrad (the same family, with a learned covariance) with the same bound and an L1 penalty on :math:`w`,
+    which ``objective`` may include. Deterministic in ``seed``. Returns the best :math:`w` and its objective.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    best = torch.zeros(num_sources, dtype=torch.float64)
+    best_value = float(objective(best))
+    for _ in range(budget):
+        candidate = (best + sigma * torch.randn(num_sources, generator=generator, dtype=torch.float64))
+        candidate = candidate.clamp(-bound, bound)
+        value = float(objective(candidate))
+        if value <= best_value:
+            best, best_value, sigma = candidate, value, sigma * 1.5
+        else:
+            sigma *= 1.5 ** -0.25
+    return best, best_value
