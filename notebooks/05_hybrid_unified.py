@@ -148,7 +148,8 @@ for model in ["roberta-base"]:
 # %% [markdown]
 # **Measured with real tensors** (tiny-bert): ProPETL's layers read one prototype storage, and what a trained model
 # stores is the prototype plus one bit per mask entry; AdaMix's served adapter is the adapter of the experts'
-# mean weights; SparseAdapter's pruned entries are still zero after three AdamW steps.
+# mean weights; SparseAdapter's pruned entries are not parameters at all, so AdamW's moments hold exactly the
+# closed-form count (chapter 03's gradient masks keep dense tensors and dense states), and every kept tensor trains.
 
 # %%
 for check in unified_checks("tiny-bert"):
@@ -211,9 +212,9 @@ for name in HYBRIDS + UNIFIED:
 #   what is served can be three different numbers.
 # * The same front from the command line: `python -m survey_utils search --model roberta-base
 #   --trainable-budget 1% --memory-budget 4GiB --json`.
-# * The closing numbers: trainable parameters at the defaults, and the search's speed
-#   (`python benchmarks/design_search_speed.py` prints about 35,000–43,000 candidates per second once each
-#   part's closed forms are cached, on a shared 2-core machine).
+# * The closing numbers, computed below: trainable parameters at the defaults, and the search's speed (the first
+#   search, which scores each part's closed forms once; `python benchmarks/design_search_speed.py` also times the
+#   later searches, which reuse them, on three models).
 
 # %%
 def count_or_refusal(name: str, config: object) -> str:
