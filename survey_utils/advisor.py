@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,7 @@ class _Curve:
         self.base = self._est(1, seq_len)
         self._b2: MemoryEstimate | None = None
         self._s: list[tuple[int, MemoryEstimate]] | None = None
+        self._poly: dict[str, tuple[list[int], int]] = {}
 
     def _est(self, b: int, s: int) -> MemoryEstimate:
         return estimate(self.config, self.method, batch_size=b, seq_len=s, gradient_checkpointing=self.ckpt,
@@ -165,7 +166,7 @@ class _Curve:
         return out
 
     @staticmethod
-    def _build(template: MemoryEstimate, values: dict[str, Fraction | int]) -> MemoryEstimate:
+    def _build(template: MemoryEstimate, values: dict[str, int]) -> MemoryEstimate:
         ints = {k: max(0, int(v)) for k, v in values.items()}
         by_term = {k[5:]: v for k, v in ints.items() if k.startswith("term:")}
         return dataclasses.replace(template, activations_by_term=by_term,
@@ -191,22 +192,34 @@ class _Curve:
             if len(xs) < 3:
                 xs = sorted({1, 2, 3} | set(xs))[-3:] if s_max >= 3 else xs
             self._s = [(x, self.base if x == self.seq_len else self._est(1, x)) for x in xs]
-        pts = [(x, self._values(e)) for x, e in self._s]
-        keys = set().union(*(v for _, v in pts))
-        values = {k: _lagrange([(x, v.get(k, 0)) for x, v in pts], s) for k in keys}
-        return self._build(self.base, values)
+            pts = [(x, self._values(e)) for x, e in self._s]
+            keys = sorted(set().union(*(v for _, v in pts)))
+            self._poly = {k: _interpolant([(x, v.get(k, 0)) for x, v in pts]) for k in keys}
+        return self._build(self.base, {k: _evaluate(poly, s) for k, poly in self._poly.items()})
 
 
-def _lagrange(points: list[tuple[int, int]], x: int) -> Fraction:
-    """The polynomial through ``points`` (degree <= 2 for three points), evaluated exactly at ``x``."""
-    total = Fraction(0)
-    for i, (xi, yi) in enumerate(points):
-        term = Fraction(yi)
+def _interpolant(points: list[tuple[int, int]]) -> tuple[list[int], int]:
+    """The polynomial through ``points`` (degree <= 2 for three points) as integer coefficients over one integer
+    denominator (Lagrange's form brought to a common denominator), so each evaluation is exact integer arithmetic."""
+    denominators = [math.prod(xi - xj for j, (xj, _) in enumerate(points) if j != i) for i, (xi, _) in enumerate(points)]
+    common = math.prod(denominators)
+    coefficients = [0] * len(points)
+    for i, (_, yi) in enumerate(points):
+        basis = [1]  # prod_{j != i} (x - x_j), lowest power first
         for j, (xj, _) in enumerate(points):
             if j != i:
-                term *= Fraction(x - xj, xi - xj)
-        total += term
-    return total
+                basis = [a - xj * b for a, b in zip([0, *basis], [*basis, 0], strict=True)]
+        for power, c in enumerate(basis):
+            coefficients[power] += yi * c * (common // denominators[i])
+    return coefficients, common
+
+
+def _evaluate(poly: tuple[list[int], int], x: int) -> int:
+    """The interpolant at ``x``, truncated toward zero (as ``int`` of the exact fraction)."""
+    coefficients, common = poly
+    numerator = sum(c * x**power for power, c in enumerate(coefficients))
+    quotient = abs(numerator) // abs(common)
+    return quotient if (numerator >= 0) == (common > 0) else -quotient
 
 
 _ROUNDINGS: dict[tuple[Any, ...], int] = {}

@@ -176,7 +176,7 @@ def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any],
         raise SurveyError(f"device '{device}' is not one of {', '.join(DEVICES)}")
     if quantization is not None and method.trains_whole_model:
         raise SurveyError(f"quantization '{quantization}' freezes the base weights; full fine-tuning cannot use it")
-    resolved = method.resolve(config, **hp)
+    resolved = dict(_memo(config, method, "resolve", hp, lambda: method.resolve(config, **hp)))
     shape = layout(config)
     extra = method.extra_positions(config, **resolved) if method.extra_positions else 0
     if shape.max_positions is not None and seq_len + extra > shape.max_positions:
@@ -204,8 +204,8 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     full = method.trains_whole_model
     tdtype = method.trainable_dtype(dtype, adapter_dtype)
     tb = DTYPE_BYTES[tdtype]
-    trainable = method.trainable_params(config, **resolved)
-    added = method.added_params(config, **resolved)
+    trainable = _memo(config, method, "trainable", resolved, lambda: method.trainable_params(config, **resolved))
+    added = _memo(config, method, "added", resolved, lambda: method.added_params(config, **resolved))
     base_total = total_params(config)
     assumptions: list[str] = []
 
@@ -239,7 +239,8 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     gradients = held * tb
     masters = 4 * held if tdtype == "fp16" else 0
     state_bytes = 4 if tdtype == "fp16" else tb
-    largest = _largest_trainable(shape, method, config, resolved, full, held)
+    largest = _memo(config, method, "largest", resolved,
+                    lambda: _largest_trainable(shape, method, config, resolved, full, held))
     if optimizer == "adamw8bit":
         # bitsandbytes decides 8-bit or 32-bit per tensor: the sizes of the trainable tensors decide the bytes.
         sizes = trainable_tensor_sizes(config, method, resolved)
@@ -276,7 +277,7 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
                        "(as in the simulation and in training)")
     ctx = Ctx(config, shape, batch_size, s, seq_len + extra, a, attention, device, full)
     if method.backprop_through_backbone:
-        start = trainable_start(method, config, resolved)
+        start = _memo(config, method, "start", resolved, lambda: trainable_start(method, config, resolved))
         saved = saved_activations(ctx, start)
         if not full and (start.block > 0 or start.stage > INPUT):
             assumptions.append(f"gradients start at block {start.block} ({_stage_name(start.stage)}): the blocks "
@@ -359,6 +360,25 @@ _OPTIMIZER_NOTES = {
     "adafactor": "Adafactor (torch): factored second moment (row and column vectors) for matrices, full for "
                  "vectors, no first moment; the update materialises one tensor the size of the parameter",
 }
+
+
+_MEMO: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
+
+
+def _memo(config: Any, method: Method, what: str, hp: dict[str, Any], compute: Any) -> Any:
+    """``compute()``, remembered for the zoo's shared read-only configs: what depends on the model and the method's
+    settings only (resolved hyper-parameters, counts, where gradients start) is then computed once, however many
+    (batch, sequence) points the advisor and the widgets ask for. Any other config is computed every time (it may
+    be changed between calls)."""
+    if not getattr(config, "_frozen", False):
+        return compute()
+    key = (id(config), id(method), what, repr(sorted(hp.items())))
+    hit = _MEMO.get(key)
+    if hit is not None and hit[0] is config and hit[1] is method:
+        return hit[2]
+    value = compute()
+    _MEMO[key] = (config, method, value)
+    return value
 
 
 def adamw8bit_state_bytes(sizes: tuple[int, ...] | list[int]) -> int:
