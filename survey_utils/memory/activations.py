@@ -309,7 +309,9 @@ def _t5(c: Ctx) -> Recipe:
     inner = c.shape.num_heads * c.shape.head_dim
     norm = 4 * t * h + 4 * t + a * t * h
     gated = str(getattr(cfg, "feed_forward_proj", "relu")).startswith("gated")
-    act = (3 * a * t * inter if gated else a * t * inter) + c.dropout(t * inter, p)
+    # gated (T5 v1.1, mT5): act(wi_0 x) * wi_1 x keeps what the activation saves, its output and wi_1's output
+    act = (_gated_mlp(c, str(getattr(cfg, "dense_act_fn", "gelu_new"))) if gated else a * t * inter) \
+        + c.dropout(t * inter, p)
 
     def attention(offset: float, causal: bool) -> list[Saved]:
         mask = c.s * c.s_kv if causal and c.sdpa_math(p) else 0
@@ -349,11 +351,202 @@ def _t5(c: Ctx) -> Recipe:
     return Recipe([(n_enc, encoder), (n_dec, decoder)], embeddings, head, shared, checkpoint_extra=bias)
 
 
+# ------------------------------------------------------------------ decoders of the generic layout (issue 12)
+# Each recipe below was written from the tensors torch saves in transformers 5's code for the family (listed per
+# block with ``saved_tensors_hooks``, storages counted once) and is checked against the fake-tensor simulation
+# (tests/memory/test_activations_families.py, benchmarks/memory_grid.py). Pieces shared by several families:
+
+
+def _rms(c: Ctx, rows: int, width: int, style: str) -> tuple[int, int]:
+    r"""One RMSNorm over ``rows`` positions of ``width``: (bytes saved whenever its input requires a gradient,
+    bytes saved only when its weight trains).
+
+    - ``llama`` (``weight * (x.float() * rsqrt(mean(x^2))).to(dtype)``): the fp32 input and the fp32
+      reciprocal RMS per row; the cast output (activation dtype) only for the weight's gradient;
+    - ``gemma`` (``(x.float() * rsqrt) * (1 + weight.float())``, then cast): as llama, plus the fp32
+      :math:`1 + w` (width); the fp32 normalised rows for the weight's gradient;
+    - ``olmo`` (``(weight * x.float() * rsqrt).to(dtype)``): as llama; the fp32 normalised rows for the weight.
+    """
+    saved = 4 * rows * width + 4 * rows + (4 * width if style == "gemma" else 0)
+    full = (c.a if style == "llama" else 4) * rows * width
+    return saved, full
+
+
+def _norm_items(c: Ctx, style: str, stage: float, feeds_linear: bool, width: int | None = None) -> list[Saved]:
+    """A norm at ``stage`` (``layer`` = nn.LayerNorm, else an RMSNorm style of :func:`_rms`), with the linear
+    input it produces when linears read its output (saved only when their weights train)."""
+    h = width or c.shape.hidden_size
+    if style == "layer":
+        items = [Saved("norms", c.layer_norm(h), stage)]
+    else:
+        saved, full = _rms(c, c.t, h, style)
+        items = [Saved("norms", saved, stage), Saved(LINEAR_INPUTS, full, stage, True)]
+    if feeds_linear:  # the norm's output (activation dtype) is the next linears' input
+        items.append(Saved(LINEAR_INPUTS, c.a * c.t * h, stage + (ATTN_IN - ATTN_NORM) / 2, True))
+    return items
+
+
+def _eager_core(c: Ctx, p_attn: float, softcap: bool) -> int:
+    """transformers' ``eager_attention_forward``: q and the key/value repeated to every query head (matmul inputs),
+    the tanh of soft-capped scores (activation dtype), the fp32 softmax, and the probabilities the second matmul
+    reads (their cast, or dropout's output with its noise)."""
+    heads, d = c.shape.num_heads, c.shape.head_dim
+    probs = c.b * heads * c.s * c.s_kv
+    c.note("eager attention: q, k and v repeated to every query head, the fp32 softmax (b x heads x s^2) and the "
+           "probabilities the value matmul reads are saved" + (" (and the tanh of the soft-capped scores)"
+                                                               if softcap else ""))
+    core = c.a * (c.t * heads * d + 2 * c.b * c.s_kv * heads * d) + 4 * probs + (c.a * probs if softcap else 0)
+    if p_attn > 0:
+        return core + c.dropout(probs, p_attn) + c.a * probs
+    return core + (c.a * probs if c.a != 4 else 0)
+
+
+def _gated_mlp(c: Ctx, act: str) -> int:
+    """``down(act(gate(x)) * up(x))``: what the activation saves, its output and the up projection's output."""
+    inter = c.shape.intermediate_size
+    act_bytes, _ = _act_bytes(c, act, c.t * inter)
+    return act_bytes + 2 * c.a * c.t * inter
+
+
+def _moe(c: Ctx) -> list[Saved]:
+    r"""A routed MoE block as transformers 5 runs it (Mixtral-style, ``grouped_mm`` experts): each of the
+    :math:`t` tokens goes to :math:`k` of :math:`E` experts, :math:`R = t k` routed rows.
+
+    Router: the fp32 softmax over the experts (:math:`4tE`), the top-k indices (int64), the fp32 routing weights
+    and their sum (renormalised top-k). Dispatch: three int64 row indices (:math:`8R` each) and the int32 expert
+    offsets. Experts, per routed row: the fused gate/up output (:math:`2I`, read by the activation and the
+    product), the activation's output (:math:`I`), the experts' output and the fp32 routing weight that scales it.
+    With trainable expert weights: their inputs (the gathered rows, :math:`aRh`, and the product, :math:`aRI`).
+    """
+    h, inter, t, a = c.shape.hidden_size, c.shape.intermediate_size, c.t, c.a
+    experts, k = c.shape.num_experts, c.shape.experts_per_token
+    rows = t * k
+    c.note(f"mixture of experts: each token is routed to {k} of {experts} experts ({rows:,} routed rows per MoE "
+           "block); router softmax and indices, per-row gate/up, activation and expert outputs are saved")
+    router = 4 * t * experts + 8 * t * k + 4 * t + 4 * t * k + 3 * 8 * rows + 4 * experts
+    experts_saved = a * rows * (2 * inter + inter + h) + 4 * rows
+    return [Saved(LINEAR_INPUTS, a * t * h, MLP_IN, True),
+            Saved("mlp (router)", router, MLP_ACT), Saved("mlp (routed experts)", experts_saved, MLP_ACT),
+            Saved(LINEAR_INPUTS, a * rows * (h + inter), MLP_OUT, True)]
+
+
+def _decoder(c: Ctx, norm: str, *, qk_norm: str | None = None, sandwich: bool = False, post_only: bool = False,
+             softcap: bool = False, fused_qkv: bool = False, p_attn: float = 0.0, p_resid: float = 0.0,
+             p_embed: float = 0.0, act: str = "silu", gated: bool = True, head_extra: list[Saved] | None = None
+             ) -> Recipe:
+    """A decoder block of the Llama lineage, with the variations of the newer families as switches.
+
+    ``norm``: the norms' kind (``llama``, ``gemma``, ``olmo`` RMSNorms, or ``layer`` for nn.LayerNorm);
+    ``qk_norm``: RMSNorm on the queries and keys, ``head`` (per head, Qwen3) or ``full`` (the whole projection,
+    OLMo-2); ``sandwich``: norms after attention and MLP too (Gemma-2); ``post_only``: norms only after them
+    (OLMo-2); ``softcap``: tanh soft-capping of the scores (eager); ``fused_qkv``: q, k, v are views of one
+    projection (Phi-3), so the value's view keeps the whole fused output alive and the o-projection reads a copy;
+    dropouts on scores, residual branches and embeddings; ``gated``: gated MLP (else ``down(act(up(x)))``).
+    """
+    shape, t, a, h = c.shape, c.t, c.a, c.shape.hidden_size
+    heads, kv, d, inter = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.intermediate_size
+    pre = not post_only
+    if c.attention == "eager":
+        core = _eager_core(c, p_attn, softcap)
+    else:
+        core = c.core(p_attn)
+        if fused_qkv and c.flash(p_attn):
+            c.note("fused qkv projection: the value SDPA keeps is a view of the fused output, which stays alive "
+                   "whole (b x s x (heads + 2 kv_heads) x head_dim)")
+            core += a * t * (heads + kv) * d
+    extra_core: list[Saved] = []
+    if qk_norm is not None:
+        style = "llama" if qk_norm == "head" else "olmo"
+        for n in (heads, kv):
+            rows, width = (t * n, d) if qk_norm == "head" else (t, n * d)
+            saved, full = _rms(c, rows, width, style)
+            extra_core += [Saved("norms", saved, ATTN_CORE), Saved(LINEAR_INPUTS, full, ATTN_CORE, True)]
+    o_input = a * t * heads * d if (fused_qkv or not c.flash(p_attn)) else 0
+    block: list[Saved] = []
+    if pre:
+        block += _norm_items(c, norm, ATTN_NORM, True)
+    else:
+        block.append(Saved(LINEAR_INPUTS, a * t * h, ATTN_IN, True))  # the block input feeds q, k, v directly
+    block += extra_core + [Saved("attention", core, ATTN_CORE), Saved(LINEAR_INPUTS, o_input, ATTN_OUT, True)]
+    if sandwich or post_only:
+        block += _norm_items(c, norm, ATTN_POST, False)
+    block.append(Saved("dropout", c.dropout(t * h, p_resid), ATTN_POST))
+    if pre:
+        block += _norm_items(c, norm, MLP_NORM, True)
+    else:
+        block.append(Saved(LINEAR_INPUTS, a * t * h, MLP_IN, True))
+    if shape.num_experts:
+        block += _moe(c)
+    elif gated:
+        block += [Saved("mlp", _gated_mlp(c, act), MLP_ACT), Saved(LINEAR_INPUTS, a * t * inter, MLP_OUT, True)]
+    else:
+        act_bytes, new_out = _act_bytes(c, act, t * inter)
+        block += [Saved("mlp", act_bytes, MLP_ACT),
+                  Saved(LINEAR_INPUTS, a * t * inter if new_out else 0, MLP_OUT, True)]
+    if sandwich or post_only:
+        block += _norm_items(c, norm, MLP_POST, False)
+    block.append(Saved("dropout", c.dropout(t * h, p_resid), MLP_POST))
+    final = _norm_items(c, norm, INPUT, True)
+    head = [Saved("outside blocks (final norm, head input)" if i.term == "norms" else i.term, i.nbytes, INPUT,
+                  i.full_only) for i in final] + (head_extra or [])
+    embeddings = [Saved("outside blocks (embeddings)", c.dropout(t * h, p_embed))]
+    rotary = int(d * float(getattr(c.config, "partial_rotary_factor", 1.0) or 1.0))
+    shared = [Saved("outside blocks (rotary tables)", 2 * a * c.s * rotary, ATTN_CORE)]
+    return Recipe([(shape.num_layers, block)], embeddings, head, shared)
+
+
+def _qwen3(c: Ctx) -> Recipe:
+    """Qwen3: Llama's block with an RMSNorm on each head of the queries and keys (before rotary)."""
+    return _decoder(c, "llama", qk_norm="head", p_attn=dropout_p(c.config, ("attention_dropout",)))
+
+
+def _olmo2(c: Ctx) -> Recipe:
+    """OLMo-2: norms after attention and MLP only (none before), RMSNorm on the whole q and k projections."""
+    return _decoder(c, "olmo", qk_norm="full", post_only=True, p_attn=dropout_p(c.config, ("attention_dropout",)))
+
+
+def _gemma2(c: Ctx) -> Recipe:
+    """Gemma-2: four Gemma RMSNorms per block (before and after attention and MLP), eager attention with
+    tanh soft-capped scores, gated tanh-GELU MLP; the logits are soft-capped too (their tanh is saved)."""
+    cfg = c.config
+    head_extra = []
+    if getattr(cfg, "final_logit_softcapping", None):
+        c.note("final logit soft-capping: the tanh of the logits (b x s x vocab, activation dtype) is saved")
+        head_extra.append(Saved("outside blocks (logit soft-capping)", c.a * c.t * c.shape.vocab_size))
+    return _decoder(c, "gemma", sandwich=True, softcap=bool(getattr(cfg, "attn_logit_softcapping", None)),
+                    p_attn=dropout_p(cfg, ("attention_dropout",)),
+                    act=str(getattr(cfg, "hidden_activation", None) or cfg.hidden_act), head_extra=head_extra)
+
+
+def _phi3(c: Ctx) -> Recipe:
+    """Phi-3: Llama's block with fused ``qkv_proj`` and ``gate_up_proj`` (the gate and up halves are views of
+    one output, which the activation and the product keep: the same bytes as two projections)."""
+    cfg = c.config
+    return _decoder(c, "llama", fused_qkv=True, p_attn=dropout_p(cfg, ("attention_dropout",)),
+                    p_resid=dropout_p(cfg, ("resid_pdrop",)), p_embed=dropout_p(cfg, ("embd_pdrop",)))
+
+
+def _starcoder2(c: Ctx) -> Recipe:
+    """StarCoder2: LayerNorms with bias, GQA with rotary, ``c_proj(gelu_tanh(c_fc(x)))``, dropout on the scores,
+    the residual branches and the embeddings."""
+    cfg = c.config
+    norm = "layer" if getattr(cfg, "norm_type", "layer_norm") == "layer_norm" else "llama"
+    return _decoder(c, norm, gated=False, act=str(cfg.hidden_act), p_attn=dropout_p(cfg, ("attention_dropout",)),
+                    p_resid=dropout_p(cfg, ("residual_dropout",)), p_embed=dropout_p(cfg, ("embedding_dropout",)))
+
+
+def _mixtral(c: Ctx) -> Recipe:
+    """Mixtral: Llama's attention with a routed mixture of experts in place of the MLP (:func:`_moe`)."""
+    return _decoder(c, "llama", p_attn=dropout_p(c.config, ("attention_dropout",)))
+
+
 RECIPES: dict[str, Callable[[Ctx], Recipe]] = {
     "llama": _llama, "mistral": _llama, "qwen2": _llama, "gpt2": _gpt2, "bert": _bert, "roberta": _bert,
-    "opt": _opt, "bloom": _bloom, "t5": _t5,
+    "opt": _opt, "bloom": _bloom, "t5": _t5, "mt5": _t5,
+    "qwen3": _qwen3, "olmo2": _olmo2, "gemma2": _gemma2, "phi3": _phi3, "starcoder2": _starcoder2,
+    "mixtral": _mixtral,
 }
-LOSS_IN_MODEL_DTYPE = ("bert", "roberta", "t5")
+LOSS_IN_MODEL_DTYPE = ("bert", "roberta", "t5", "mt5")
 
 
 # ----------------------------------------------------------------------------------- where gradients start
