@@ -1,10 +1,10 @@
 """Cold start of the command line: wall time of a fresh ``python -m survey_utils ...``, and what it imported.
 
-Run: .venv/bin/python benchmarks/cold_start.py [--runs 5] [--rev GIT_REV | --tree DIR] [--only LABEL ...]
+Run: .venv/bin/python benchmarks/cold_start.py [--runs 5] [--rev GIT_REV | --tree DIR] [--only LABEL ...] [--zoo]
 Goal (issue 11, item 7, "cold start"): ``count`` and ``memory`` on the closed form, ``models``, ``methods`` and
 every one-line error answer in under 1 s from a cold start; torch, transformers and peft are imported only
 by the commands that build models (``--implementation scratch|peft``, ``--simulate``, ``figures``,
-``build-notebooks``).
+``build-notebooks``). Issue 16: ``advise`` under 1 s cold for every zoo model (``--zoo`` times each).
 
 Each command runs in a new interpreter (``runpy`` of ``survey_utils.__main__``, as ``python -m`` does) once to
 warm the disk cache, then ``--runs`` times; the median, minimum and maximum wall times are printed with the
@@ -53,9 +53,19 @@ COMMANDS: list[tuple[str, list[str], bool]] = [
     ("error: corrupt config", ["count", "--model", "{corrupt}", "--method", "lora"], True),
     ("error: bad hyper-parameter", ["memory", "--model", "tiny-llama", "--method", "lora", "--set", "r=0"], True),
     ("error: usage", ["count"], True),
+    ("advise (hand layout)", ["advise", "--model", "llama-65b", "--gpu-memory", "48GB"], True),
+    ("advise x8 (hand layout)", ["advise", "--model", "llama-3-70b", "--gpu-memory", "80GB", "--gpus", "8"], True),
+    ("advise (generic layout)", ["advise", "--model", "pythia-1b", "--gpu-memory", "48GB"], True),
     ("count --implementation scratch", ["count", "--model", "llama-2-7b", "--method", "lora",
                                         "--implementation", "scratch"], False),
 ]
+
+
+def zoo_advise_commands() -> list[tuple[str, list[str], bool]]:
+    """``advise`` on one 48 GB GPU for every zoo model (issue 16: under 1 s cold for each), for ``--zoo``."""
+    from survey_utils.zoo import list_models
+
+    return [(f"advise {name}", ["advise", "--model", name, "--gpu-memory", "48GB"], True) for name in list_models()]
 
 
 def run_once(tree: Path, argv: list[str]) -> tuple[float, float, int, list[str]]:
@@ -90,7 +100,9 @@ def main() -> None:
     parser.add_argument("--rev", default=None, help="measure this commit's survey_utils/ and data/ instead")
     parser.add_argument("--tree", default=None, help="measure the survey_utils/ and data/ in this folder instead")
     parser.add_argument("--only", nargs="+", default=None, metavar="LABEL", help="commands whose label starts so")
+    parser.add_argument("--zoo", action="store_true", help="also `advise` every zoo model (issue 16's goal)")
     args = parser.parse_args()
+    commands = COMMANDS + (zoo_advise_commands() if args.zoo else [])
 
     with tempfile.TemporaryDirectory() as tmp:
         tree = snapshot(args.rev, Path(tmp)) if args.rev else Path(args.tree).resolve() if args.tree else ROOT
@@ -102,7 +114,7 @@ def main() -> None:
               f"one warm-up; goal < {GOAL_S:g} s")
         print(f"{'command':<32} {'wall median':>11} {'min':>6} {'max':>6} {'cpu median':>10} {'exit':>4}  "
               f"{'goal':<7} heavy modules imported")
-        for label, argv, goal in COMMANDS:
+        for label, argv, goal in commands:
             if args.only and not any(label.startswith(o) for o in args.only):
                 continue
             argv = [a.format(corrupt=corrupt) for a in argv]
