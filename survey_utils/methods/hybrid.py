@@ -485,9 +485,8 @@ ADAMIX = register(Method(
     apply=apply_adamix, trainable_params=adamix_params, memory_terms=adamix_memory_terms,
     validate=_validated_by(adamix_params),
     gradient_sites=lambda config, **hp: _unified_sites(config, ADAMIX_PLACEMENT, hp["layers_to_transform"]),
-    largest_trainable_tensor=lambda config, **hp: max(
-        (lambda d, k, _: d * k)(*_width(config, ADAMIX_PLACEMENT, hp["layers_to_transform"], 1.0,
-                                        hp["bottleneck_size"])), 1),
+    largest_trainable_tensor=lambda config, **hp: (lambda d, k, _: d * k)(
+        *_width(config, ADAMIX_PLACEMENT, hp["layers_to_transform"], 1.0, hp["bottleneck_size"])),
     param_prefixes=("adamix_",),
     notes="Defaults from microsoft/AdaMix's README (adapter_size 16, num_experts 4, sharing_up 1, sharing_down 0, "
           "inference_level 3 = weight averaging). Served as one averaged adapter. " + NO_PEFT,
