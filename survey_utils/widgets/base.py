@@ -180,10 +180,14 @@ class Explorer:
     def _refresh(self) -> None:
         if self._output is None:
             canvas = self.fig.canvas
-            if isinstance(canvas, FigureCanvasAgg) and threading.current_thread() is threading.main_thread():
+            # Until the browser's view has said "initialized", ipympl would store a sent frame as its data URL
+            # without the data: prefix, and the view's first resize fails on that broken image (the figure
+            # never shows). Before that, and from a worker thread, the browser asks for a full draw.
+            shown = not getattr(canvas, "syncing_data_url", True)
+            if isinstance(canvas, FigureCanvasAgg) and shown and threading.current_thread() is threading.main_thread():
                 self.render_frame()
                 canvas.blit()  # ipympl (webagg): send the rendered buffer now, as a diff against the last one
-            else:  # from a worker thread: the kernel's main thread renders when the browser asks
+            else:
                 canvas.draw_idle()
             return
         from IPython.display import display

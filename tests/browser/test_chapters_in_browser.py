@@ -17,7 +17,10 @@ For each ``notebooks/NN_name.py`` (new chapters join by existing) the test
 
 Screenshots (``NN_name-before.png``, ``-after.png``, ``-page.png``) go to ``tests/browser/screenshots/``
 (git-ignored) for a person to look at, with ``timings.json``: the seconds per chapter of this run (also in
-each test's ``browser_seconds`` property, e.g. in ``--junitxml``).
+each test's ``browser_seconds`` property, e.g. in ``--junitxml``) and its outcome. Every explorer of the
+chapter (an ipympl figure in a box with an enabled slider) is also shot before and after one keyboard step of
+its first slider (``NN_name-explorerK-before.png`` / ``-after.png``); the outcome lists, per explorer, the
+slider, its values and whether the pixels changed.
 """
 
 from __future__ import annotations
@@ -92,6 +95,66 @@ _OUTPUT_TEXTS = """() => {
   return [...panel.querySelectorAll('.jp-OutputArea-output')].map(o => ({
     mime: o.getAttribute('data-mime-type') || '', text: o.innerText}));
 }"""
+
+
+# Marks every explorer: each ipympl figure whose nearest enclosing box (the explorer's VBox) holds an enabled
+# slider, with that slider. Returns the sliders' labels, in page order.
+_MARK_EXPLORERS = """([handleSel, figureSel]) => {
+  const panel = document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden)');
+  const labels = [];
+  for (const figure of panel.querySelectorAll(figureSel)) {
+    let box = figure.parentElement;
+    while (box && box !== panel && !(box.classList.contains('widget-vbox') && box.querySelector(handleSel))) {
+      box = box.parentElement;
+    }
+    if (!box || box === panel) continue;
+    const handle = [...box.querySelectorAll(handleSel)].find(h => {
+      const slider = h.closest('.widget-slider');
+      return !slider.classList.contains('mod-disabled') && !slider.querySelector('.noUi-target[disabled]');
+    });
+    if (!handle) continue;
+    figure.setAttribute('data-explorer', String(labels.length));
+    handle.setAttribute('data-explorer-slider', String(labels.length));
+    labels.push((handle.closest('.widget-slider').querySelector('.widget-label')?.textContent || '').trim());
+  }
+  return labels;
+}"""
+
+
+def _readout(page, selector: str) -> str:
+    return page.evaluate("""(sel) => {
+      const h = document.querySelector(sel);
+      const r = h && h.closest('.widget-slider').querySelector('.widget-readout');
+      return r ? r.textContent.trim() : '';
+    }""", selector)
+
+
+def _shoot_explorers(page, screenshots: Path, name: str) -> list[str]:
+    """Every explorer's figure before and after one keyboard step of its first enabled slider, as
+    ``NN_name-explorerK-before.png`` / ``-after.png``, for a person to look at; one line per explorer."""
+    lines = []
+    for k, label in enumerate(page.evaluate(_MARK_EXPLORERS, [SLIDER_HANDLE, FIGURE])):
+        handle_sel = f'[data-explorer-slider="{k}"]'
+        figure = page.locator(f'[data-explorer="{k}"]').locator(FIGURE_CANVAS).first
+        figure.scroll_into_view_if_needed()
+        before = _wait_drawn(figure, screenshots / f"{name}-explorer{k}-before.png", name)
+        value_before = _readout(page, handle_sel)
+        page.locator(handle_sel).focus()
+        for key in ("ArrowRight", "ArrowLeft"):
+            page.locator(handle_sel).press(key)
+            if _readout(page, handle_sel) != value_before:
+                break
+        after_path = screenshots / f"{name}-explorer{k}-after.png"
+        deadline = time.monotonic() + REDRAW_TIMEOUT_S
+        after = _screenshot(figure, after_path)
+        while not _differs(before, after) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            after = _screenshot(figure, after_path)
+        if _differs(before, after):
+            after = _wait_drawn(figure, after_path, name)
+        outcome = "pixels changed" if _differs(before, after) else "PIXELS UNCHANGED"
+        lines.append(f"explorer {k}: '{label}' {value_before} -> {_readout(page, handle_sel)}: {outcome}")
+    return lines
 
 
 def _slider_readout(page) -> str:
@@ -267,6 +330,7 @@ def test_chapter_in_browser(chapter: Path, lab_server: LabServer, browser, scree
             after = _screenshot(figure, after_path)
         if _differs(before, after):
             after = _wait_drawn(figure, after_path, name)
+        explorers = _shoot_explorers(page, screenshots, name)
         page.screenshot(path=str(screenshots / f"{name}-page.png"), full_page=True)
 
         server_log = lab_server.log.read_bytes()[log_start:].decode(errors="replace")
@@ -284,7 +348,7 @@ def test_chapter_in_browser(chapter: Path, lab_server: LabServer, browser, scree
         assert stray_notebooks(lab_server.root) == [], f"{name}: saving wrote a notebook next to the chapter"
         changed = ImageChops.difference(before, after).getbbox()
         outcome = (f"passed: slider '{found['description']}' {value_before} -> {value_after}, "
-                   f"pixels changed in box {changed}; saved byte-identical")
+                   f"pixels changed in box {changed}; saved byte-identical; " + "; ".join(explorers))
     finally:
         total_s = time.perf_counter() - start
         record_property("browser_seconds", round(total_s, 1))

@@ -43,11 +43,12 @@ class Counter:
         self.events[name] = self.events.get(name, 0) + 1
 
 
-def run_counted(name: str, test: Callable[[Counter], Any]) -> int:
-    """Run ``test`` (a ``@given`` function taking the counter), print and check the number of examples."""
+def run_counted(name: str, test: Callable[[Counter], Any], examples: int = EXAMPLES) -> int:
+    """Run ``test`` (a ``@given`` function taking the counter), print and check the number of examples
+    (``examples``: what the test's settings ask for, ``FUZZ_EXAMPLES`` unless it asks for fewer)."""
     counter = Counter()
     test(counter)
     tally = ", ".join(f"{k} {v}" for k, v in sorted(counter.events.items()))
     print(f"[fuzz] {name}: {counter.n} examples (FUZZ_EXAMPLES={EXAMPLES}); {tally}")
-    assert counter.n >= EXAMPLES, f"{name}: hypothesis ran {counter.n} examples, fewer than {EXAMPLES}"
+    assert counter.n >= examples, f"{name}: hypothesis ran {counter.n} examples, fewer than {examples}"
     return counter.n

@@ -261,3 +261,142 @@ def check_comparison(explorer: Any) -> None:
         assert explorer.mem_note.get_text(), "an empty memory panel says why"
     assert_limits_contain(explorer.ax_mem, xs=mems, what="memory panel")
     assert "n/a (note)" not in explorer.table.value or "<li>" in explorer.table.value, "n/a cells have notes"
+
+
+# --- chapter 03: the density explorer -----------------------------------------------------------------------
+def check_density(explorer: Any) -> None:
+    if explorer.error is not None:
+        return
+    from survey_utils.counting import changed_params
+    from survey_utils.experiments.ch03_selective import storage_formats, touched_params
+    from survey_utils.widgets.density import MEMORY_SETTING, lora_changed
+
+    state = explorer.state
+    config = load_config(state["model"])
+    method = get_method(state["method"])
+    hp = explorer.hyperparameters(config, **{k: v for k, v in state.items() if k != "model"})
+    count = closed_form(config, method, **hp)
+    per_rank = closed_form(config, "lora", r=1).trainable
+    rank = max(1, round(count.trainable / per_rank))  # LoRA at the rank closest to the method's budget
+    lora = closed_form(config, "lora", r=rank)
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in hp.items()))
+    changed = {"method": changed_params(state["model"], method.name, key)[0], "LoRA": lora_changed(config)}
+    trained = {"method": count.trainable, "LoRA": lora.trainable}
+    widths = []
+    for who, bars in explorer.param_bars.items():
+        expected = [100 * trained[who] / count.total, 100 * changed[who] / count.total]
+        _close([b.get_width() for b in bars], expected, f"{who}: trained, changed (% of the model)")
+        widths += expected
+    assert_limits_contain(explorer.ax_params, xs=widths, what="parameter bars")
+    touched = {"method": touched_params(config, method, changed["method"], **hp), "LoRA": changed["LoRA"]}
+    sizes = []
+    for who, name, settings, adds in (("method", method.name, hp, method.adds_parameters),
+                                      ("LoRA", "lora", {"r": rank}, True)):
+        stored = min(storage_formats(trained[who], changed[who], count.total, adds, touched=touched[who]).values())
+        peak = estimate(config, name, settings, **MEMORY_SETTING).total
+        _close([b.get_width() for b in explorer.byte_bars[who]], [stored, peak], f"{who}: stored, peak (bytes)")
+        sizes += [stored, peak]
+    assert_limits_contain(explorer.ax_bytes, xs=sizes, what="byte bars")
+    assert f"LoRA r={rank}" in explorer.ax_params.get_title()
+
+
+# --- chapter 05: the design-search explorer -----------------------------------------------------------------
+def check_design_search(explorer: Any) -> None:
+    if explorer.error is not None:
+        return
+    from survey_utils.architecture import total_params
+    from survey_utils.experiments.ch05_hybrid import search
+
+    state = explorer.state
+    space = explorer.space(state["model"])
+    smallest = min(c.peak for c in search(space.config, 10**15, 2**62, space=space).feasible)
+    budget = int(total_params(space.config) * state["trainable"] / 100)
+    result = search(space.config, budget, int(smallest * state["memory"]), space=space)
+    _close(np.asarray(explorer.all_points.get_offsets()), [(c.trainable, c.peak / GIB) for c in result.feasible],
+           "feasible candidates (trainable, GiB)")
+    _close(np.asarray(explorer.front_points.get_offsets()), [(c.trainable, c.peak / GIB) for c in result.front],
+           "Pareto front (trainable, GiB)")
+    chosen = result.front[min(max(int(state["point"]), 0), len(result.front) - 1)]
+    _close(np.asarray(explorer.chosen_point.get_offsets()), [(chosen.trainable, chosen.peak / GIB)], "chosen point")
+    parts = [space.atom(p.method, **p.settings).trainable for p in chosen.parts]
+    _close([b.get_width() for b in explorer.ax_parts.patches], parts, "the chosen point's parts")
+    _close(sum(parts), chosen.trainable, "the parts add up to the chosen point")
+    points = np.asarray(explorer.all_points.get_offsets())
+    assert_limits_contain(explorer.ax, points[:, 0], points[:, 1], "feasible candidates")
+    assert_limits_contain(explorer.ax, [chosen.trainable], [chosen.peak / GIB], "chosen point")
+
+
+# --- chapter 06: the feasibility map, the quantization and QLoRA memory explorers ----------------------------
+def check_feasibility(explorer: Any) -> None:
+    if explorer.error is not None:
+        return
+    from survey_utils.advisor import point
+    from survey_utils.memory.sharding import Sharding
+    from survey_utils.widgets.advisor import CATEGORIES
+
+    state, table = explorer.state, explorer.table
+    capacity = explorer.capacity(state["gpu"], state["memory"])
+    shown = np.asarray(explorer.image.get_array())
+    assert np.array_equal(shown, table.categories(capacity, state["gpus"])), "the map is the table's categories"
+    i, j = state["cell"]
+    assert list(explorer.marker.get_xdata()) == [j] and list(explorer.marker.get_ydata()) == [i]
+    cell = table.cells[i][j]
+    config, method = load_config(cell.model), get_method(cell.method)
+    category = CATEGORIES[int(shown[i, j])]
+    if cell.error is not None:
+        assert category == "n/a" and explorer.view.label.startswith("n/a:"), "an n/a cell says why"
+    else:  # the picked cell, recomputed from the advisor's point: one GPU without and with checkpointing
+        plain = point(config, method, cell.plain, Sharding(), False).device_total <= capacity
+        ckpt = cell.ckpt is not None and point(config, method, cell.ckpt, Sharding(), True).device_total <= capacity
+        assert (category == "fits") == plain and (category == "fits with checkpointing") == (ckpt and not plain)
+    terms = explorer.view.terms
+    widths = [p.get_width() for p in explorer.ax_terms.patches]
+    _close(widths, [*(v / GIB for v in terms.values()), sum(terms.values()) / GIB], "terms and their total (GiB)")
+    assert_limits_contain(explorer.ax_terms, xs=[*widths, capacity / GIB], what="terms panel")
+
+
+def check_quantization(explorer: Any) -> None:
+    if explorer.error is not None:
+        return
+    from survey_utils import quantization as Q
+    from survey_utils.widgets.quantization import SHAPES, _weight
+
+    state = explorer.state
+    weight = _weight(SHAPES[state["weight_shape"]])
+    rebuilt = Q.quantize_dequantize(weight, state["bits"], state["blocksize"], state["double_quant"])
+    counts, edges = explorer.hist_original.get_data().values, explorer.hist_original.get_data().edges
+    rebuilt_counts = explorer.hist_rebuilt.get_data().values
+    _close(explorer.hist_rebuilt.get_data().edges, edges, "the two histograms' edges")
+    _close(counts, np.histogram(weight.reshape(-1).numpy(), edges)[0], "histogram of the weight")
+    _close(rebuilt_counts, np.histogram(rebuilt.reshape(-1).numpy(), edges)[0], "histogram of the reconstruction")
+    heights = [b.get_height() for b in explorer.bars]
+    _close(heights, [100 * Q.reconstruction_error(weight, rebuilt)["relative"],
+                     10 * Q.bytes_per_weight(state["bits"], state["blocksize"], state["double_quant"])],
+           "relative error (%), bytes per weight x 10")
+    assert_limits_contain(explorer.ax_bars, ys=heights, what="error and bytes bars")
+    assert_limits_contain(explorer.ax_hist, xs=[edges[0], edges[-1]],
+                          ys=[c for c in (*counts, *rebuilt_counts) if c > 0], what="histograms")
+
+
+def check_qlora_memory(explorer: Any) -> None:
+    if explorer.error is not None:
+        return
+    from survey_utils.experiments.ch06_quantized import claim_configs, read_claims
+    from survey_utils.widgets.quantization import BASES, CLAIM_GB, OPTIMIZERS
+
+    state = explorer.state
+    claims = read_claims()
+    config = claim_configs(claims)[state["model"]] if state["model"] == "llama-65b" else state["model"]
+    hp = {"r": state["r"], "lora_alpha": claims["qlora_lora_alpha"].value, "bnb_4bit_use_double_quant": True}
+    totals = []
+    for row, storage in enumerate(BASES):
+        est = estimate(config, "qlora", hp=hp, quantization=None if storage == "bf16" else storage,
+                       optimizer=OPTIMIZERS[state["optimizer"]],
+                       gradient_checkpointing=state["gradient_checkpointing"], batch_size=1, seq_len=512)
+        terms = est.terms()
+        for term, bars in explorer.stacks.items():
+            _close(bars.patches[row].get_width(), terms.get(term, 0) / 1e9, f"{storage}: '{term}' (GB)")
+        totals.append(sum(terms.values()) / 1e9)
+    claim = claims[CLAIM_GB].value
+    assert list(explorer.claim_line.get_xdata()) == [claim, claim]
+    assert_limits_contain(explorer.ax, xs=[*totals, claim], what="stacks and the claim's line")
