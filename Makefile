@@ -11,7 +11,7 @@ PY      = $(BIN)/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: env figures notebooks benchmarks test lab lint browser-deps clean
+.PHONY: env figures notebooks benchmarks test lab lint browser-deps clean lab-results
 
 env: $(STAMP)
 
@@ -32,8 +32,15 @@ figures: env
 	# (deterministic, ~2-3 min on 2 cores), then every figure
 	$(PY) benchmarks/memory_grid.py
 	$(PY) -m survey_utils.experiments.ch08_multi_task
+	# chapter 09's lab: rerun one committed grid cell and check it reproduces its row bit for bit
+	$(PY) -m survey_utils.lab check
 	$(PY) -m survey_utils figures --out figures
 	$(MAKE) notebooks
+
+# chapter 09's lab: pretrain the three sizes (cached in _build/lab) and run the whole grid into data/lab
+# (about 15 minutes on 2 cores; every CSV but timings.csv comes back byte for byte)
+lab-results: env
+	$(PY) -m survey_utils.lab results
 
 notebooks: env
 	$(PY) -m survey_utils build-notebooks --out _build/notebooks

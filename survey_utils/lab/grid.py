@@ -102,6 +102,8 @@ class Plan:
     ranks: tuple[int, ...] = RANKS
     measure_memory: bool = True
     command: str = COMMAND
+    tuning_size: str = TUNING_SIZE
+    seed_size: str = SEED_SIZE
 
 
 def lab_methods() -> tuple[str, ...]:
@@ -121,7 +123,7 @@ def smoke_plan() -> Plan:
     return Plan(methods=("lora", "bitfit"), sizes=(TUNING_SIZE,), tasks=("sentiment",), learning_rates=(3e-3,),
                 budget=Budget(steps=3, validation_examples=16, test_examples=16, curve_every=1),
                 pretraining=replace(PRETRAINING, steps=3, eval_documents=4), seed_methods=(), ranks=(),
-                command="python -m survey_utils.lab smoke")
+                command="python -m survey_utils.lab smoke", seed_size=TUNING_SIZE)
 
 
 # --- one cell, in a worker -------------------------------------------------------------------------------------
@@ -291,12 +293,15 @@ def run_grid(plan: Plan, workers: int = 2) -> dict[str, str]:
     """Run the plan; returns CSV texts keyed by file name (``runs.csv``, ``curves.csv``, ...)."""
     for task in plan.tasks:
         check_task(task)
-    for size in plan.sizes:
+    for size in (*plan.sizes, plan.tuning_size, plan.seed_size):
         check_size(size)
+    if plan.tuning_size not in plan.sizes or plan.seed_size not in plan.sizes:
+        raise SurveyError(f"the tuning size {plan.tuning_size} and the seed size {plan.seed_size} must be among "
+                          f"the plan's sizes ({', '.join(plan.sizes)})")
     if plan.budget.steps < 1:
         raise SurveyError(f"budget of {plan.budget.steps} steps: need at least 1")
     pretraining_rows = [{**row, "command": plan.command} for row in _pretrain_all(plan, workers)]
-    tuning = [Cell(TUNING_SIZE, m, t, lr, phase="learning-rate grid") for m in plan.methods for t in plan.tasks
+    tuning = [Cell(plan.tuning_size, m, t, lr, phase="learning-rate grid") for m in plan.methods for t in plan.tasks
               for lr in plan.learning_rates]
     results = _run_many(tuning, plan, workers, "lr grid")
     rates = best_rates(results)
@@ -306,10 +311,11 @@ def run_grid(plan: Plan, workers: int = 2) -> dict[str, str]:
             r.row["phase"] = "grid"
     # a method that does not apply says so once per task, not once per rate
     results = [r for r in results if r.row["status"] == "ok" or r.row["phase"] == "grid"]
-    later = [Cell(s, m, t, rates[m]) for s in plan.sizes if s != TUNING_SIZE for m in runnable for t in plan.tasks]
-    later += [Cell(SEED_SIZE, m, t, rates[m], seed=seed, phase="seeds") for m in plan.seed_methods if m in rates
+    later = [Cell(s, m, t, rates[m]) for s in plan.sizes if s != plan.tuning_size for m in runnable
+             for t in plan.tasks]
+    later += [Cell(plan.seed_size, m, t, rates[m], seed=seed, phase="seeds") for m in plan.seed_methods if m in rates
               for t in plan.tasks for seed in plan.extra_seeds]
-    later += [Cell(SEED_SIZE, RANK_METHOD, t, rates[RANK_METHOD], phase="ranks", settings=(("r", r),))
+    later += [Cell(plan.seed_size, RANK_METHOD, t, rates[RANK_METHOD], phase="ranks", settings=(("r", r),))
               for r in plan.ranks if RANK_METHOD in rates for t in plan.tasks]
     results += _run_many(later, plan, workers, "sizes, seeds, ranks")
     results.sort(key=lambda r: _order(r.cell, plan))
