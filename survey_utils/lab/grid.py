@@ -251,6 +251,22 @@ def _run_many(cells: Sequence[Cell], plan: Plan, workers: int, label: str) -> li
     return results
 
 
+def _map(function: Callable[..., Any], arguments: list[list[Any]], workers: int, label: str) -> list[Any]:
+    """``[function(*a) for a in zip(*arguments)]`` on ``workers`` processes (one thread each), in order."""
+    from tqdm import tqdm
+
+    calls = list(zip(*arguments, strict=True))
+    if workers <= 1:
+        one_thread()
+        return [function(*a) for a in tqdm(calls, desc=label, file=sys.stderr, mininterval=1.0)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=one_thread) as pool:
+        return list(tqdm(pool.map(function, *arguments), total=len(calls), desc=label, file=sys.stderr,
+                         mininterval=1.0))
+
+
 def _pretrain_all(plan: Plan, workers: int) -> list[dict[str, Any]]:
     """Pretrain (or load) every size in the workers; returns the pretraining rows."""
     import multiprocessing
@@ -324,8 +340,10 @@ def run_grid(plan: Plan, workers: int = 2) -> dict[str, str]:
     memory = []
     if plan.measure_memory:
         seq_len = max(task_length(t) for t in plan.tasks)
-        memory = [{**memory_row(s, m, plan.budget.batch_size, seq_len), "command": plan.command}
-                  for s in plan.sizes for m in runnable]
+        pairs = [(s, m) for s in plan.sizes for m in runnable]
+        measured = _map(memory_row, [[s for s, _ in pairs], [m for _, m in pairs], [plan.budget.batch_size] * len(pairs),
+                                     [seq_len] * len(pairs)], workers, "memory")
+        memory = [{**row, "command": plan.command} for row in measured]
     return {
         "runs.csv": _csv(RUN_COLUMNS, [r.row for r in results]),
         "curves.csv": _csv(CURVE_COLUMNS, [

@@ -37,8 +37,8 @@ class Size:
 
 SIZES: dict[str, Size] = {s.name: s for s in (
     Size("lab-s", 64, 2, 176),
-    Size("lab-m", 128, 4, 352),
-    Size("lab-l", 192, 4, 512),
+    Size("lab-m", 96, 3, 264),
+    Size("lab-l", 160, 4, 432),
 )}
 
 
