@@ -12,7 +12,7 @@ from survey_utils.errors import SurveyError
 from survey_utils.widgets.prompts import PromptLengthExplorer
 from survey_utils.zoo import list_models
 from tests.fuzz._settings import FUZZ, Counter, run_counted
-from tests.widgets.plot_truth import check_prompts
+from tests.widgets.plot_truth import check_frame, check_prompts
 
 WILD = st.one_of(st.integers(-10, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
                  st.none(), st.text(max_size=4))
@@ -59,5 +59,7 @@ def test_prompt_length_explorer_fuzz() -> None:
                 assert (math.isnan(shown) and math.isnan(expected)) or shown == expected
                 check_prompts(explorer)  # every line against the count and the memory model, limits contain it
                 counter.event("widget valid")
+                if data.draw(st.booleans(), label="compare frames"):  # a reused frame equals a full render
+                    counter.event("reused frame" if check_frame(explorer) else "frame rendered")
 
     run_counted("PromptLengthExplorer", fuzz)

@@ -9,7 +9,8 @@ names). After every step:
 - no exception escapes: a bad setting is a ``SurveyError`` shown as one line in the message area, with the
   last valid plot kept;
 - the plot data is the pure function of the controls (``compute(**state)`` again gives the same view), is
-  consistent with the registry's closed form, and the artists show it.
+  consistent with the registry's closed form, and the artists show it;
+- where the explorer redrew by reusing its cached frame, the pixels equal a full render (``check_frame``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from survey_utils.plotting import human
 from survey_utils.widgets import MethodExplorer
 from survey_utils.zoo import list_models
 from tests.fuzz._settings import FUZZ, Counter, run_counted
-from tests.widgets.plot_truth import check_memory, check_params
+from tests.widgets.plot_truth import check_frame, check_memory, check_params
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -188,6 +189,8 @@ def steps(counter: Counter, data: st.DataObject, explorer: MethodExplorer) -> No
             assert explorer.view is previous, "an invalid setting replaced the last valid plot"
         counter.event("widget error shown" if explorer.error else "widget valid")
         _check_params_view(explorer)
+        if data.draw(st.booleans(), label="compare frames"):  # a reused frame equals a full render
+            counter.event("reused frame" if check_frame(explorer) else "frame rendered")
 
 
 def _memory_explorer_class():
@@ -280,6 +283,8 @@ def memory_steps(counter: Counter, data: st.DataObject, explorer) -> None:
             assert explorer.view is previous, "an invalid setting replaced the last valid plot"
         counter.event("widget error shown" if explorer.error else "widget valid")
         _check_memory_view(explorer)
+        if data.draw(st.booleans(), label="compare frames"):
+            counter.event("reused frame" if check_frame(explorer) else "frame rendered")
 
 
 # What the fuzz found, pinned: a non-finite number for an integer hyper-parameter must be a one-line
