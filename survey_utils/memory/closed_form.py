@@ -241,7 +241,12 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     state_bytes = 4 if tdtype == "fp16" else tb
     largest = _memo(config, method, "largest", resolved,
                     lambda: _largest_trainable(shape, method, config, resolved, full, held))
-    if optimizer == "adamw8bit":
+    if optimizer == "adamw8bit" and largest < BNB_MIN_8BIT_SIZE:
+        # Even the biggest trainable tensor is under min_8bit_size: every one keeps fp32 moments, no build needed.
+        optimizer_states, optimizer_transient = 8 * held, 0
+        assumptions.append(f"8-bit AdamW: the biggest trainable tensor has {largest:,} elements, under "
+                           f"{BNB_MIN_8BIT_SIZE}: every tensor keeps fp32 moments (8 B per element)")
+    elif optimizer == "adamw8bit":
         # bitsandbytes decides 8-bit or 32-bit per tensor: the sizes of the trainable tensors decide the bytes.
         sizes = trainable_tensor_sizes(config, method, resolved)
         optimizer_states, optimizer_transient = adamw8bit_state_bytes(sizes), 0

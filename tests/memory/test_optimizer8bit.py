@@ -33,4 +33,21 @@ def test_qlora_states_are_the_sum_over_its_tensors_not_one_tensor() -> None:
     # tiny-llama's 56 LoRA factors hold 73,984 elements, each factor under 4096: 8 B per element
     est = estimate("tiny-llama", "qlora", optimizer="adamw8bit", dtype="fp32")
     assert est.optimizer_states == 8 * est.trainable_params
-    assert any("8-bit AdamW: 56 trainable tensors" in line for line in est.assumptions)
+    assert any("every tensor keeps fp32 moments" in line for line in est.assumptions)
+
+
+@pytest.mark.parametrize(("model", "method", "hp"), [
+    ("tiny-llama", "qlora", {}), ("tiny-llama", "prompt_tuning", {}), ("tiny-gpt2", "bitfit", {}),
+    ("llama-2-7b", "lora", {}), ("tiny-llama", "full", {}),
+])
+def test_the_no_build_shortcut_equals_the_sum_over_the_built_tensors(model: str, method: str, hp: dict) -> None:
+    """Below min_8bit_size for the biggest tensor the estimate skips the meta build: same bytes as with it."""
+    from survey_utils.memory.closed_form import trainable_tensor_sizes
+    from survey_utils.methods import get_method
+    from survey_utils.zoo import load_config
+
+    m = get_method(method)
+    config = load_config(model)
+    sizes = trainable_tensor_sizes(config, m, m.resolve(config, **hp))
+    est = estimate(model, method, hp=hp, optimizer="adamw8bit", dtype="fp32", seq_len=64)
+    assert est.optimizer_states == adamw8bit_state_bytes(sizes)
