@@ -10,6 +10,7 @@ candidate is a one-line message and the plot keeps its last front.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import ipywidgets as W
 from matplotlib.figure import Figure
 
 from survey_utils.architecture import total_params
+from survey_utils.errors import SurveyError
 from survey_utils.experiments.ch05_hybrid import Candidate, DesignSpace, SearchResult, search
 from survey_utils.plotting import human
 from survey_utils.units import format_bytes
@@ -72,6 +74,9 @@ class DesignSearchExplorer(Explorer):
         self.ax_parts.set_xlabel("trainable parameters of the chosen point, by part")
 
     def compute(self, model: str, trainable: float, memory: float, point: int) -> SearchView:
+        for name, value in (("trainable", trainable), ("memory", memory), ("point", point)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SurveyError(f"{name}={value!r} is not a finite number")
         space = self.space(model)
         probe = search(space.config, 10**15, 2**62, space=space)  # the smallest candidates, for the budgets
         smallest_peak = min(c.peak for c in probe.feasible)

@@ -15,8 +15,8 @@ step:
 These explorers compute more per state (searches, meta-device builds, 65B estimates) than the closed-form ones,
 so they run a tenth of ``FUZZ_EXAMPLES`` each (20 by default; ``FUZZ_EXAMPLES=1000`` gives 100).
 
-Found by this fuzz and left to the explorer's owner (pinned below as a strict xfail): the design-search explorer's
-``compute`` lets a NaN, an infinity or ``None`` budget escape as ValueError / OverflowError / TypeError.
+Found by this fuzz: the design-search explorer's ``compute`` let a NaN, an infinity or ``None`` budget escape as
+ValueError / OverflowError / TypeError; it now refuses them in one line (tested below).
 """
 
 from __future__ import annotations
@@ -159,8 +159,6 @@ def test_design_search_explorer_fuzz() -> None:
                   truth.check_design_search, wild=False)  # wild numbers: the xfail below
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, OverflowError, TypeError),
-                   reason="widgets/design_search.py converts budgets with int() before checking them (issue 19's fuzz)")
 @pytest.mark.parametrize("key, value", [("trainable", math.nan), ("memory", math.inf), ("point", None)])
 def test_design_search_compute_refuses_non_finite_budgets(key: str, value: Any) -> None:
     from survey_utils.widgets.design_search import DesignSearchExplorer
