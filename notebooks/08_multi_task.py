@@ -6,7 +6,10 @@
 # tasks with modules they share, route between or compose. Their question is not "how few parameters for a
 # task?" but "what does *one more task* cost, and does sharing help the tasks?".
 #
-# This chapter implements two of them from scratch and checks both against HF peft:
+# This chapter implements six of them from scratch. Two are checked against HF peft (counts and outputs); peft has
+# neither AdapterFusion, MOELoRA nor LoRAHub, and AdapterHub's `adapters` (which has AdapterFusion) pins
+# transformers 4.57 while this book runs transformers 5, so those three are checked closed form against the built
+# model, with AdapterHub's defaults transcribed (adapters 1.3.0) where it has the method:
 #
 # * **Multitask prompt tuning** (MPT, Wang et al. 2023, arXiv:2303.02861): one prompt $P^\ast \in
 #   \mathbb{R}^{n\times d}$ shared by all tasks, rescaled per task by a low-rank matrix,
@@ -18,8 +21,25 @@
 #   w_{ks} = \frac{z_{ks}}{\sum_{s'} z_{ks'}},$$
 #   with $z_{ks}$ a relaxed Bernoulli sample of logit $Z_{ks}$ in training and $\sigma(Z_{ks})$ in evaluation.
 #   A task adds $S$ numbers per layer.
+# * **AdapterFusion** (Pfeiffer et al. 2021, arXiv:2005.00247): $N$ adapters, trained one per task and then
+#   frozen, and at each adapter site a learned attention over their outputs $u_n = \mathrm{adapter}_n(h)$,
+#   $$y = h + \sum_n a_n V u_n,\qquad a = \operatorname{softmax}_n\big((Qh)^\top K u_n\big),$$
+#   $3d^2 + 2d$ trainable per site whatever $N$ (AdapterHub's default "dynamic" fusion, $V$ starting at $I$).
+# * **MOELoRA** (Liu et al. 2024, arXiv:2310.18339): $E$ LoRA experts of rank $r/E$ per layer and a gate on a
+#   learned task embedding $t_k \in \mathbb{R}^e$,
+#   $$h = W_0x + \tfrac{\alpha}{r}\sum_e \omega_{ke} B_eA_ex,\qquad \omega_k = \operatorname{softmax}(G t_k).$$
+#   A task adds $e$ numbers per layer.
+# * **LoRAHub** (Huang et al. 2023, arXiv:2307.13269): $N$ LoRA modules trained on other tasks, frozen, summed
+#   with weights found *without gradients*,
+#   $$h = W_0x + \tfrac{\alpha}{r}\sum_n w_n B_nA_nx,\qquad w = \arg\min_w\ L(w) + 0.05\,\overline{|w|}.$$
+#   The paper searches with CMA-ES; we use a (1+1) evolution strategy (one candidate a step, one-fifth rule).
+# * **SPoT** (Vu et al. 2022, arXiv:2110.07904): prompt tuning whose prompt *starts* from a source task's trained
+#   prompt, the one whose task embedding is closest to the target's (cosine of the average prompt token, the
+#   target's embedding being a prompt trained briefly on it). The model and its count are prompt tuning's
+#   (chapter 02, and peft's `PROMPT_TUNING`); what SPoT adds is the retrieval.
 #
-# Both need to know each example's task: their forward takes `task_ids`, one index per example, as peft's do.
+# MPT, Poly and MOELoRA need each example's task: their forward takes `task_ids`, one index per example, as
+# peft's do. AdapterFusion and LoRAHub serve one new task from $N$ source modules.
 
 # %%
 # %matplotlib widget
@@ -27,20 +47,32 @@ import inspect
 
 from IPython.display import Code, Markdown, display
 
+from survey_utils.architecture import total_params
 from survey_utils.counting import format_rows, three_way
 from survey_utils.methods import get_method, list_methods
-from survey_utils.methods.layers.multi_task import MultitaskPromptEmbedding, PolyLinear
+from survey_utils.methods.layers.multi_task import (
+    AdapterFusionLayer,
+    LoraHubLinear,
+    MoELoRALinear,
+    MultitaskPromptEmbedding,
+    PolyLinear,
+    prompt_similarity,
+    transfer_prompt,
+)
 from survey_utils.parity import parity
+from survey_utils.zoo import load_config
 
-FAMILY = [m.name for m in list_methods() if m.tasks_hp is not None]
+FAMILY = [m.name for m in list_methods() if m.chapter == "08_multi_task"]
 display(Markdown("| method | Xu et al. 2023 | Wang et al. 2024 | Lialin et al. 2023 | parameter counting the tasks |\n"
                  "|---|---|---|---|---|\n" + "\n".join(
                      f"| {get_method(m).title} | {get_method(m).taxonomy.xu} | {get_method(m).taxonomy.wang} | "
-                     f"{get_method(m).taxonomy.lialin} | `{get_method(m).tasks_hp}` |" for m in FAMILY)))
+                     f"{get_method(m).taxonomy.lialin} | `{get_method(m).tasks_hp or '(one task)'}` |" for m in FAMILY)))
 
 # %% [markdown]
-# Wang et al. name MPT in their multi-task family; Polytropon is in none of the three taxonomies (peft ships it,
-# which is why it is here). `data/catalogue.csv` records where each was looked for.
+# Wang et al. name MPT, AdapterFusion, MOELoRA, LoRAHub and SPoT in their multi-task family (Lialin et al. put
+# SPoT with the soft prompts); Polytropon is in none of
+# the three taxonomies (peft ships it, which is why it is here). `data/catalogue.csv` records where each was
+# looked for.
 #
 # ## From scratch
 #
@@ -58,16 +90,43 @@ display(Code(inspect.getsource(PolyLinear.allocation), language="python"))
 display(Code(inspect.getsource(PolyLinear.forward), language="python"))
 
 # %% [markdown]
+# AdapterFusion's attention over the frozen adapters' outputs, MOELoRA's task-conditioned gate, and LoRAHub's
+# composed update (what its search weighs):
+
+# %%
+display(Code(inspect.getsource(AdapterFusionLayer.attention), language="python"))
+display(Code(inspect.getsource(MoELoRALinear.gate), language="python"))
+display(Code(inspect.getsource(LoraHubLinear.delta), language="python"))
+
+# %% [markdown]
+# SPoT's retrieval: the source prompt most similar to the target's probe prompt becomes the starting point.
+
+# %%
+display(Code(inspect.getsource(prompt_similarity), language="python"))
+display(Code(inspect.getsource(transfer_prompt), language="python"))
+
+# %% [markdown]
 # ## Check 1 — three counts agree
 #
-# Closed form, our model built on `meta`, and peft's `get_nb_trainable_parameters()`, with 8 tasks. Poly adapts
-# `nn.Linear` only, like peft's, so GPT-2's `Conv1D` is refused (one line) and GPT-2 is not in its rows.
+# Closed form, our model built on `meta`, and peft's `get_nb_trainable_parameters()`, with 8 tasks (8 source
+# modules for AdapterFusion and LoRAHub). Poly adapts `nn.Linear` only, like peft's, so GPT-2's `Conv1D` is
+# refused (one line) and GPT-2 is not in its rows. `peft` is n/a where peft lacks the method. The `total`
+# column includes what a method adds frozen: AdapterFusion's eight adapters, LoRAHub's eight LoRAs. Note
+# AdapterFusion's size on a wide model: $3d^2 + 2d$ per block, a large share of Llama-2-7B's own parameters
+# (printed under the table).
 
 # %%
 rows = [three_way(model, "mpt", num_tasks=8) for model in ["llama-2-7b", "gpt2", "roberta-base", "t5-base"]]
 rows += [three_way(model, "poly", n_tasks=8) for model in ["llama-2-7b", "roberta-base", "t5-base"]]
+rows += [three_way("roberta-base", "moelora", n_tasks=8)]
+rows += [three_way(model, "adapter_fusion", num_sources=8) for model in ["llama-2-7b", "roberta-base"]]
+rows += [three_way("roberta-base", "lorahub", num_sources=8)]
+rows += [three_way("gpt2", "spot")]
 print(format_rows(rows))
 assert all(row["match"] for row in rows)
+fusion = next(r for r in rows if r["method"] == "adapter_fusion" and r["model"] == "llama-2-7b")
+print(f"AdapterFusion's trainable fusion on llama-2-7b: {fusion['formula']:,} parameters, "
+      f"{100 * fusion['formula'] / total_params(load_config('llama-2-7b')):.1f}% of the base model")
 
 # %% [markdown]
 # ## Check 2 — same outputs as peft, with different tasks in one batch
@@ -104,15 +163,19 @@ except SurveyError as error:
 # %% [markdown]
 # ## What one more task costs
 #
-# One LoRA per task adds a whole LoRA per task; MPT adds two thin factors, Poly a row of logits per layer. The
-# explorer sets each beside one LoRA per task at the same rank: trainable parameters for all $T$ tasks, stored
-# bytes per task (shared modules amortise over tasks, LoRAs do not), and the peak memory of a training step.
-# The skills slider is live for methods with skills; a setting that does not fit shows one line above the plot.
+# One LoRA per task adds a whole LoRA per task; MPT adds two thin factors, Poly a row of logits per layer, MOELoRA
+# one task embedding per layer. AdapterFusion and LoRAHub are the other way round: their trained part does not
+# grow with $N$, but every source is a whole module, trained beforehand and stored. The explorer sets each beside
+# one reference module per task (`reference="lora"`, at the same rank): parameters *added* for all $T$ tasks
+# (trained plus added frozen), stored bytes per task (shared modules amortise over tasks, per-task copies do
+# not), and the peak memory of a training step. The skills / experts slider is live for methods with skills or
+# experts; a setting that does not fit (more experts than the bound, a rank the experts cannot share) shows one
+# line above the plot.
 
 # %%
 from survey_utils.widgets.task_scaling import TaskScalingExplorer
 
-scaling = TaskScalingExplorer(model="llama-2-7b", method="mpt")
+scaling = TaskScalingExplorer(model="llama-2-7b", method="mpt", reference="lora")
 scaling
 
 # %% [markdown]
@@ -124,39 +187,46 @@ scaling
 # largest symbol divided by 4 (`max`). Same inputs, different rules: what multi-task methods are built for.
 # The backbone is the zoo's `tiny-llama` at random initialisation (the zoo has no pretrained weights).
 #
-# **The runs.** One LoRA ($r=8$, `q_proj`/`v_proj`) per task, 150 steps of 32 examples each. MPT ($n=8$, rank 1)
-# and Poly ($r=8$, 4 skills) trained jointly on the first three tasks (the same 150 steps' worth of examples
-# per task), then the fourth task *added* by training only its own row (MPT's $U_4, V_4$; Poly's row of $Z$ in
-# every layer), all shared parameters frozen. The main job (`make figures`) runs the script; the chapter reads
-# what it wrote:
+# **The runs.** One LoRA ($r=8$, `q_proj`/`v_proj`) and one Pfeiffer adapter (AdapterHub's defaults) per task,
+# 150 steps of 32 examples each. MPT ($n=8$, rank 1), Poly ($r=8$, 4 skills) and MOELoRA ($r=8$, 4 experts)
+# trained jointly on the first three tasks (the same 150 steps' worth of examples per task), then the fourth
+# task *added* by training only its own row (MPT's $U_4, V_4$; Poly's row of $Z$ and MOELoRA's task embedding in
+# every layer), all shared parameters frozen. AdapterFusion learns the fourth task with a fusion over the first
+# three tasks' Pfeiffer adapters (150 steps); LoRAHub composes the first three tasks' LoRAs, its three weights
+# searched in 40 loss evaluations on 64 examples, no gradient. The main job (`make figures`) runs the script;
+# the chapter reads what it wrote:
 
 # %%
 from survey_utils.experiments.ch08_multi_task import load_results, per_task_cost, plot_results
 
 results = load_results()
 print("command:", results[0]["command"])
-print(f"{'method':<6}{'task':<7}{'phase':<13}{'trainable':>11}{'per added task':>16}{'loss':>8}{'accuracy':>10}")
+print(f"{'method':<16}{'task':<7}{'phase':<13}{'trainable':>11}{'per added task':>16}{'loss':>8}{'accuracy':>10}")
 for row in results:
-    print(f"{row['method']:<6}{row['task']:<7}{row['phase']:<13}{int(row['trainable_params']):>11,}"
+    print(f"{row['method']:<16}{row['task']:<7}{row['phase']:<13}{int(row['trainable_params']):>11,}"
           f"{int(row['params_per_added_task']):>16,}{float(row['eval_loss']):>8.3f}{float(row['eval_accuracy']):>10.3f}")
 plot_results(results)
 
 # %% [markdown]
 # ## Summary
 #
-# * MPT and Polytropon serve $T$ tasks with one set of modules: a task adds $nr + rd$ parameters (MPT) or $S$
-#   per layer (Poly) instead of a whole LoRA. Counts equal peft's three ways; outputs equal peft's.
+# * MPT, Polytropon and MOELoRA serve $T$ tasks with one set of modules: a task adds $nr + rd$ parameters (MPT),
+#   $S$ (Poly) or $e$ (MOELoRA) per layer instead of a whole LoRA. MPT's and Poly's counts equal peft's three ways
+#   and their outputs equal peft's; MOELoRA is in no library, so its count is checked closed form vs built model.
+# * AdapterFusion and LoRAHub reuse modules trained one per task: the fusion's $3d^2 + 2d$ per site is the
+#   price of a new target task (more than a LoRA on a small model), LoRAHub's is $N$ numbers and a few dozen
+#   forward passes, but every source is a whole stored module.
 # * Sharing changes what a task can learn, not only what it costs: read the measured table above for which
 #   tasks each method fits on this small random backbone, and the per-task cost table below for what the last
 #   task cost.
-# * The surveys' other multi-task methods (AdapterFusion, LoRAHub, MOELoRA, ATTEMPT, SPoT) and peft's X-LoRA are
-#   not implemented yet in this book.
+# * SPoT costs what prompt tuning costs ($nd$ per task, peft's count); it changes where a task's prompt starts.
+# * Not implemented yet in this book: ATTEMPT (attention over source prompts), AdaMix, and peft's X-LoRA.
 #
 # The per-task cost table, from `data/multi_task_results.csv`:
 
 # %%
 cost = per_task_cost(results)
-print(f"{'method':<8}{'params per added task':>22}{'steps on it':>13}{'its accuracy':>14}{'mean accuracy':>15}")
+print(f"{'method':<16}{'params per added task':>22}{'steps on it':>13}{'its accuracy':>14}{'mean accuracy':>15}")
 for row in cost:
-    print(f"{row['method']:<8}{row['params per added task']:>22,}{row['steps on the new task']:>13}"
+    print(f"{row['method']:<16}{row['params per added task']:>22,}{row['steps on the new task']:>13}"
           f"{row['new task accuracy']:>14.3f}{row['mean accuracy, all tasks']:>15.3f}")

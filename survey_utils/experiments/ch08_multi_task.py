@@ -48,12 +48,20 @@ COLUMNS = ("model", "method", "settings", "task", "phase", "trainable_params", "
 # What each run uses (chapter 08, "The tiny multi-task setting").
 SETTINGS: dict[str, dict[str, Any]] = {
     "lora": {"r": 8, "lora_alpha": 16.0},
+    "pfeiffer": {},  # AdapterHub's SeqBnConfig defaults (reduction_factor 16, relu): AdapterFusion's sources
     "mpt": {"num_virtual_tokens": 8, "num_ranks": 1},
     "poly": {"r": 8, "n_skills": 4},
+    "moelora": {"r": 8, "lora_alpha": 16.0, "num_experts": 4},
+    "adapter_fusion": {"num_sources": 3},
+    "lorahub": {"r": 8, "lora_alpha": 16.0, "num_sources": 3},
 }
+JOINT = ("mpt", "poly", "moelora")  # trained on the first three tasks together, then the fourth added
 STEPS_PER_TASK = 150
 BATCH = 32
-LR = {"lora": 1e-2, "mpt": 3e-2, "poly": 1e-2}
+LR = {"lora": 1e-2, "pfeiffer": 1e-2, "mpt": 3e-2, "poly": 1e-2, "moelora": 1e-2, "adapter_fusion": 1e-3}
+SEARCH_BUDGET = 40  # LoRAHub: objective evaluations of its gradient-free search (the paper's default budget, 40)
+SEARCH_EXAMPLES = 64  # LoRAHub: examples of the new task its search scores each candidate on
+L1 = 0.05  # LoRAHub's penalty on the mean |w| (the paper's)
 
 
 def make_task(task: str | int, n: int, seed: int = 0) -> tuple[Any, Any]:
@@ -175,12 +183,19 @@ class Result:
 
 
 def run_all(steps: int = STEPS_PER_TASK, seed: int = 0) -> list[Result]:
-    """Train and evaluate every run of the chapter (about a minute on one thread).
+    """Train and evaluate every run of the chapter (two to three minutes on one thread).
 
-    - ``lora``: one LoRA per task, trained alone (phase ``single-task``); a new task costs one more LoRA;
-    - ``mpt`` and ``poly``: one model for the first three tasks, trained jointly (``joint``, the same examples per
-      task as a LoRA sees), then the fourth task *added* by training only its own row of the task-indexed tensors
-      (MPT: :math:`U_4, V_4`; Poly: row 4 of each layer's allocation), everything shared frozen (``added task``).
+    - ``lora`` and ``pfeiffer``: one module per task, trained alone (phase ``single-task``); a new task costs one
+      more module. The first three tasks' modules are the sources of LoRAHub and AdapterFusion below;
+    - ``mpt``, ``poly`` and ``moelora``: one model for the first three tasks, trained jointly (``joint``, the same
+      examples per task as a LoRA sees), then the fourth task *added* by training only its own row of the
+      task-indexed tensors (MPT: :math:`U_4, V_4`; Poly: row 4 of each layer's allocation; MOELoRA: task 4's
+      embedding in each layer), everything shared frozen (``added task``);
+    - ``adapter_fusion``: the fourth task learned by a fusion layer over the first three tasks' Pfeiffer adapters
+      (frozen), trained ``steps`` steps (``added task``); a new target task costs a fusion layer;
+    - ``lorahub``: the fourth task learned by composing the first three tasks' LoRAs, three weights found by
+      :func:`~survey_utils.methods.layers.multi_task.search_weights` in :data:`SEARCH_BUDGET` evaluations of the
+      loss (plus the paper's L1 penalty) on :data:`SEARCH_EXAMPLES` examples: no gradient step at all.
 
     Defined for chapter 08, section "Measured: one LoRA per task against shared modules".
     """
@@ -190,18 +205,22 @@ def run_all(steps: int = STEPS_PER_TASK, seed: int = 0) -> list[Result]:
 
     config = load_config(MODEL)
     results: list[Result] = []
+    sources: dict[str, list[Any]] = {"lora": [], "pfeiffer": []}
+    joint = list(range(len(TASKS) - 1))
+    new = len(TASKS) - 1
     with one_thread():
-        lora = get_method("lora")
-        per_lora = lora.count(config, **SETTINGS["lora"])
-        for task in range(len(TASKS)):
-            model = apply_method(build_model(MODEL, seed=seed), lora, **SETTINGS["lora"])
-            train(model, [task], steps, LR["lora"], False, seed, desc=f"lora {TASKS[task]}")
-            loss, acc = evaluate(model, task, False)
-            results.append(Result("lora", _text(SETTINGS["lora"]), TASKS[task], "single-task", per_lora, per_lora,
-                                  steps, loss, acc))
-        joint = list(range(len(TASKS) - 1))
-        new = len(TASKS) - 1
-        for name in ("mpt", "poly"):
+        for name in ("lora", "pfeiffer"):
+            method = get_method(name)
+            per_module = method.count(config, **SETTINGS[name])
+            for task in range(len(TASKS)):
+                model = apply_method(build_model(MODEL, seed=seed), method, **SETTINGS[name])
+                train(model, [task], steps, LR[name], False, seed, desc=f"{name} {TASKS[task]}")
+                loss, acc = evaluate(model, task, False)
+                results.append(Result(name, _text(SETTINGS[name]), TASKS[task], "single-task", per_module,
+                                      per_module, steps, loss, acc))
+                if task in joint:
+                    sources[name].append(model.eval())
+        for name in JOINT:
             method = get_method(name)
             hp = {**SETTINGS[name], method.tasks_hp: len(TASKS)}
             total = method.count(config, **hp)
@@ -218,7 +237,64 @@ def run_all(steps: int = STEPS_PER_TASK, seed: int = 0) -> list[Result]:
             loss, acc = evaluate(model, new, True)
             results.append(Result(name, _text(SETTINGS[name]), TASKS[new], "added task", total, per_task, steps,
                                   loss, acc))
+        results.append(_fusion_run(config, sources["pfeiffer"], steps, seed))
+        results.append(_lorahub_run(config, sources["lora"], seed))
     return results
+
+
+def _fusion_run(config: Any, adapters: list[Any], steps: int, seed: int) -> Result:
+    """AdapterFusion on the new task over the first tasks' trained Pfeiffer adapters (chapter 08, "Measured")."""
+    from survey_utils.counting import apply_method
+    from survey_utils.methods import get_method
+    from survey_utils.methods.layers.multi_task import load_fusion_sources
+    from survey_utils.zoo import build_model
+
+    new = len(TASKS) - 1
+    method = get_method("adapter_fusion")
+    model = apply_method(build_model(MODEL, seed=seed), method, **SETTINGS["adapter_fusion"])
+    load_fusion_sources(model, adapters)
+    trainable = method.count(config, **SETTINGS["adapter_fusion"])
+    train(model, [new], steps, LR["adapter_fusion"], False, seed, desc=f"adapter_fusion {TASKS[new]}")
+    loss, acc = evaluate(model, new, False)
+    # A new target task costs its own fusion layer: the whole trainable count
+    return Result("adapter_fusion", _text(SETTINGS["adapter_fusion"]), TASKS[new], "added task", trainable,
+                  trainable, steps, loss, acc)
+
+
+def _lorahub_run(config: Any, loras: list[Any], seed: int) -> Result:
+    """LoRAHub on the new task: the first tasks' trained LoRAs, composed by a gradient-free search (chapter 08)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from survey_utils.counting import apply_method
+    from survey_utils.methods import get_method
+    from survey_utils.methods.layers.multi_task import LoraHubLinear, load_lorahub_sources, search_weights
+    from survey_utils.zoo import build_model
+
+    new = len(TASKS) - 1
+    method = get_method("lorahub")
+    model = apply_method(build_model(MODEL, seed=seed), method, **SETTINGS["lorahub"]).eval()
+    load_lorahub_sources(model, loras)
+    weights = next(m for m in model.modules() if isinstance(m, LoraHubLinear)).lorahub_weights
+    x, y = make_task(new, SEARCH_EXAMPLES, seed=0)
+    progress = tqdm(total=SEARCH_BUDGET + 1, desc=f"lorahub search {TASKS[new]}", file=sys.stderr, leave=False,
+                    mininterval=2.0)
+
+    def objective(w: Any) -> float:
+        progress.update(1)
+        with torch.no_grad():
+            weights.copy_(w.to(weights.dtype))
+            loss = F.cross_entropy(label_logits(model, x, None), y)
+        return float(loss) + L1 * float(w.abs().mean())
+
+    best, _ = search_weights(objective, len(loras), SEARCH_BUDGET, seed=seed)
+    progress.close()
+    with torch.no_grad():
+        weights.copy_(best.to(weights.dtype))
+    loss, acc = evaluate(model, new, False)
+    trainable = method.count(config, **SETTINGS["lorahub"])
+    return Result("lorahub", _text(SETTINGS["lorahub"]), TASKS[new], "added task", trainable, trainable, SEARCH_BUDGET, loss, acc)
 
 
 def _text(settings: dict[str, Any]) -> str:

@@ -27,8 +27,17 @@ from typing import TYPE_CHECKING, Any
 
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import adapt_targets, freeze, model_label, target_specs
-from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register, saves_nothing
+from survey_utils.methods.registry import (
+    NOT_PLACED,
+    HyperParam,
+    Method,
+    Taxonomy,
+    get_method,
+    register,
+    saves_nothing,
+)
 from survey_utils.methods.soft_prompts import (
+    apply_prompt_tuning,
     embedding_width,
     peft_task_type,
     validate_prompt,
@@ -44,6 +53,7 @@ MULTI_TASK = Taxonomy(xu=NOT_PLACED, wang="multi-task", lialin=NOT_PLACED)
 LINEAR_ONLY = ("linear",)  # peft's Poly adapts nn.Linear only (GPT-2's Conv1D is refused)
 MAX_TASKS = 1024
 MAX_SKILLS = 64  # the bound of the widgets' skill / expert sliders (more is refused in one line)
+PROMPT_TUNING = get_method("prompt_tuning")  # SPoT's model is prompt tuning's (soft_prompts registers it first)
 
 
 # --- multitask prompt tuning (MPT) ---------------------------------------------------------------------------
@@ -441,4 +451,33 @@ register(Method(
     notes="the weights are searched without gradients (a (1+1) evolution strategy here, CMA-ES in the paper): no "
           "backward pass, so nothing is saved for one; in neither peft nor AdapterHub: counts closed form vs built "
           "model",
+))
+
+
+# --- SPoT ----------------------------------------------------------------------------------------------------------
+# SPoT is prompt tuning whose prompt starts from a source task's trained prompt: the model, its count and peft's
+# configuration are prompt tuning's (peft's PROMPT_TUNING, counts and outputs checked against it); what SPoT adds is
+# the retrieval of the source, layers/multi_task.transfer_prompt.
+def apply_spot(model: nn.Module, **hp: Any) -> nn.Module:
+    r"""SPoT (Vu et al. 2022, arXiv:2110.07904): prompt tuning, :math:`[P; E(x)]` with :math:`P \in \mathbb{R}^{n\times
+    d}` trainable, initialised from the source prompt :math:`P_s` whose task embedding is closest (cosine of the
+    average token) to the target task's.
+
+    Builds chapter 02's prompt tuning; :func:`~survey_utils.methods.layers.multi_task.transfer_prompt` then copies
+    the retrieved source prompt in (the init rule is the transfer, not the layer).
+    """
+    return apply_prompt_tuning(model, **hp)
+
+
+register(Method(
+    name="spot", title="SPoT (soft prompt transfer)",
+    paper="Vu et al. 2022, SPoT: Better Frozen Model Adaptation through Soft Prompt Transfer (ACL 2022)",
+    arxiv_id="2110.07904", taxonomy=Taxonomy(xu=NOT_PLACED, wang="multi-task", lialin="A:soft_prompts"),
+    chapter=CHAPTER, hyperparams=PROMPT_TUNING.hyperparams,
+    apply=apply_spot, trainable_params=PROMPT_TUNING.trainable_params, peft_config=PROMPT_TUNING.peft_config,
+    validate=PROMPT_TUNING.validate, extra_positions=PROMPT_TUNING.extra_positions,
+    param_prefixes=PROMPT_TUNING.param_prefixes, memory_terms=PROMPT_TUNING.memory_terms,
+    peft_state_sync=PROMPT_TUNING.peft_state_sync,
+    notes="a target prompt starts from the most similar source prompt (transfer_prompt); then it trains as prompt "
+          "tuning: one prompt (n d parameters) per task, nothing shared at inference",
 ))

@@ -142,7 +142,7 @@ def test_results_csv_says_how_it_was_made_and_the_plot_shows_it() -> None:
         method = get_method_by_name(row["method"])
         hp = dict(item.split("=") for item in row["settings"].split())
         hp = {k: method.hyperparam(k).parse(v) for k, v in hp.items()}
-        if method.tasks_hp:
+        if method.tasks_hp and method.tasks_hp not in hp:  # the task-indexed methods serve all four tasks
             hp[method.tasks_hp] = 4
         assert int(row["trainable_params"]) == method.count(config, **hp)
     cost = {r["method"]: r for r in per_task_cost(rows)}
@@ -240,3 +240,20 @@ def test_lorahub_shares_one_weight_vector_merges_and_its_search_finds_a_known_op
     assert value < 1e-3 and torch.allclose(best, target, atol=0.05)
     again, _ = search_weights(lambda w: float(((w - target) ** 2).sum()), 3, budget=300, seed=0)
     assert torch.equal(best, again)
+
+
+def test_spot_transfers_the_most_similar_source_prompt_and_refuses_other_shapes() -> None:
+    from survey_utils.methods.layers.multi_task import prompt_similarity, transfer_prompt
+
+    model = apply_method(build_model("tiny-llama", seed=0), "spot", num_virtual_tokens=4)
+    width = model.prompt_encoder.embedding.weight.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    sources = [torch.randn(4, width, generator=generator) for _ in range(3)]
+    probe = sources[1] + 0.1 * torch.randn(4, width, generator=generator)  # task 1's prompt, slightly moved
+    similarities = [prompt_similarity(s, probe) for s in sources]
+    assert max(range(3), key=similarities.__getitem__) == 1
+    assert transfer_prompt(model, sources, probe) == 1
+    assert torch.equal(model.prompt_encoder.embedding.weight.detach(), sources[1])
+    with pytest.raises(SurveyError, match=r"source prompt 2 has shape \(5, .*trained on another model") as info:
+        transfer_prompt(model, [sources[0], sources[1], torch.zeros(5, width)], probe)
+    assert "\n" not in str(info.value)

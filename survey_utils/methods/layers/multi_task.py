@@ -410,6 +410,33 @@ class LoraHubLinear(nn.Module):
             self.merged = False
 
 
+def load_lorahub_sources(model: nn.Module, sources: list[nn.Module]) -> int:
+    """Copy trained LoRA modules (models with the registered ``lora`` applied, one per upstream task) into a LoRAHub
+    model's frozen modules; returns tensors copied. A module of another shape is refused in one line."""
+    hubs = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraHubLinear)]
+    if not hubs:
+        raise SurveyError("the model has no LoRAHub layers: apply lorahub first")
+    if len(sources) != hubs[0][1].lorahub_A.shape[0]:
+        raise SurveyError(f"{len(sources)} source models for {hubs[0][1].lorahub_A.shape[0]} composed LoRA modules")
+    copied = 0
+    with torch.no_grad():
+        for n, source in enumerate(sources):
+            for name, hub in hubs:
+                try:
+                    lora = source.get_submodule(name)
+                    a, b = lora.lora_A, lora.lora_B
+                except AttributeError:
+                    raise SurveyError(f"source {n} has no LoRA at {name}: it adapts other modules") from None
+                if a.shape != hub.lorahub_A.shape[1:] or b.shape != hub.lorahub_B.shape[1:]:
+                    raise SurveyError(f"source {n}'s LoRA at {name} is {tuple(b.shape)} x {tuple(a.shape)}, the hub's "
+                                      f"{tuple(hub.lorahub_B.shape[1:])} x {tuple(hub.lorahub_A.shape[1:])}: another "
+                                      "model or rank")
+                hub.lorahub_A[n].copy_(a)
+                hub.lorahub_B[n].copy_(b)
+                copied += 2
+    return copied
+
+
 def search_weights(objective: Any, num_sources: int, budget: int, seed: int = 0, sigma: float = 0.5,
                    bound: float = 1.5) -> tuple[torch.Tensor, float]:
     r"""Minimise ``objective(w)`` over :math:`w \in [-1.5, 1.5]^N` without gradients: a (1+1) evolution strategy.
@@ -432,3 +459,29 @@ def search_weights(objective: Any, num_sources: int, budget: int, seed: int = 0,
         else:
             sigma *= 1.5 ** -0.25
     return best, best_value
+
+
+# --- SPoT ------------------------------------------------------------------------------------------------------
+def prompt_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    r"""Vu et al.'s task similarity of two prompts (n x d each), "cosine of average tokens":
+    :math:`\cos\big(\frac1n\sum_i a_i,\ \frac1n\sum_i b_i\big)`."""
+    return float(F.cosine_similarity(a.mean(dim=0), b.mean(dim=0), dim=0))
+
+
+def transfer_prompt(model: nn.Module, sources: list[torch.Tensor], probe: torch.Tensor) -> int:
+    r"""SPoT's retrieval (Vu et al. 2022, arXiv:2110.07904): set the model's prompt to the source prompt most similar
+    to ``probe`` (a prompt trained briefly on the target task: its *task embedding*) and return the source's index.
+
+    Prompts of another shape than the model's (trained on another model or length) are refused in one line."""
+    weight = model.prompt_encoder.embedding.weight
+    for n, prompt in enumerate([*sources, probe]):
+        if prompt.shape != weight.shape:
+            what = "the probe" if n == len(sources) else f"source prompt {n}"
+            raise SurveyError(f"{what} has shape {tuple(prompt.shape)}, the model's prompt {tuple(weight.shape)}: "
+                              "trained on another model or prompt length")
+    if not sources:
+        raise SurveyError("no source prompts to transfer from")
+    best = max(range(len(sources)), key=lambda n: prompt_similarity(sources[n], probe))
+    with torch.no_grad():
+        weight.copy_(sources[best])
+    return best
