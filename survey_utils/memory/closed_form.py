@@ -418,7 +418,14 @@ def trainable_tensor_sizes(config: PretrainedConfig, method: Method, hp: dict[st
     if key not in _SIZES:
         from survey_utils.zoo import build_model
 
-        model = method.apply(build_model(config, device="meta"), **hp)
+        try:
+            model = method.apply(build_model(config, device="meta"), **hp)
+        except SurveyError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a model's or a method's constructor fails in many ways
+            raise SurveyError(f"8-bit AdamW needs the trainable tensors' sizes, but method '{method.name}' could not be "
+                              f"built on '{getattr(config, 'name_or_path', '')}' on meta: "
+                              f"{(str(error).splitlines() or [type(error).__name__])[0]}") from None
         _SIZES[key] = tuple(sorted(p.numel() for p in model.parameters() if p.requires_grad))
     return _SIZES[key]
 
