@@ -22,6 +22,7 @@ from typing import Any
 import ipywidgets as W
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullLocator
 
 from survey_utils.architecture import layout
 from survey_utils.counting import closed_form
@@ -251,6 +252,10 @@ class MethodExplorer(Explorer):
         self.percent_axis = self.ax_sweep.secondary_yaxis("right", functions=(lambda y: 100 * y / self._total,
                                                                               lambda p: p * self._total / 100))
         self.percent_axis.set_ylabel("% of the model")
+        # Redrawn with every update (see dynamic_artists): plain labels, no minor ticks (mathtext and minor
+        # ticks were half the cost of a redraw, benchmarks/explorer_redraw.py).
+        self.percent_axis.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        self.percent_axis.yaxis.set_minor_locator(NullLocator())
         self.ax_sweep.set_ylabel("trainable parameters")
         names = [m.name for m in self.methods]
         self.bars = self.ax_compare.barh(names, [1e-6] * len(names), color=[method_colour(n) for n in names])
