@@ -86,7 +86,7 @@ def _config_files(tmp: Path) -> list[str]:
 @st.composite
 def argv(draw: st.DrawFn, tmp: Path, config_files: list[str]) -> list[str]:
     command = draw(st.sampled_from(["count", "memory", "models", "methods", "figures", "build-notebooks",
-                                    "junk", "none"]))
+                                    "search", "advise", "junk", "none"]))
     args: list[str] = []
     if command in ("count", "memory"):
         model = mostly(draw, st.sampled_from(MODELS), st.one_of(st.sampled_from(config_files), JUNK))
@@ -114,6 +114,25 @@ def argv(draw: st.DrawFn, tmp: Path, config_files: list[str]) -> list[str]:
                 args.append("--gradient-checkpointing")
             if model in TINY and draw(st.integers(0, 9)) == 0:
                 args.append("--simulate")
+    elif command == "search":
+        model = mostly(draw, st.sampled_from(TINY), st.one_of(st.sampled_from(config_files), JUNK))
+        budget = st.one_of(st.integers(-10, 10**7).map(str), st.floats(-5, 200).map(lambda f: f"{f}%"), JUNK)
+        memory = st.one_of(st.sampled_from(["1GiB", "24GiB", "16GB", "0GB", "-3GiB", "nanGB", "infGiB"]), JUNK)
+        args = [command, "--model", model, "--trainable-budget", draw(budget), "--memory-budget", draw(memory)]
+        if draw(st.booleans()):
+            args += ["--seq-len", draw(st.one_of(st.integers(-4, 4096).map(str), JUNK))]
+        if draw(st.booleans()):
+            args.append("--json")
+    elif command == "advise":
+        model = mostly(draw, st.sampled_from(TINY), st.one_of(st.sampled_from(config_files), JUNK))
+        args = [command, "--model", model, "--gpu-memory",
+                draw(st.one_of(st.sampled_from(["24GB", "80GiB", "0GB", "-1GB", "nanGB"]), JUNK))]
+        if draw(st.booleans()):
+            args += ["--gpus", draw(st.one_of(st.integers(-2, 16).map(str), JUNK))]
+        if draw(st.booleans()):
+            args += ["--method", mostly(draw, st.sampled_from(METHODS), JUNK)]
+        if draw(st.booleans()):
+            args += ["--sharding", draw(st.sampled_from(["ddp", "zero3", "fsdp_full_shard", "bogus"]))]
     elif command in ("models", "methods"):
         args = [command] + (["--json"] if draw(st.booleans()) else [])
     elif command == "figures":
