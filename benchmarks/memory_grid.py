@@ -32,6 +32,7 @@ from survey_utils.methods import list_methods  # noqa: E402
 from survey_utils.zoo import load_config  # noqa: E402
 
 COLUMNS = ["model", "method", "hp", "batch_size", "seq_len", "gradient_checkpointing", "dtype", "optimizer", "attention",
+           "quantization",
            "trainable_params", "estimate_bytes", "simulated_bytes", "measured_allocated_bytes",
            "measured_reserved_bytes", "relative_error", "peak_phase", "command"]
 
@@ -50,6 +51,10 @@ ALL_METHODS_ON = [("tiny-llama", 2, 128)]
 EXTRA = [("tiny-llama", "adapterdrop", {"drop_layers": 2}), ("tiny-llama", "llama_adapter", {"adapter_layers": 2}),
          ("tiny-llama", "lora", {"layers_to_transform": [2, 3]}), ("tiny-gpt2", "pfeiffer", {}),
          ("tiny-bert", "houlsby", {}), ("tiny-gpt2", "prefix_tuning", {}), ("tiny-gpt2", "prompt_tuning", {})]
+# Frozen bases in bitsandbytes' storage (chapter 06): the simulation holds them as bitsandbytes does.
+QUANTIZED = [("tiny-llama", "qlora", "nf4", 2, 128), ("tiny-llama", "loftq", "nf4", 2, 128),
+             ("tiny-llama", "lora", "nf4", 2, 128), ("tiny-llama", "lora", "int8", 2, 128),
+             ("llama-2-7b", "qlora", "nf4", 1, 512)]
 
 
 def settings_grid() -> list[dict]:
@@ -68,7 +73,11 @@ def settings_grid() -> list[dict]:
                                  gradient_checkpointing=False))
     for model, method, hp in EXTRA:
         grid.append(dict(model=model, method=method, hp=hp, batch_size=2, seq_len=128, gradient_checkpointing=False))
-    return [dict({"hp": {}}, **case) for case in grid]
+    for model, method, quantization, batch, seq in QUANTIZED:
+        for ckpt in (False, True):
+            grid.append(dict(model=model, method=method, quantization=quantization, batch_size=batch, seq_len=seq,
+                             gradient_checkpointing=ckpt))
+    return [dict({"hp": {}, "quantization": ""}, **case) for case in grid]
 
 
 def _hp_text(hp: dict) -> str:
@@ -82,6 +91,8 @@ def command(row: dict) -> str:
              f"--optimizer {row['optimizer']}", f"--attention {row['attention']}"]
     if row["gradient_checkpointing"]:
         parts.append("--gradient-checkpointing")
+    if row["quantization"]:
+        parts.append(f"--quantization {row['quantization']}")
     return " ".join(parts + ["--device cpu --simulate"])
 
 
@@ -96,6 +107,7 @@ def run(out: Path, figures: Path, with_measure: bool, models: set[str] | None = 
         case = dict(case, hp=_hp_text(hp), dtype="bf16", optimizer="adamw", attention="sdpa")
         kwargs = {k: case[k] for k in ("batch_size", "seq_len", "gradient_checkpointing", "dtype", "optimizer",
                                        "attention")}
+        kwargs["quantization"] = case["quantization"] or None
         try:
             est = estimate(case["model"], case["method"], hp, device="cpu", **kwargs)
             sim = simulate(case["model"], case["method"], hp, **kwargs)
@@ -105,7 +117,8 @@ def run(out: Path, figures: Path, with_measure: bool, models: set[str] | None = 
         row = dict(case, trainable_params=est.trainable_params, estimate_bytes=est.total,
                    simulated_bytes=sim.peak, measured_allocated_bytes="", measured_reserved_bytes="",
                    relative_error=f"{(est.total - sim.peak) / sim.peak:.5f}", peak_phase=est.peak_phase)
-        if with_measure and total_params(load_config(case["model"])) <= 1_000_000_000:
+        # quantized rows are simulated only: the real step would need bitsandbytes' CUDA kernels in the base
+        if with_measure and not case["quantization"] and total_params(load_config(case["model"])) <= 1_000_000_000:
             try:
                 got = measure(case["model"], case["method"], hp, device="cuda", **kwargs)
                 row["measured_allocated_bytes"], row["measured_reserved_bytes"] = got.allocated, got.reserved
@@ -113,7 +126,7 @@ def run(out: Path, figures: Path, with_measure: bool, models: set[str] | None = 
                 print(f"no measurement: {error}", file=sys.stderr)
         row["command"] = command(row)
         rows.append(row)
-        print(f"{case['model']:<14} {case['method']:<16} {case['hp']:<22} b{case['batch_size']:<2} s{case['seq_len']:<5} "
+        print(f"{case['model']:<14} {case['method']:<16} {case['hp'] or case['quantization']:<22} b{case['batch_size']:<2} s{case['seq_len']:<5} "
               f"ckpt={int(case['gradient_checkpointing'])}  est {est.total / 2**30:9.3f} GiB  "
               f"sim {sim.peak / 2**30:9.3f} GiB  err {100 * float(row['relative_error']):+6.2f}%  "
               f"({sim.seconds:.1f} s)", flush=True)
