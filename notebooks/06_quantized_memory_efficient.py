@@ -178,6 +178,12 @@ for name, value in adam8.items():
 # per parameter, four times what "8-bit" suggests. On a 7B model a LoRA factor has $r \cdot 4096$ elements and
 # is quantized at $r \ge 1$; the threshold matters for small models, biases, norms and soft prompts.
 #
+# The fake-tensor simulation of chapter 00 holds an NF4 or int8 base as bitsandbytes 0.50.2 does
+# (`survey_utils.memory.quantized_storage`): packed codes and block constants, and its kernels' tensors
+# (a dequantized weight in the compute dtype alive during each matmul, in forward and again in backward).
+# `python -m survey_utils memory --method qlora --quantization nf4 --simulate` puts it beside the estimate;
+# the validation grid (`benchmarks/memory_grid.py`, `data/memory_validation.csv`) includes QLoRA on NF4.
+#
 # The explorer below stacks one step's memory terms for LoRA on every linear layer with the base in bf16,
 # int8 or NF4 (LLaMA-65B is built from the transcribed architecture in `data/quantization_claims.csv`);
 # the dashed line is the 48 GB GPU of QLoRA's claim.
