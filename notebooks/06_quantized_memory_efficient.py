@@ -58,8 +58,8 @@ for double_quant in (False, True):
 # Without double quantization everything is equal, bit for bit. With it, the 4-bit codes, the offset and
 # the second-level constants are equal, but bitsandbytes' CPU kernel rounds about 0.2% of the 8-bit absmax
 # codes to the farther of two neighbours (ours takes the nearest), so a few blocks differ by one absmax step
-# (`tests/test_quantization.py` pins both facts, and a third: its CPU dequantization errs when blocks cross
-# rows, e.g. rows of 96).
+# (`tests/test_quantization.py` pins both facts, and a third: on CPUs with AVX512 its dequantization kernel
+# errs when blocks cross rows, e.g. rows of 96; without AVX512 it is exact).
 #
 # ## int8, and LLM.int8's outliers
 #

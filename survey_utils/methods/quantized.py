@@ -146,7 +146,7 @@ def nf4_peft_fixup(wrapped: Any) -> None:
             packed, state = bnb_f.quantize_4bit(weight.float(), blocksize=64, quant_type="nf4",
                                                 compress_statistics=False)
             absmax = state.absmax
-            # bitsandbytes' own pure-torch dequantization (its CPU C kernel errs where blocks cross rows),
+            # bitsandbytes' own pure-torch dequantization (its AVX512 CPU kernel errs where blocks cross rows),
             # unwrapped from the torch.compile it is decorated with (seconds of compiling per shape)
             weight.copy_(_dequantize_4bit_compute.__wrapped__(packed.reshape(-1), absmax, state.code, 64,
                                                               weight.shape, torch.float32).to(weight.dtype))
