@@ -127,6 +127,9 @@ class Layout:
     default_lora_targets: tuple[str, ...] = field(default=())
     num_experts: int = 0  # routed experts per MoE block (0: a dense model)
     experts_per_token: int = 0  # top-k: routed experts each token uses
+    # The module transformers' get_output_embeddings() returns (peft's all-linear leaves it out): recorded by the
+    # generic layout (None: the model has none); "" for the hand layouts, whose head targeting.output_head finds.
+    output_embeddings: str | None = ""
 
     @cached_property
     def total(self) -> int:
@@ -302,7 +305,8 @@ def _bert_like(config: PretrainedConfig) -> Layout:
     inter = config.intermediate_size
     base = "roberta" if config.model_type == "roberta" else "bert"
     arch = (config.architectures or [""])[0]
-    masked_lm = arch.endswith("ForMaskedLM")
+    # the causal-LM classes (BertLMHeadModel, RobertaForCausalLM) carry the masked-LM head and no pooler too
+    masked_lm = arch.endswith(("ForMaskedLM", "LMHeadModel", "ForCausalLM"))
 
     def modules() -> Iterator[ModuleSpec]:
         e = f"{base}.embeddings"

@@ -43,7 +43,7 @@ def generic_layout(config: PretrainedConfig) -> Layout:
     model = build_on_meta(config)
     modules = tuple(_modules(model, config))
     blocks = [m.layer for m in modules if m.layer is not None]
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     hidden = _first(text, ("hidden_size", "d_model", "n_embd", "dim")) or _embedding_width(model)
     heads = _first(text, ("num_attention_heads", "n_head", "num_heads")) or 0
     kv_heads = _first(text, ("num_key_value_heads", "num_kv_heads", "n_head_kv")) or (
@@ -55,18 +55,16 @@ def generic_layout(config: PretrainedConfig) -> Layout:
         _first(text, ("vocab_size",)) or 0, inter, _first(text, ("max_position_embeddings", "n_positions")),
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
         default_lora_targets=default_lora_targets(config.model_type, modules),
-        num_experts=experts, experts_per_token=top_k,
+        num_experts=experts, experts_per_token=top_k, output_embeddings=_output_embeddings(model),
     )
 
 
 def moe_sizes(config: PretrainedConfig) -> tuple[int, int]:
     """``(routed experts, experts per token)`` from a MoE config, ``(0, 0)`` for a dense one; a top-k larger than
     the experts is refused in one line naming the field."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    experts_field = next((f for f in _EXPERT_FIELDS if isinstance(getattr(text, f, None), int)
-                          and not isinstance(getattr(text, f), bool) and getattr(text, f) > 0), None)
-    k_field = next((f for f in _TOP_K_FIELDS if isinstance(getattr(text, f, None), int)
-                    and not isinstance(getattr(text, f), bool)), None)
+    text = _text_config(config)
+    experts_field = next((f for f in _EXPERT_FIELDS if (_first(text, (f,)) or 0) > 0), None)
+    k_field = next((f for f in _TOP_K_FIELDS if _integer(text, f) is not None), None)
     if experts_field is None or k_field is None:
         return 0, 0
     experts, top_k = getattr(text, experts_field), getattr(text, k_field)
@@ -162,10 +160,12 @@ def _modules(model: nn.Module, config: PretrainedConfig):
 
 def _spec(name: str, module: Any, own: list, kind: str, encoder_blocks: int, owner: dict[int, str],
           names: set[str]) -> ModuleSpec:
-    params = tuple((p, param.numel()) for p, param in own)
-    shapes = tuple(tuple(param.shape) for _, param in own)
     first_owner = owner[id(own[0][1])]
     tied_to = first_owner if first_owner != name and all(owner[id(p)] != name for _, p in own) else None
+    if tied_to is None:  # partly tied (XLNet's lm_loss.weight, RoBERTa-like decoder.bias): list only its own
+        own = [(p, param) for p, param in own if owner[id(param)] == name]
+    params = tuple((p, param.numel()) for p, param in own)
+    shapes = tuple(tuple(param.shape) for _, param in own)
     layer = _block_index(name, encoder_blocks)
     if kind == "linear":
         fan_in, fan_out = module.in_features, module.out_features
@@ -236,10 +236,34 @@ def _moe_role(name: str, names: set[str]) -> str | None:
     return None
 
 
+def _output_embeddings(model: nn.Module) -> str | None:
+    """The name of the module ``get_output_embeddings()`` returns (None when there is none)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if module is head), None) if head is not None \
+        else None
+
+
+def _text_config(config: Any) -> Any:
+    """The text part of a composite config; the config itself when it has none or several (MusicGen's text
+    encoder and decoder: transformers refuses to choose, and the sizes below are only descriptive)."""
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:
+        return config
+
+
+def _integer(config: Any, name: str) -> int | None:
+    try:
+        value = getattr(config, name, None)
+    except Exception:  # noqa: BLE001 - per-layer configs (Gemma-4) refuse a global read of a per-layer size
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _first(config: Any, names: tuple[str, ...]) -> int | None:
     for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        value = _integer(config, name)
+        if value is not None and value > 0:
             return value
     return None
 

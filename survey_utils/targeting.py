@@ -30,8 +30,10 @@ def is_all_linear(target_modules: object) -> bool:
 
 
 def output_head(layout: Layout) -> ModuleSpec | None:
-    """The output head (transformers' ``get_output_embeddings()``): the last linear outside the blocks that maps
-    to the vocabulary, whether its weight is tied or not; ``None`` for a model without one (a bare encoder)."""
+    """The output head (transformers' ``get_output_embeddings()``, as the generic layout records it; for a hand
+    layout the last linear outside the blocks that maps to the vocabulary, tied or not); ``None`` without one."""
+    if layout.output_embeddings != "":
+        return next((m for m in layout.modules if m.name == layout.output_embeddings), None)
     heads = [m for m in layout.linear_modules() if m.layer is None and m.out_features == layout.vocab_size]
     return heads[-1] if heads else None
 
@@ -124,6 +126,42 @@ _SELECTED: dict[tuple, tuple[Layout, tuple[ModuleSpec, ...]]] = {}
 
 def _freeze(value: object) -> object:
     return tuple(value) if isinstance(value, list | tuple) else value
+
+
+def peft_lora_expert_targets(model_type: str) -> tuple[str, ...]:
+    """The ``target_parameters`` peft 0.21.2 adds when LoRA's ``target_modules`` is ``"all-linear"`` on a model
+    type whose experts transformers 5 fused (its ``_convert_peft_config_moe``: the Mixtral and Qwen2-MoE conversion
+    patterns): the v4 names of the experts and the router are moved to the fused expert tensors (``gate_up_proj``
+    at rank ``2 r``, ``down_proj``) and the router's ``gate.weight``, and dropped from ``target_modules``, taking
+    the dense MLPs' ``gate_proj``/``up_proj``/``down_proj`` linears with them. Empty for every other model type."""
+    if "peft.utils.transformers_weight_conversion" not in _PEFT_CONVERSION_CACHE:
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_TARGET_MODULE_MAPPING,
+            get_checkpoint_conversion_mapping,
+        )
+
+        _PEFT_CONVERSION_CACHE["peft.utils.transformers_weight_conversion"] = (
+            _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING, get_checkpoint_conversion_mapping)
+    patterns, mappings, conversion = _PEFT_CONVERSION_CACHE["peft.utils.transformers_weight_conversion"]
+    mapping = mappings.get(patterns.get(model_type, ""), {})
+    if not mapping or conversion(model_type) is None:
+        return ()
+    return tuple(sorted(set(mapping.values())))
+
+
+_PEFT_CONVERSION_CACHE: dict[str, tuple] = {}
+
+# peft 0.21.2's _check_lora_target_modules_mamba: LoRA-like adapters refuse these modules of these model types.
+PEFT_MAMBA_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+PEFT_MAMBA_INCOMPATIBLE = frozenset({"out_proj", "conv1d"})
+
+
+def peft_lora_incompatible(model_type: str, chosen: Sequence[ModuleSpec]) -> str | None:
+    """The first chosen module peft refuses LoRA on (a Mamba mixer's ``out_proj`` or ``conv1d``), else None."""
+    if model_type not in PEFT_MAMBA_TYPES:
+        return None
+    return next((m.name for m in chosen if m.short_name in PEFT_MAMBA_INCOMPATIBLE), None)
 
 
 def _select(layout: Layout, target_modules: Targets | None, layers_to_transform: Sequence[int] | int | None,

@@ -20,6 +20,7 @@ from survey_utils.methods.common import (
 )
 from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register
 from survey_utils.methods.shapes import factorization, lokr_numel
+from survey_utils.targeting import is_all_linear, peft_lora_expert_targets, peft_lora_incompatible
 
 if TYPE_CHECKING:  # typing only: the layers (and torch) are imported inside ``apply``
     from torch import nn
@@ -68,10 +69,25 @@ def lora_peft_config(config: PretrainedConfig, r: int, lora_alpha: float, lora_d
     )
 
 
-def check_targets(method: str, kinds: tuple[str, ...] = LINEAR_KINDS):
-    """A ``validate`` for ``method``: targets exist and are of ``kinds``; peft's rules on the layer options."""
+def check_targets(method: str, kinds: tuple[str, ...] = LINEAR_KINDS, peft_lora: bool = False):
+    """A ``validate`` for ``method``: targets exist and are of ``kinds``; peft's rules on the layer options.
+    ``peft_lora``: the method is peft's ``LoraConfig``, whose ``"all-linear"`` peft 0.21.2 rewrites on fused-expert
+    MoE types (:func:`survey_utils.targeting.peft_lora_expert_targets`): refused there until our LoRA adapts
+    ``nn.Parameter`` experts, so that no count disagrees with peft's."""
 
     def validate(config: PretrainedConfig, **hp: Any) -> None:
+        if peft_lora and is_all_linear(hp.get("target_modules")):
+            experts = peft_lora_expert_targets(config.model_type)
+            if experts:
+                raise SurveyError(f"target_modules='all-linear' on '{config.model_type}': peft 0.21.2 turns it into "
+                                  f"LoRA on the fused expert tensors (target_parameters {', '.join(experts)}) and "
+                                  "drops the dense MLP linears, which this LoRA does not reproduce yet; name the "
+                                  "target modules instead")
+        if peft_lora:
+            refused = peft_lora_incompatible(config.model_type, target_specs(config, method, hp, kinds))
+            if refused:
+                raise SurveyError(f"peft refuses LoRA on '{refused}' of a Mamba-type model ('{config.model_type}': "
+                                  "out_proj and conv1d are incompatible); leave it out of target_modules")
         if isinstance(hp.get("target_modules"), str) and hp.get("layers_to_transform") is not None:
             raise SurveyError("layers_to_transform cannot be combined with a regex target_modules (peft's rule)")
         if hp.get("layers_pattern") and hp.get("layers_to_transform") is None:
@@ -229,7 +245,7 @@ LORA = register(Method(
     trainable_params=lora_trainable_params,
     peft_config=lora_peft_config,
     memory_terms=lora_memory_terms,
-    validate=check_targets("lora"),
+    validate=check_targets("lora", peft_lora=True),
     largest_trainable_tensor=lora_largest_tensor,
     param_prefixes=("lora_",),
     mergeable=True,
@@ -279,7 +295,7 @@ register(Method(
     apply=apply_dora,
     trainable_params=dora_trainable_params,
     peft_config=dora_peft_config,
-    validate=check_targets("dora"),
+    validate=check_targets("dora", peft_lora=True),
     memory_terms=dora_memory_terms,
     param_prefixes=("lora_",),
     mergeable=True,
