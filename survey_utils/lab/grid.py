@@ -3,8 +3,9 @@
 The protocol (stated in the chapter, section "The budget"):
 
 1. **Learning rate.** Each method is trained at every rate of :data:`LEARNING_RATES` on every task at the smallest
-   size (:data:`TUNING_SIZE`, seed 0); the rate with the best mean validation accuracy over the tasks is the
-   method's rate everywhere (one rate per method, as a practitioner with a small budget would pick it).
+   size (:data:`TUNING_SIZE`, seed 0; a method that does not apply there, at the next size where it does); the
+   rate with the best mean validation accuracy over the tasks is the method's rate everywhere (one rate per
+   method, as a practitioner with a small budget would pick it).
 2. **Sizes.** Every method at its rate on every task at the other sizes (seed 0).
 3. **Seeds.** :data:`SEED_METHODS` again with seeds 1 and 2 at :data:`SEED_SIZE`: the spread a seed alone makes.
 4. **Ranks.** LoRA at ranks :data:`RANKS` at :data:`SEED_SIZE`.
@@ -155,7 +156,7 @@ def run_cell(cell: Cell, budget: Budget = BUDGET, pretraining: Pretraining = PRE
     """Fine-tune one cell and return its row; a method that does not apply gets a row saying why."""
     import torch
 
-    from survey_utils.counting import apply_method
+    from survey_utils.counting import apply_method, count_parameters
     from survey_utils.methods import get_method
 
     method = get_method(cell.method)
@@ -169,7 +170,9 @@ def run_cell(cell: Cell, budget: Budget = BUDGET, pretraining: Pretraining = PRE
                             desc=f"{cell.size} {cell.method} {cell.task} lr={cell.lr:g}")
     except SurveyError as error:
         return CellResult(cell, {**row, "status": f"does not apply: {error}"})
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    except Exception as error:  # noqa: BLE001  (a bug in a method must not lose the other runs: the row says it)
+        return CellResult(cell, {**row, "status": f"failed: {type(error).__name__}: {str(error).splitlines()[0]}"})
+    trainable = count_parameters(model).trainable  # a masked tensor counts the entries its mask keeps
     total = sum(p.numel() for p in base.parameters())
     try:
         forgetting = f"{lm_loss(model, eval_documents(pretraining)) - base_loss:.4f}"
@@ -317,23 +320,40 @@ def run_grid(plan: Plan, workers: int = 2) -> dict[str, str]:
     if plan.budget.steps < 1:
         raise SurveyError(f"budget of {plan.budget.steps} steps: need at least 1")
     pretraining_rows = [{**row, "command": plan.command} for row in _pretrain_all(plan, workers)]
-    tuning = [Cell(plan.tuning_size, m, t, lr, phase="learning-rate grid") for m in plan.methods for t in plan.tasks
-              for lr in plan.learning_rates]
-    results = _run_many(tuning, plan, workers, "lr grid")
-    rates = best_rates(results)
+    # the rate grid runs at the tuning size; a method that does not apply there tries the next sizes in turn
+    sizes_to_try = [plan.tuning_size] + [s for s in plan.sizes if s != plan.tuning_size]
+    results: list[CellResult] = []
+    rates: dict[str, float] = {}
+    pending = list(plan.methods)
+    for size in sizes_to_try:
+        if not pending:
+            break
+        cells = [Cell(size, m, t, lr, phase="learning-rate grid") for m in pending for t in plan.tasks
+                 for lr in plan.learning_rates]
+        batch = _run_many(cells, plan, workers, f"lr grid at {size}")
+        found = best_rates(batch)
+        rates.update(found)
+        last = size == sizes_to_try[-1]
+        for r in batch:  # the tuning size's reported runs are those at the chosen rate
+            if r.cell.lr == rates.get(r.cell.method, plan.learning_rates[0]):
+                r.row["phase"] = "grid"
+        # a method that does not apply says so once per task and size, not once per rate; a method that applies
+        # at a later size keeps its refusal here
+        results += [r for r in batch if r.row["status"] == "ok" or r.row["phase"] == "grid"]
+        pending = [m for m in pending if m not in found]
+        if last:
+            break
     runnable = [m for m in plan.methods if m in rates]
-    for r in results:  # the tuning size's reported runs are those at the chosen rate
-        if r.cell.lr == rates.get(r.cell.method, plan.learning_rates[0]):
-            r.row["phase"] = "grid"
-    # a method that does not apply says so once per task, not once per rate
-    results = [r for r in results if r.row["status"] == "ok" or r.row["phase"] == "grid"]
-    later = [Cell(s, m, t, rates[m]) for s in plan.sizes if s != plan.tuning_size for m in runnable
-             for t in plan.tasks]
+    done = {(r.cell.size, r.cell.method) for r in results}
+    later = [Cell(s, m, t, rates[m]) for s in plan.sizes for m in plan.methods if (s, m) not in done
+             and m in rates for t in plan.tasks]
+    # methods that apply nowhere already say why at every size they were tried
     later += [Cell(plan.seed_size, m, t, rates[m], seed=seed, phase="seeds") for m in plan.seed_methods if m in rates
               for t in plan.tasks for seed in plan.extra_seeds]
     later += [Cell(plan.seed_size, RANK_METHOD, t, rates[RANK_METHOD], phase="ranks", settings=(("r", r),))
               for r in plan.ranks if RANK_METHOD in rates for t in plan.tasks]
     results += _run_many(later, plan, workers, "sizes, seeds, ranks")
+    results = [r for r in results if r.row["status"] == "ok" or r.row["phase"] == "grid"]
     results.sort(key=lambda r: _order(r.cell, plan))
     for r in results:
         r.row["command"] = plan.command

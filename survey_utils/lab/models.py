@@ -26,7 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class Size:
-    """One llama-shaped size: width, depth, MLP width (about 8/3 x width, as LLaMA), four heads."""
+    """One llama-shaped size: width, depth, MLP width (about 8/3 x width, as LLaMA, rounded to a multiple of 32
+    so that QA-LoRA's default group of 32 divides it), four heads."""
 
     name: str
     hidden_size: int
@@ -36,9 +37,9 @@ class Size:
 
 
 SIZES: dict[str, Size] = {s.name: s for s in (
-    Size("lab-s", 64, 2, 176),
-    Size("lab-m", 96, 3, 264),
-    Size("lab-l", 160, 4, 432),
+    Size("lab-s", 64, 2, 192),
+    Size("lab-m", 96, 3, 256),
+    Size("lab-l", 160, 4, 416),
 )}
 
 
