@@ -27,6 +27,7 @@ FAMILIES = {  # zoo model -> the narrow sizes its config takes (heads, kv heads,
     "phi-3-mini": {**NARROW, "num_key_value_heads": 4},
     "starcoder2-3b": {**NARROW, "num_key_value_heads": 2},
     "mixtral-8x7b": {**NARROW, "num_key_value_heads": 2, "head_dim": 32},
+    "pythia-1b": {**NARROW},
     "mt0-large": {"d_model": 128, "d_ff": 256, "num_heads": 4, "d_kv": 32},
 }
 # peft has no default LoRA target for phi3: name its fused attention projection.
