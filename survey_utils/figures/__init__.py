@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from survey_utils.figures import catalogue_figures, measured  # noqa: F401  (registration side effects)
+from survey_utils.figures import catalogue_figures, lab, measured  # noqa: F401  (registration side effects)
 from survey_utils.figures.base import FIGURES, FigureSpec, FigureUnavailable, figure, run_figure
 
 __all__ = ["FIGURES", "FigureSpec", "FigureUnavailable", "cli_figures", "figure", "gallery_markdown", "run_all",

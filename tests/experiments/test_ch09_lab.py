@@ -78,3 +78,15 @@ def test_accuracy_table_means(results: lab.LabResults) -> None:
     for row in lab.accuracy_table(results, results.sizes[0]):
         values = [row[t] for t in TASKS if t in row]
         assert row["mean"] == pytest.approx(sum(values) / len(values))
+
+
+def test_the_lab_figure_shows_the_grid_rows(results: lab.LabResults) -> None:
+    from survey_utils.figures.lab import tradeoff_figure
+
+    fig = tradeoff_figure(results)
+    size = results.sizes[-1]
+    for ax, task in zip(fig.axes, TASKS, strict=True):
+        plotted = sorted(tuple(p) for c in ax.collections for p in c.get_offsets())
+        expected = sorted((float(r["trainable_pct"]), float(r["test_accuracy"])) for r in results.grid(size, task))
+        assert np.allclose(plotted, expected)
+        assert ax.lines[0].get_ydata()[0] == pytest.approx(lab.chance(task))
