@@ -147,6 +147,13 @@ def test_results_csv_says_how_it_was_made_and_the_plot_shows_it() -> None:
         assert int(row["trainable_params"]) == method.count(config, **hp)
     cost = {r["method"]: r for r in per_task_cost(rows)}
     assert cost["lora"]["params per added task"] > cost["poly"]["params per added task"]
+    if "adapter_fusion" in cost:  # a new target task costs its own fusion layer; LoRAHub's costs N weights
+        from survey_utils.experiments.ch08_multi_task import SEARCH_BUDGET, SETTINGS
+
+        fusion = get_method_by_name("adapter_fusion").count(config, **SETTINGS["adapter_fusion"])
+        assert cost["adapter_fusion"]["params per added task"] == fusion
+        assert cost["lorahub"]["params per added task"] == SETTINGS["lorahub"]["num_sources"]
+        assert cost["lorahub"]["steps on the new task"] == SEARCH_BUDGET
     fig = plot_results(rows)
     heights = sorted(p.get_height() for p in fig.axes[0].patches)
     assert heights == sorted(float(r["eval_accuracy"]) for r in rows)
@@ -257,3 +264,15 @@ def test_spot_transfers_the_most_similar_source_prompt_and_refuses_other_shapes(
     with pytest.raises(SurveyError, match=r"source prompt 2 has shape \(5, .*trained on another model") as info:
         transfer_prompt(model, [sources[0], sources[1], torch.zeros(5, width)], probe)
     assert "\n" not in str(info.value)
+
+
+def test_lorahub_refuses_modules_of_another_shape_in_one_line() -> None:
+    from survey_utils.methods.layers.multi_task import load_lorahub_sources
+
+    hub = apply_method(build_model("tiny-llama", seed=0), "lorahub", num_sources=1)
+    other_rank = apply_method(build_model("tiny-llama", seed=0), "lora", r=4)
+    with pytest.raises(SurveyError, match="source 0's LoRA at .* another model or rank") as info:
+        load_lorahub_sources(hub, [other_rank])
+    assert "\n" not in str(info.value)
+    same = apply_method(build_model("tiny-llama", seed=0), "lora", r=8, lora_alpha=8.0)
+    assert load_lorahub_sources(hub, [same]) > 0
