@@ -106,8 +106,15 @@ display(Code(inspect.getsource(fine_tune), language="python"))
 #
 # ## What ran
 #
-# Every registered method runs except those that take task ids (chapter 08's multi-task methods train several
-# tasks at once). A method that does not fit the lab's llama models says why:
+# Every registered method runs except those below: they train several tasks at once, or compose modules trained
+# beforehand on other tasks (chapter 08 trains both kinds):
+
+# %%
+display(table(grid.left_out()))
+
+# %% [markdown]
+# A method that does not fit a lab model at its defaults says why (it runs at the sizes where it fits, its rate
+# chosen at the smallest of them):
 
 # %%
 ran = sorted({r["method"] for r in results.grid()})
@@ -194,12 +201,14 @@ display(lab.plot_curves(results, results.sizes[-1], "sentiment", [m for m in ("f
 # ## Findings
 #
 # Each row is a claim from the surveys, the numbers the runs give, and a verdict. A difference smaller than the
-# largest spread three seeds produce is "cannot decide"; "supports" and "contradicts" hold for these tiny models
-# and tasks only.
+# largest spread three seeds produce is "cannot decide"; "supports" and "contradicts" hold for these tiny models,
+# tasks and this budget only. Full fine-tuning's rate is chosen at the smallest size and is likely too high for the
+# larger ones (see "The budget"), which weighs on every row that compares against it.
 
 # %%
-display(Markdown(f"Seed noise: {lab.noise_level(results):.3f} (the largest max - min test accuracy over three "
-                 "seeds)."))
+display(Markdown(f"Seed noise of a three-task mean: {lab.mean_noise_level(results):.3f} (the largest max - min over "
+                 f"three seeds); of a single task: {lab.noise_level(results):.3f}. A claim of *no* difference is "
+                 f"supported only when the noise is below {lab.RESOLUTION}."))
 display(table(lab.findings(results)))
 
 # %% [markdown]

@@ -125,6 +125,25 @@ def noise_level(results: LabResults) -> float:
     return max(values)
 
 
+def mean_noise_level(results: LabResults) -> float:
+    """The seed noise of a mean over the tasks (what the findings compare): for each method run with several seeds,
+    the max - min over seeds of its mean test accuracy over the tasks; the largest of these."""
+    size = _seed_size(results)
+    spreads = []
+    for method in dict.fromkeys(r["method"] for r in results.runs if r["phase"] == "seeds"):
+        by_seed: dict[str, list[float]] = {}
+        for r in results.runs:
+            if (r["method"] == method and r["size"] == size and r["phase"] in ("grid", "seeds")
+                    and r["settings"] == "" and r["status"] == "ok"):
+                by_seed.setdefault(r["seed"], []).append(float(r["test_accuracy"]))
+        means = [sum(v) / len(v) for v in by_seed.values() if len(v) == len(TASKS)]
+        if len(means) > 1:
+            spreads.append(max(means) - min(means))
+    if not spreads:
+        raise SurveyError(f"runs.csv has no seed runs: run {MAKE_COMMAND}")
+    return max(spreads)
+
+
 def memory_errors(results: LabResults) -> dict[str, float]:
     """Estimate vs measured peak: median and worst absolute error (%), and how many pairs were compared."""
     errors = [abs(float(r["error_pct"])) for r in results.memory if r["error_pct"]]
@@ -140,53 +159,87 @@ def _mean_accuracy(results: LabResults, size: str, method: str) -> float | None:
     return sum(float(r["test_accuracy"]) for r in rows) / len(rows) if len(rows) == len(TASKS) else None
 
 
-def _verdict(difference: float, noise: float, supports_when_positive: bool) -> str:
-    if abs(difference) <= noise:
-        return "cannot decide"
-    return "supports" if (difference > 0) == supports_when_positive else "contradicts"
+def _direction(difference: float, noise: float) -> str:
+    """``supports`` when ``difference`` (oriented so that positive agrees with the claim) exceeds the noise,
+    ``contradicts`` when it is below minus the noise, else ``cannot decide``."""
+    if difference > noise:
+        return "supports"
+    return "contradicts" if difference < -noise else "cannot decide"
+
+
+def _no_difference(spread: float, noise: float) -> str:
+    """For a claim that something makes *no* difference: a spread beyond the noise contradicts it; within the
+    noise it supports it only when the noise itself is small (:data:`RESOLUTION`)."""
+    if spread > noise:
+        return "contradicts"
+    return "supports" if noise <= RESOLUTION else "cannot decide"
+
+
+# Below this seed spread (in accuracy), "no difference beyond the noise" is evidence of no difference.
+RESOLUTION = 0.05
+
+
+def _forgetting_noise(results: LabResults) -> float:
+    """The largest max - min of the forgetting (nats) over the seeds of one method and task."""
+    size = _seed_size(results)
+    spreads = []
+    for method in dict.fromkeys(r["method"] for r in results.runs if r["phase"] == "seeds"):
+        for task in TASKS:
+            values = [float(r["forgetting_nats"]) for r in results.runs if r["method"] == method and r["task"] == task
+                      and r["size"] == size and r["phase"] in ("grid", "seeds") and r["settings"] == ""
+                      and r["status"] == "ok" and not r["forgetting_nats"].startswith("n/a")]
+            if len(values) > 1:
+                spreads.append(max(values) - min(values))
+    return max(spreads, default=0.0)
 
 
 def findings(results: LabResults) -> list[dict[str, str]]:
     """The findings table of chapter 09 ("Findings"): each row a claim from the surveys, the numbers the runs give
-    and a verdict. A difference within the seed noise (:func:`noise_level`, in accuracy) is "cannot decide"."""
-    noise = noise_level(results)
-    largest = results.sizes[-1]
-    smallest = results.sizes[0]
+    and a verdict. Means are over the three tasks at the largest size unless a row says otherwise. A difference
+    within the seed noise of such a mean (:func:`mean_noise_level`) is "cannot decide"; a claim of *no* difference
+    is supported only when that noise is below :data:`RESOLUTION`."""
+    noise = mean_noise_level(results)
+    largest, smallest = results.sizes[-1], results.sizes[0]
     rows = []
     full = _mean_accuracy(results, largest, "full")
-    peft = [(m, _mean_accuracy(results, largest, m)) for m in results.methods if m != "full"]
-    peft = [(m, a) for m, a in peft if a is not None]
-    best_m, best_a = max(peft, key=lambda p: p[1])
-    rows.append({
-        "claim": "PEFT methods reach the accuracy of full fine-tuning while training a small fraction of the "
-                 "parameters (Xu et al. 2023, Sec. 1; Wang et al. 2024)",
-        "numbers": f"{largest}: full {full:.3f}, best PEFT ({best_m}) {best_a:.3f} (mean test accuracy)",
-        "verdict": "cannot decide" if full is None else "supports" if full - best_a <= noise else "contradicts"})
+    peft = [(m, a) for m in results.methods if m != "full"
+            for a in [_mean_accuracy(results, largest, m)] if a is not None]
+    if full is not None and peft:
+        median = statistics.median(a for _, a in peft)
+        best_m, best_a = max(peft, key=lambda p: p[1])
+        rows.append({
+            "claim": "PEFT methods reach the accuracy of full fine-tuning while training a small fraction of the "
+                     "parameters (Xu et al. 2023; Wang et al. 2024)",
+            "numbers": f"{largest}: full {full:.3f}; median of {len(peft)} PEFT methods {median:.3f}; best "
+                       f"({best_m}) {best_a:.3f}; seed noise {noise:.3f}",
+            "verdict": "contradicts" if median - full < -noise else "supports" if median - full > noise
+            else _no_difference(0.0, noise)})
     gaps = {}
     for size in results.sizes:
         f, p = _mean_accuracy(results, size, "full"), _mean_accuracy(results, size, "prompt_tuning")
         if f is not None and p is not None:
             gaps[size] = f - p
-    if len(gaps) >= 2:
-        shrink = gaps[smallest] - gaps[largest]
+    if len(gaps) >= 2 and smallest in gaps and largest in gaps:
         rows.append({
             "claim": "Prompt tuning's gap to full fine-tuning shrinks as the model grows (Lester et al. 2021, "
                      "cited by all three surveys)",
-            "numbers": "full - prompt tuning: " + ", ".join(f"{s} {g:+.3f}" for s, g in gaps.items()),
-            "verdict": _verdict(shrink, noise, True)})
+            "numbers": "full - prompt tuning: " + ", ".join(f"{s} {g:+.3f}" for s, g in gaps.items())
+                       + f"; seed noise {noise:.3f}",
+            "verdict": _direction(gaps[smallest] - gaps[largest], noise)})
     lora = _mean_accuracy(results, largest, "lora")
     if lora is not None and full is not None:
         rows.append({
             "claim": "LoRA matches full fine-tuning (Hu et al. 2021, as summarised by Xu et al. and Lialin et al.)",
-            "numbers": f"{largest}: LoRA {lora:.3f}, full {full:.3f}",
-            "verdict": "supports" if abs(lora - full) <= noise else "contradicts"})
+            "numbers": f"{largest}: LoRA {lora:.3f}, full {full:.3f}; seed noise {noise:.3f}",
+            "verdict": "contradicts" if lora - full < -noise else "supports" if lora - full > noise
+            else _no_difference(abs(lora - full), noise)})
         better = [m for m, a in peft if a - lora > noise]
         rows.append({
             "claim": "Methods reported to beat LoRA do not, under a small hyper-parameter budget (Lialin et al. "
                      "2023, second version)",
             "numbers": f"{largest}: {len(better)} of {len(peft) - 1} other PEFT methods beat LoRA by more than the "
                        f"seed noise ({noise:.3f})" + (f": {', '.join(better)}" if better else ""),
-            "verdict": "supports" if not better else "contradicts"})
+            "verdict": "contradicts" if better else _no_difference(0.0, noise)})
     ranks = [r for r in results.runs if r["method"] == "lora" and r["phase"] in ("ranks", "grid")
              and r["size"] == _seed_size(results) and r["seed"] == "0" and r["status"] == "ok"]
     by_rank: dict[str, list[float]] = {}
@@ -194,23 +247,24 @@ def findings(results: LabResults) -> list[dict[str, str]]:
         by_rank.setdefault(r["settings"] or "r=8", []).append(float(r["test_accuracy"]))
     means = {k: sum(v) / len(v) for k, v in by_rank.items() if len(v) == len(TASKS)}
     if len(means) >= 2:
-        spread = max(means.values()) - min(means.values())
         rows.append({
             "claim": "A small LoRA rank is enough; higher ranks add little (Hu et al. 2021, Table 6)",
             "numbers": f"{_seed_size(results)}: mean accuracy by rank " + ", ".join(
-                f"{k} {v:.3f}" for k, v in sorted(means.items(), key=lambda kv: int(kv[0].split('=')[1]))),
-            "verdict": "supports" if spread <= noise else "contradicts"})
+                f"{k} {v:.3f}" for k, v in sorted(means.items(), key=lambda kv: int(kv[0].split('=')[1])))
+                + f"; seed noise {noise:.3f}",
+            "verdict": _no_difference(max(means.values()) - min(means.values()), noise)})
     forgetting = {m: statistics.mean(float(r["forgetting_nats"]) for r in results.grid(largest)
                                      if r["method"] == m and not r["forgetting_nats"].startswith("n/a"))
                   for m in results.methods if any(r["method"] == m for r in results.grid(largest))}
-    if "full" in forgetting:
+    if "full" in forgetting and len(forgetting) > 1:
         peft_forgetting = statistics.median(v for m, v in forgetting.items() if m != "full")
+        forgetting_noise = _forgetting_noise(results)
         rows.append({
-            "claim": "Freezing the backbone limits forgetting of what pretraining taught (Wang et al. 2024, "
-                     "Sec. on continual learning; Xu et al. 2023)",
+            "claim": "Freezing the backbone limits forgetting of what pretraining taught (Wang et al. 2024; "
+                     "Xu et al. 2023)",
             "numbers": f"{largest}: pretraining-loss increase, full {forgetting['full']:.3f} nats vs median PEFT "
-                       f"{peft_forgetting:.3f} nats",
-            "verdict": "supports" if forgetting["full"] > peft_forgetting else "contradicts"})
+                       f"{peft_forgetting:.3f} nats; seed noise {forgetting_noise:.3f} nats",
+            "verdict": _direction(forgetting["full"] - peft_forgetting, forgetting_noise)})
     return rows
 
 

@@ -108,11 +108,21 @@ class Plan:
 
 
 def lab_methods() -> tuple[str, ...]:
-    """Every registered method except those that need task ids (chapter 08's multi-task methods train on several
-    tasks at once; the lab trains one task per run)."""
+    """Every registered method except those that need task ids (they train several tasks at once; the lab trains
+    one task per run) and those that compose sources trained on other tasks (:attr:`Method.
+    composes_trained_sources`; with fresh sources they have nothing to compose). Chapter 08 trains both kinds."""
     from survey_utils.methods import list_methods
 
-    return tuple(m.name for m in list_methods() if not m.takes_task_ids)
+    return tuple(m.name for m in list_methods() if not m.takes_task_ids and not m.composes_trained_sources)
+
+
+def left_out() -> list[dict[str, str]]:
+    """The registered methods the lab does not train, each with why (chapter 09, "What ran")."""
+    from survey_utils.methods import list_methods
+
+    return [{"method": m.name, "reason": "trains several tasks at once (task ids); see chapter 08"
+             if m.takes_task_ids else "composes modules trained beforehand on other tasks; see chapter 08"}
+            for m in list_methods() if m.takes_task_ids or m.composes_trained_sources]
 
 
 def full_plan() -> Plan:

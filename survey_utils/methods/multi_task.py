@@ -295,6 +295,7 @@ def validate_adapter_fusion(config: PretrainedConfig, **hp: Any) -> None:
 
 register(Method(
     name="adapter_fusion", title="AdapterFusion",
+    composes_trained_sources=True,
     paper="Pfeiffer et al. 2021, AdapterFusion: Non-Destructive Task Composition for Transfer Learning (EACL 2021)",
     arxiv_id="2005.00247", taxonomy=MULTI_TASK, chapter=CHAPTER,
     hyperparams=(HyperParam("num_sources", "int", 2, "N: task adapters fused (AdapterHub: the adapters named in "
@@ -435,6 +436,7 @@ def lorahub_frozen_params(config: PretrainedConfig, r: int, num_sources: int, **
 
 register(Method(
     name="lorahub", title="LoRAHub (gradient-free LoRA composition)",
+    composes_trained_sources=True,
     paper="Huang et al. 2023, LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition (COLM 2024)",
     arxiv_id="2307.13269", taxonomy=MULTI_TASK, chapter=CHAPTER,
     hyperparams=(HyperParam("r", "int", 8, "rank of each composed LoRA module (peft's LoRA default)", minimum=1),

@@ -246,6 +246,10 @@ class Method:
     """The forward needs ``task_ids`` (an int64 tensor with one task index per example, passed by keyword to the
     model's forward, as peft's MPT and Polytropon take it); an index outside ``range(hp[tasks_hp])`` is a one-line
     :class:`SurveyError`. Output parity passes them."""
+    composes_trained_sources: bool = False
+    """The method combines modules trained beforehand on other tasks and frozen (AdapterFusion's adapters,
+    LoRAHub's LoRAs); what it trains alone, over freshly initialised sources, is not the method. Chapter 09's lab,
+    which trains one task from scratch, leaves these out and says why."""
     parts: tuple[Any, ...] = ()
     """For a hybrid built by :func:`survey_utils.methods.composition.compose`: its parts (each a registered
     method with the recipe's settings); empty for a method of its own."""

@@ -67,7 +67,7 @@ def test_bars_are_means_over_tasks(results: lab.LabResults) -> None:
 
 def test_findings_are_computed_and_verdicts_are_known(results: lab.LabResults) -> None:
     rows = lab.findings(results)
-    assert len(rows) >= 4
+    assert len(rows) >= 5
     assert {r["verdict"] for r in rows} <= {"supports", "contradicts", "cannot decide"}
     assert all(r["numbers"] and r["claim"] for r in rows)
     errors = lab.memory_errors(results)
@@ -90,3 +90,24 @@ def test_the_lab_figure_shows_the_grid_rows(results: lab.LabResults) -> None:
         expected = sorted((float(r["trainable_pct"]), float(r["test_accuracy"])) for r in results.grid(size, task))
         assert np.allclose(plotted, expected)
         assert ax.lines[0].get_ydata()[0] == pytest.approx(lab.chance(task))
+
+
+def test_verdict_rules() -> None:
+    assert lab._direction(0.2, 0.1) == "supports"
+    assert lab._direction(-0.2, 0.1) == "contradicts"
+    assert lab._direction(0.05, 0.1) == "cannot decide"
+    assert lab._no_difference(0.2, 0.1) == "contradicts"
+    assert lab._no_difference(0.01, 0.02) == "supports"
+    assert lab._no_difference(0.01, 0.2) == "cannot decide"  # no difference seen, but the noise hides any
+
+
+def test_noise_is_recomputed_from_the_seed_rows(results: lab.LabResults) -> None:
+    by_method: dict[tuple[str, str], list[float]] = {}
+    for r in results.runs:
+        if r["phase"] in ("grid", "seeds") and r["size"] == "lab-m" and r["settings"] == "" and r["status"] == "ok" \
+                and r["method"] in {x["method"] for x in results.runs if x["phase"] == "seeds"}:
+            by_method.setdefault((r["method"], r["seed"]), []).append(float(r["test_accuracy"]))
+    methods = {m for m, _ in by_method}
+    spreads = [max(sum(v) / 3 for (m2, _), v in by_method.items() if m2 == m)
+               - min(sum(v) / 3 for (m2, _), v in by_method.items() if m2 == m) for m in methods]
+    assert lab.mean_noise_level(results) == pytest.approx(max(spreads))
