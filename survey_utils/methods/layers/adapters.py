@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from survey_utils.architecture import ModuleSpec
 from survey_utils.methods.adapters import ACTIVATION_NAMES
 from survey_utils.methods.common import linear_dims, new_parameter, replace_module
+from survey_utils.methods.layers.wrapping import ShowsBaseWeightAndBias
 
 if TYPE_CHECKING:
     from survey_utils.methods.adapters import Stack
@@ -70,7 +71,7 @@ class Bottleneck(nn.Module):
         return self.adapter_up(self.act(self.adapter_down(x.to(self.adapter_down.weight.dtype)))).to(x.dtype)
 
 
-class AdapterWrapper(nn.Module):
+class AdapterWrapper(ShowsBaseWeightAndBias):
     r"""A frozen module followed by an adapter branch.
 
     serial (Houlsby, Pfeiffer, Compacter): :math:`y = m(x) + \Delta(m(x))`;
@@ -84,14 +85,6 @@ class AdapterWrapper(nn.Module):
         self.base_layer, self.adapter = base_layer, adapter
         self.scaling, self.parallel = scaling, parallel
         self.ffn_input: torch.Tensor | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -184,7 +177,7 @@ class CompacterBottleneck(nn.Module):
 # ------------------------------------------------------------------------------------------------ (IA)^3
 
 
-class IA3Layer(nn.Module):
+class IA3Layer(ShowsBaseWeightAndBias):
     r"""(IA)^3 around a frozen linear layer (Liu et al. 2022, arXiv:2205.05638).
 
     Keys and values (and any non-feedforward target): :math:`y = l \odot (W x + b)`, :math:`l \in R^{d_{out}}`.
@@ -200,14 +193,6 @@ class IA3Layer(nn.Module):
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
         self.ia3_l = new_parameter(shape, base_layer.weight, nn.init.ones_)
         self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.merged:

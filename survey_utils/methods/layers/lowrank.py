@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from survey_utils.methods.common import linear_dims, new_parameter
+from survey_utils.methods.layers.wrapping import ShowsBaseWeight
 from survey_utils.methods.shapes import factorization, lokr_shapes
 
 
@@ -38,7 +39,7 @@ def kaiming_(tensor: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(ShowsBaseWeight):
     r"""LoRA around a frozen linear layer (Hu et al. 2021, arXiv:2106.09685).
 
     ::
@@ -68,11 +69,6 @@ class LoRALinear(nn.Module):
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight: transformers' T5 reads ``wo.weight.dtype`` (peft's layers expose it too)."""
-        return self.base_layer.weight
 
     def delta_weight(self) -> torch.Tensor:
         """:math:`\\frac{\\alpha}{r} B A`, laid out like the base weight."""
@@ -169,7 +165,7 @@ class DoRALinear(LoRALinear):
             self._merge_norm = None
 
 
-class DeltaLinear(nn.Module):
+class DeltaLinear(ShowsBaseWeight):
     """A frozen linear layer plus a trained update :math:`\\Delta W` (laid out ``d_out x d_in``).
 
     Subclasses define :meth:`delta_weight`; :meth:`delta_output` defaults to ``x @ delta_weight().T`` and
@@ -181,11 +177,6 @@ class DeltaLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features, self.fan_in_fan_out = linear_dims(base_layer)
         self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight: transformers' T5 reads ``wo.weight.dtype`` (peft's layers expose it too)."""
-        return self.base_layer.weight
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError

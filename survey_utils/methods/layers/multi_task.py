@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import linear_dims, new_parameter
+from survey_utils.methods.layers.wrapping import ShowsBaseWeightAndBias
 
 EPS = 1e-12  # peft's (and mttl's) guard when normalising Polytropon's allocation
 
@@ -185,7 +186,7 @@ def _kaiming_per_skill(tensor: torch.Tensor) -> None:
 
 
 # --- AdapterFusion ---------------------------------------------------------------------------------------------
-class AdapterFusionLayer(nn.Module):
+class AdapterFusionLayer(ShowsBaseWeightAndBias):
     r"""AdapterFusion (Pfeiffer et al. 2021, arXiv:2005.00247) around a frozen module with :math:`N` source adapters.
 
     ::
@@ -220,14 +221,6 @@ class AdapterFusionLayer(nn.Module):
         self.fusion_key = new_parameter((width, width), like, bert_init)
         self.fusion_key_bias = new_parameter((width,), like, nn.init.zeros_)
         self.fusion_value = new_parameter((width, width), like, _near_identity) if value else None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def attention(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapters' outputs ``(..., N, d)`` and the fusion's weights over them ``(..., N)``."""
@@ -281,7 +274,7 @@ def load_fusion_sources(model: nn.Module, sources: list[nn.Module]) -> int:
 
 
 # --- MOELoRA ---------------------------------------------------------------------------------------------------
-class MoELoRALinear(nn.Module):
+class MoELoRALinear(ShowsBaseWeightAndBias):
     r"""MOELoRA (Liu et al. 2024, arXiv:2310.18339): LoRA experts mixed by a task-conditioned gate.
 
     .. math:: h = W_0 x + \frac{\alpha}{r} \sum_{e=1}^{E} \omega_{ke}\, B_e A_e x, \qquad
@@ -311,14 +304,6 @@ class MoELoRALinear(nn.Module):
         self.moelora_gate = new_parameter((num_experts, task_embedding_dim), weight,
                                           lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5)))
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
     def gate(self, task_ids: torch.Tensor) -> torch.Tensor:
         """Each example's expert weights ``(batch, E)``: a softmax of the gate applied to its task's embedding."""
         return torch.softmax(self.moelora_task_embedding[task_ids] @ self.moelora_gate.T, dim=-1)
@@ -345,7 +330,7 @@ def _kaiming_per_expert(tensor: torch.Tensor) -> None:
 
 
 # --- LoRAHub ---------------------------------------------------------------------------------------------------
-class LoraHubLinear(nn.Module):
+class LoraHubLinear(ShowsBaseWeightAndBias):
     r"""LoRAHub (Huang et al. 2023, arXiv:2307.13269): a weighted sum of :math:`N` frozen LoRA modules.
 
     .. math:: h = W_0 x + \frac{\alpha}{r} \sum_{n=1}^{N} w_n B_n A_n x
@@ -372,14 +357,6 @@ class LoraHubLinear(nn.Module):
         self.lorahub_B.requires_grad_(False)
         self.lorahub_weights = weights  # the same Parameter in every layer: counted once
         self.merged = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def delta(self) -> torch.Tensor:
         r""":math:`\frac{\alpha}{r}\sum_n w_n B_n A_n`, (d_out x d_in)."""
