@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 from survey_utils.architecture import layout, total_params
 from survey_utils.errors import SurveyError
 from survey_utils.memory.activations import Ctx, Start, saved_activations, trainable_start
-from survey_utils.memory.closed_form import estimate, supports_sdpa
+from survey_utils.memory.closed_form import estimate
 from survey_utils.methods import get_method
 from survey_utils.methods.composition import Part, compose
 from survey_utils.methods.registry import NOT_PLACED, Method, Taxonomy
 from survey_utils.methods.soft_prompts import prefix_layers
 from survey_utils.targeting import num_blocks
 from survey_utils.units import DTYPE_BYTES
-from survey_utils.zoo import load_config
+from survey_utils.zoo import load_config, supports_sdpa
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -57,7 +57,7 @@ from survey_utils.memory.activations import (
 )
 from survey_utils.methods.registry import Method, get_method
 from survey_utils.units import ATTENTIONS, DTYPE_BYTES, DTYPES, OPTIMIZERS, QUANTIZATIONS
-from survey_utils.zoo import load_config
+from survey_utils.zoo import load_config, supports_sdpa
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -136,14 +136,6 @@ class MemoryEstimate:
         if self.peak_phase == "backward":
             return {**fixed, "activations": self.activations, "logits and loss": rest - self.activations}
         return {**fixed, "gradients": self.gradients, "optimizer step": rest - self.gradients}
-
-
-def supports_sdpa(config: PretrainedConfig) -> bool:
-    """Whether transformers' class for this config can use SDPA (BLOOM cannot: it adds ALiBi by hand); from
-    the table the zoo records from transformers, so no model class is imported."""
-    from survey_utils.zoo import supports_sdpa as recorded
-
-    return recorded(config)
 
 
 def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any], batch_size: int, seq_len: int,

@@ -48,11 +48,10 @@ from survey_utils.memory.closed_form import (
     BNB_MIN_8BIT_SIZE,
     BNB_QMAP_ENTRIES,
     check_settings,
-    supports_sdpa,
 )
 from survey_utils.methods.registry import Method, get_method
 from survey_utils.units import OPTIMIZERS, torch_dtype
-from survey_utils.zoo import build_model, load_config
+from survey_utils.zoo import build_model, load_config, supports_sdpa
 
 
 @dataclass(frozen=True)
