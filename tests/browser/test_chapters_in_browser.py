@@ -29,6 +29,7 @@ import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image, ImageChops
@@ -129,6 +130,16 @@ def _readout(page, selector: str) -> str:
     }""", selector)
 
 
+def _after_change(figure: Any, before: Any, path: Path, name: str) -> Any:
+    """The figure's screenshot once it differs from ``before`` and is drawn (or after REDRAW_TIMEOUT_S)."""
+    deadline = time.monotonic() + REDRAW_TIMEOUT_S
+    after = _screenshot(figure, path)
+    while not _differs(before, after) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        after = _screenshot(figure, path)
+    return _wait_drawn(figure, path, name) if _differs(before, after) else after
+
+
 def _shoot_explorers(page, screenshots: Path, name: str) -> list[str]:
     """Every explorer's figure before and after one keyboard step of its first enabled slider, as
     ``NN_name-explorerK-before.png`` / ``-after.png``, for a person to look at; one line per explorer."""
@@ -144,14 +155,7 @@ def _shoot_explorers(page, screenshots: Path, name: str) -> list[str]:
             page.locator(handle_sel).press(key)
             if _readout(page, handle_sel) != value_before:
                 break
-        after_path = screenshots / f"{name}-explorer{k}-after.png"
-        deadline = time.monotonic() + REDRAW_TIMEOUT_S
-        after = _screenshot(figure, after_path)
-        while not _differs(before, after) and time.monotonic() < deadline:
-            time.sleep(0.25)
-            after = _screenshot(figure, after_path)
-        if _differs(before, after):
-            after = _wait_drawn(figure, after_path, name)
+        after = _after_change(figure, before, screenshots / f"{name}-explorer{k}-after.png", name)
         outcome = "pixels changed" if _differs(before, after) else "PIXELS UNCHANGED"
         lines.append(f"explorer {k}: '{label}' {value_before} -> {_readout(page, handle_sel)}: {outcome}")
     return lines
@@ -323,13 +327,7 @@ def test_chapter_in_browser(chapter: Path, lab_server: LabServer, browser, scree
             f"{name}: slider '{found['description']}' did not move by keyboard (readout {value_before!r})")
 
         after_path = screenshots / f"{name}-after.png"
-        deadline = time.monotonic() + REDRAW_TIMEOUT_S
-        after = _screenshot(figure, after_path)
-        while not _differs(before, after) and time.monotonic() < deadline:
-            time.sleep(0.25)
-            after = _screenshot(figure, after_path)
-        if _differs(before, after):
-            after = _wait_drawn(figure, after_path, name)
+        after = _after_change(figure, before, after_path, name)
         explorers = _shoot_explorers(page, screenshots, name)
         page.screenshot(path=str(screenshots / f"{name}-page.png"), full_page=True)
 
