@@ -426,4 +426,5 @@ def reproduce_row(committed: Path, size: str = TUNING_SIZE, method: str = "lora"
     one_thread()
     cell = Cell(size, method, task, float(rows[0]["lr"]), phase="grid")
     new = run(cell)
-    return rows[0], {k: str(v) for k, v in new.row.items()}
+    # the committed rows come from the full plan, whose command every row records
+    return rows[0], {k: str(v) for k, v in {**new.row, "command": COMMAND}.items()}
