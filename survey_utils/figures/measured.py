@@ -409,7 +409,7 @@ def lialin_comparison(out_dir: Path, setting: Setting = TABLE_SETTING) -> list[P
         "% changed = base tensors written by merge or trained in place + added parameters kept, whole tensors. "
         f"{errors}"))
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return save_figure(fig, out_dir, "lialin_comparison", dpi=85)  # a row per method: keep the PNG under 300 KB
+    return save_figure(fig, out_dir, "lialin_comparison", dpi=70)  # a row per method: keep the PNG under 300 KB
 
 
 def trainable_across_zoo(models: list[str] | None = None) -> dict[str, list[tuple[str, int, float]]]:
