@@ -49,8 +49,8 @@ class LabExplorer(Explorer):
         self.parameters = {r["size"]: int(r["parameters"]) for r in results.pretraining}
         controls = {
             "task": W.Dropdown(options=list(TASKS), value=task, description="task", style=_STYLE),
-            "size": W.Dropdown(options=results.sizes, value=size or results.sizes[-1], description="model size",
-                               style=_STYLE),
+            "size": W.SelectionSlider(options=results.sizes, value=size or results.sizes[-1],
+                                      description="model size", continuous_update=False, style=_STYLE),
             "methods": W.SelectMultiple(options=ran, value=tuple(methods or ran), rows=6,
                                         description="methods shown", style=_STYLE),
         }

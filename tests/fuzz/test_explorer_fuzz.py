@@ -119,6 +119,7 @@ def steps(counter: Counter, data: st.DataObject, explorer: Any, check: Callable[
         if key == "compute":
             continue
         controls[key].value = control_value(data, controls[key])
+        compare = data.draw(st.booleans(), label="compare frames")  # drawn whatever the branch (replay-stable)
         if explorer.error is not None:
             assert "\n" not in explorer.error and explorer.error.strip()
             assert explorer.error in html.unescape(explorer.message.value)
@@ -127,7 +128,7 @@ def steps(counter: Counter, data: st.DataObject, explorer: Any, check: Callable[
             continue
         counter.event("widget valid")
         check(explorer)
-        if frames and data.draw(st.booleans(), label="compare frames"):
+        if frames and compare:
             counter.event("reused frame" if truth.check_frame(explorer) else "frame rendered")
 
 
