@@ -23,8 +23,10 @@ target task from :math:`N` source modules (:attr:`Method.tasks_hp` is ``num_sour
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
+from survey_utils.architecture import layout
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import adapt_targets, freeze, model_label, target_specs
 from survey_utils.methods.registry import (
@@ -482,4 +484,328 @@ register(Method(
     peft_state_sync=PROMPT_TUNING.peft_state_sync,
     notes="a target prompt starts from the most similar source prompt (transfer_prompt); then it trains as prompt "
           "tuning: one prompt (n d parameters) per task, nothing shared at inference",
+))
+
+
+# --- ATTEMPT -------------------------------------------------------------------------------------------------------
+# Neither peft nor AdapterHub has ATTEMPT: counts closed form vs built model. Defaults transcribed from the authors'
+# code (github.com/AkariAsai/ATTEMPT, commit 613f700): prompt length = attempt/options.py's prefix_dim (100, also
+# every config in attempt/configs/attempt/), G's width r = the 100 hard-coded in modeling_t5.py's T5Stack
+# (nn.Linear(model_dim, 100)), six source prompts (prefix_num 6 in the configs: MNLI, QNLI, QQP, SST-2, SQuAD, ReCoRD),
+# temperature d * e (the configs' 2087 for T5-base's d = 768; modeling_t5.py's learned temperature starts at
+# model_dim * exp(1)).
+def _attempt_temperature(config: PretrainedConfig, temperature: float | None) -> float:
+    return temperature if temperature is not None else embedding_width(config) * math.e
+
+
+def apply_attempt(model: nn.Module, num_virtual_tokens: int, num_sources: int, attn_dim: int,
+                  temperature: float | None, **_: Any) -> nn.Module:
+    r"""ATTEMPT (Asai et al. 2022, arXiv:2205.11961): prepend :math:`P = P_\text{target} + \sum_j a_j(x) P_j`, an
+    attention over :math:`t` frozen source prompts and the target prompt computed per example from its pooled input.
+
+    Freeze ``model`` and prepend the instance prompt of
+    :class:`~survey_utils.methods.layers.multi_task.AttemptPromptEmbedding` with the soft-prompt hook of chapter
+    02; :func:`~survey_utils.methods.layers.multi_task.load_attempt_sources` copies trained source prompts in.
+    """
+    from survey_utils.methods.layers.multi_task import AttemptPromptEmbedding, install_attempt
+
+    freeze(model)
+    encoder = AttemptPromptEmbedding(num_virtual_tokens, model.get_input_embeddings().weight, num_sources, attn_dim,
+                                     _attempt_temperature(model.config, temperature))
+    return install_attempt(model, encoder)
+
+
+def attempt_trainable_params(config: PretrainedConfig, num_virtual_tokens: int, attn_dim: int, **_: Any) -> int:
+    r""":math:`n d + 2 r d`: the target prompt and the attention module's :math:`W_\text{down}, W_\text{up}` (no
+    biases; its LayerNorm has no parameters); independent of the number of sources :math:`t`."""
+    d = embedding_width(config)
+    return num_virtual_tokens * d + 2 * attn_dim * d
+
+
+def attempt_frozen_params(config: PretrainedConfig, num_virtual_tokens: int, num_sources: int, **_: Any) -> int:
+    r""":math:`t\,n d`: the source prompts, trained beforehand (prompt tuning on each source task), frozen here."""
+    return num_sources * num_virtual_tokens * embedding_width(config)
+
+
+def attempt_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int, adapter_bytes: int,
+                         num_sources: int, attn_dim: int, **_: Any) -> dict[str, int]:
+    r"""Saved for backward by the attention module, per example: the pooled input (read by :math:`W_\text{down}`),
+    the SiLU's input and output (:math:`r` each), the LayerNorm's input and its two statistics (fp32), :math:`H`
+    (read with the pooled prompts) and the :math:`t + 1` attention weights; once per step, the pooled prompts
+    :math:`\hat P` (:math:`(t + 1) \times d`, read with :math:`H`) and the argmax of the target's max-pool (int64,
+    :math:`d`). The instance prompt itself joins the input positions, which the backbone's terms count
+    (:attr:`Method.extra_positions`)."""
+    d = embedding_width(config)
+    per_example = adapter_bytes * (3 * d + 2 * attn_dim + num_sources + 1) + 2 * 4
+    return {"attention module (per example)": batch_size * per_example,
+            "pooled prompts and the target's max-pool indices": adapter_bytes * (num_sources + 1) * d + 8 * d}
+
+
+def validate_attempt(config: PretrainedConfig, temperature: float | None, **hp: Any) -> None:
+    """The prompt leaves room for a real token; the temperature is positive."""
+    validate_prompt(config, **hp)
+    if temperature is not None and temperature <= 0:
+        raise SurveyError(f"temperature={temperature} must be positive (None takes d * e)")
+
+
+register(Method(
+    name="attempt", title="ATTEMPT (attentional mixtures of soft prompts)",
+    composes_trained_sources=True,
+    paper="Asai et al. 2022, ATTEMPT: Parameter-Efficient Multi-task Tuning via Attentional Mixtures of Soft Prompts "
+          "(EMNLP 2022)",
+    arxiv_id="2205.11961", taxonomy=MULTI_TASK, chapter=CHAPTER,
+    hyperparams=(HyperParam("num_virtual_tokens", "int", 100, "n: prompt length of the target and every source "
+                            "(the authors' prefix_dim, 100)", minimum=1),
+                 HyperParam("num_sources", "int", 6, "t: frozen source prompts (the authors' six: MNLI, QNLI, QQP, "
+                            "SST-2, SQuAD, ReCoRD)", minimum=1, maximum=MAX_TASKS),
+                 HyperParam("attn_dim", "int", 100, "r: width of the attention module's bottleneck (100 in the "
+                            "authors' code)", minimum=1, maximum=16384),
+                 HyperParam("temperature", "float", None, "T: softmax temperature; None takes d * e (the authors' "
+                            "2087 for d = 768)", minimum=0, nullable=True)),
+    apply=apply_attempt, trainable_params=attempt_trainable_params, memory_terms=attempt_memory_terms,
+    frozen_added_params=attempt_frozen_params, validate=validate_attempt, extra_positions=virtual_positions,
+    param_prefixes=("prompt_encoder",), tasks_hp="num_sources",
+    largest_trainable_tensor=lambda config, num_virtual_tokens, attn_dim, **_: embedding_width(config) * max(
+        num_virtual_tokens, attn_dim),
+    notes="in neither peft nor AdapterHub: counts closed form vs built model, architecture transcribed from the "
+          "authors' code (attn_method 'sub'); one target prompt (the paper's multi-task ATTEMPT-m, one target per "
+          "task sharing G, is not built); a new target task costs n d + 2 r d, a new source n d frozen",
+))
+
+
+# --- X-LoRA --------------------------------------------------------------------------------------------------------
+# peft 0.21.2 has X-LoRA (XLoraConfig, XLoraModel) and it runs on CPU on the zoo's tiny decoders, but it loads its
+# experts from LoRA adapters saved on disk and refuses a config with use_cache on: it cannot be built on meta from a
+# config as the registry's peft paths do, so the registry has no peft_config and the three-way check (closed form,
+# built model, peft's XLoraModel) lives in tests/methods/test_multi_task.py and chapter 08, through
+# peft_xlora_model below. Defaults are XLoraConfig's; the experts take peft's LoRA defaults (r=8, lora_alpha=8,
+# query and value projections).
+def apply_xlora(model: nn.Module, num_adapters: int, r: int, lora_alpha: float, xlora_depth: int, xlora_size: int,
+                xlora_dropout_p: float, layerwise_scalings: bool, enable_softmax: bool, enable_softmax_topk: bool,
+                softmax_temperature: float, top_k_lora: int | None, scaling_pass_value: float,
+                global_scaling_weight: float, use_trainable_adapters: bool, **targets: Any) -> nn.Module:
+    r"""X-LoRA (Buehler & Buehler 2024, arXiv:2402.07148): :math:`N` frozen LoRA experts in every target layer, mixed
+    per token and layer by scalings a trainable classifier predicts from a first pass's last hidden state.
+
+    Freeze ``model``, wrap each target in :class:`~survey_utils.methods.layers.multi_task.XLoraLinear` and attach the
+    classifier and the dual-forward hook
+    (:func:`~survey_utils.methods.layers.multi_task.install_xlora`);
+    :func:`~survey_utils.methods.layers.multi_task.load_xlora_experts` copies trained LoRAs in.
+    """
+    from survey_utils.methods.layers.multi_task import (
+        XLoraContext,
+        XLoraLinear,
+        install_xlora,
+        xlora_classifier,
+    )
+
+    freeze(model)
+    context = XLoraContext(top_k_lora, enable_softmax_topk, global_scaling_weight)
+    names = adapt_targets(model, "xlora", _only_targets(targets), lambda base: XLoraLinear(
+        base, r, lora_alpha, num_adapters, context, use_trainable_adapters))
+    out = num_adapters * (len(names) if layerwise_scalings else 1)
+    classifier = xlora_classifier(layout(model.config).hidden_size, out, xlora_depth, xlora_size, xlora_dropout_p,
+                                  model.get_input_embeddings().weight)
+    return install_xlora(model, classifier, context, num_adapters, layerwise_scalings, enable_softmax,
+                         softmax_temperature, scaling_pass_value)
+
+
+def _xlora_classifier_params(config: PretrainedConfig, num_adapters: int, xlora_depth: int, xlora_size: int,
+                             layerwise_scalings: bool, layers: int) -> int:
+    h, s = layout(config).hidden_size, xlora_size
+    out = num_adapters * (layers if layerwise_scalings else 1)
+    if xlora_depth == 1:
+        return (h + 1) * out
+    return (h + 1) * s + (xlora_depth - 2) * (s + 1) * s + (s + 1) * out
+
+
+def _xlora_experts(config: PretrainedConfig, num_adapters: int, r: int, hp: dict[str, Any]) -> int:
+    return num_adapters * sum(r * (m.in_features + m.out_features)
+                              for m in target_specs(config, "xlora", _only_targets(hp)))
+
+
+def xlora_trainable_params(config: PretrainedConfig, num_adapters: int, r: int, xlora_depth: int, xlora_size: int,
+                           layerwise_scalings: bool, use_trainable_adapters: bool, **hp: Any) -> int:
+    r"""The classifier: :math:`(h + 1)\,N'` at depth 1, else :math:`(h+1)s + (k-2)(s+1)s + (s+1)N'`, with
+    :math:`N' = N` (or :math:`NL` with layer-wise scalings, :math:`L` adapted layers), :math:`h` the hidden size,
+    :math:`s` = ``xlora_size``, :math:`k` = ``xlora_depth``; plus the experts,
+    :math:`N\sum_W r(d_\text{in} + d_\text{out})`, only with ``use_trainable_adapters``."""
+    layers = len(target_specs(config, "xlora", _only_targets(hp)))
+    classifier = _xlora_classifier_params(config, num_adapters, xlora_depth, xlora_size, layerwise_scalings, layers)
+    return classifier + (_xlora_experts(config, num_adapters, r, hp) if use_trainable_adapters else 0)
+
+
+def xlora_frozen_params(config: PretrainedConfig, num_adapters: int, r: int, use_trainable_adapters: bool,
+                        **hp: Any) -> int:
+    r""":math:`N\sum_W r(d_\text{in} + d_\text{out})`: the LoRA experts, trained beforehand, frozen (peft's default)."""
+    return 0 if use_trainable_adapters else _xlora_experts(config, num_adapters, r, hp)
+
+
+def xlora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int, adapter_bytes: int,
+                       num_adapters: int, r: int, xlora_depth: int, xlora_size: int, xlora_dropout_p: float,
+                       layerwise_scalings: bool, enable_softmax: bool, top_k_lora: int | None,
+                       enable_softmax_topk: bool, **hp: Any) -> dict[str, int]:
+    r"""Saved for backward, ``t = batch x seq_len`` tokens: each target's input (once per distinct input, read by
+    :math:`\lambda_n \odot x` for the scalings' gradient; the frozen experts keep nothing else), the classifier's
+    input (the scaling pass's last hidden state, the only tensor that pass leaves behind) and hidden activations
+    (depth > 1: ReLU output, dropout mask (1 B, as LoRA's terms) and output), and the scalings: the softmax's
+    :math:`t \times L \times N` output (without softmax and layer-wise scalings only the :math:`t \times N`
+    logits, which every layer reads through a view); with top-k, per layer its mask and the masked scalings, with
+    ``enable_softmax_topk`` its 1-byte mask and softmax output too."""
+    from survey_utils.methods.reparameterized import _saved_inputs  # LoRA's rule for saved inputs, shared
+
+    specs = target_specs(config, "xlora", _only_targets(hp))
+    layers = len(specs)
+    t = batch_size * seq_len
+    inputs = _saved_inputs(specs, t, act_bytes, adapter_bytes, 0.0)
+    hidden = (xlora_depth - 1) * t * xlora_size * (adapter_bytes + (1 + adapter_bytes if xlora_dropout_p > 0 else 0))
+    per_token = layers * num_adapters if enable_softmax or layerwise_scalings else num_adapters
+    terms = {"expert inputs (once per distinct input)": inputs,
+             "classifier input and activations": adapter_bytes * t * layout(config).hidden_size + hidden,
+             "scalings": adapter_bytes * t * per_token}
+    if top_k_lora is not None or enable_softmax_topk:
+        per_layer = adapter_bytes * (1 + (top_k_lora is not None) + enable_softmax_topk) + enable_softmax_topk
+        terms["top-k scalings per layer"] = layers * t * num_adapters * per_layer
+    return terms
+
+
+def validate_xlora(config: PretrainedConfig, num_adapters: int, top_k_lora: int | None, softmax_temperature: float,
+                   **hp: Any) -> None:
+    """A decoder-only or encoder-only model (the scalings are sized by the one input sequence and read from the
+    output's ``hidden_states``); top-k within the experts; a positive temperature; the targets exist."""
+    if layout(config).is_encoder_decoder:
+        raise SurveyError(f"xlora needs a decoder-only or encoder-only model: {model_label(config)} is encoder-decoder "
+                          "(its scalings are sized by the encoder input, its output has no hidden_states)")
+    if top_k_lora is not None and top_k_lora > num_adapters:
+        raise SurveyError(f"top_k_lora={top_k_lora} is more than num_adapters={num_adapters}")
+    if softmax_temperature <= 0:
+        raise SurveyError(f"softmax_temperature={softmax_temperature} must be positive")
+    target_specs(config, "xlora", _only_targets(hp))
+
+
+def xlora_peft_config(config: PretrainedConfig, adapters: dict[str, str], num_adapters: int, xlora_depth: int,
+                      xlora_size: int, xlora_dropout_p: float, layerwise_scalings: bool, enable_softmax: bool,
+                      enable_softmax_topk: bool, softmax_temperature: float, top_k_lora: int | None,
+                      scaling_pass_value: float, global_scaling_weight: float, use_trainable_adapters: bool,
+                      **_: Any) -> Any:
+    """peft's ``XLoraConfig`` for these settings, with ``adapters`` (``{"0": folder, ...}``: peft names the loaded
+    experts by position, so the keys must be ``"0"``, ``"1"``, ...) saved by :func:`save_lora_experts`."""
+    from peft import XLoraConfig
+
+    if sorted(adapters) != [str(n) for n in range(num_adapters)]:
+        raise SurveyError(f"adapters must be keyed '0'..'{num_adapters - 1}' (peft's X-LoRA names the experts by "
+                          f"position); got {sorted(adapters)}")
+    return XLoraConfig(task_type=peft_task_type(config), hidden_size=layout(config).hidden_size, adapters=adapters,
+                       xlora_depth=xlora_depth, xlora_size=xlora_size, xlora_dropout_p=xlora_dropout_p,
+                       layerwise_scalings=layerwise_scalings, enable_softmax=enable_softmax,
+                       enable_softmax_topk=enable_softmax_topk, softmax_temperature=softmax_temperature,
+                       top_k_lora=top_k_lora, scaling_pass_value=scaling_pass_value,
+                       global_scaling_weight=global_scaling_weight, use_trainable_adapters=use_trainable_adapters)
+
+
+def save_lora_experts(model_name: str, folder: str, seed: int = 0, **overrides: Any) -> dict[str, str]:
+    """Save ``num_adapters`` LoRA adapters with peft (r, lora_alpha and targets of ``overrides``, B drawn from
+    N(0, 0.1) so that each expert changes the model) into ``folder``; returns X-LoRA's ``adapters`` mapping."""
+    import os
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from survey_utils.zoo import build_model, load_config
+
+    method = get_method("xlora")
+    hp = method.resolve(load_config(model_name), **overrides)
+    targets = hp["target_modules"] or sorted({s.short_name for s in target_specs(load_config(model_name), "xlora",
+                                                                                  _only_targets(hp))})
+    generator = torch.Generator().manual_seed(seed)
+    adapters = {}
+    for n in range(hp["num_adapters"]):
+        lora = get_peft_model(build_model(model_name, device="cpu", seed=0),
+                              LoraConfig(r=hp["r"], lora_alpha=hp["lora_alpha"], target_modules=targets))
+        with torch.no_grad():
+            for name, parameter in lora.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        adapters[str(n)] = os.path.join(folder, str(n))
+        lora.save_pretrained(adapters[str(n)])
+    return adapters
+
+
+def peft_xlora_model(model_name: str, adapters: dict[str, str], dtype: Any = None, **overrides: Any) -> Any:
+    """peft's X-LoRA on a fresh zoo model (seed 0, ``use_cache`` off as peft requires) over saved ``adapters``."""
+    import warnings
+
+    from peft import get_peft_model
+
+    from survey_utils.zoo import build_model, load_config
+
+    config = load_config(model_name)
+    hp = get_method("xlora").resolve(config, **overrides)
+    base = build_model(model_name, device="cpu", seed=0, **({"dtype": dtype} if dtype is not None else {}))
+    base.config.use_cache = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(base, xlora_peft_config(config, adapters, **hp))
+
+
+def load_xlora_from_peft(ours: nn.Module, theirs: Any) -> int:
+    """Copy peft's X-LoRA classifier and experts into ours; returns tensors copied (output parity)."""
+    import torch
+
+    from survey_utils.methods.layers.multi_task import XLoraLinear
+
+    xlora = theirs.base_model
+    copied = 0
+    with torch.no_grad():
+        ours.xlora_classifier.load_state_dict(xlora.internal_xlora_classifier.layers.state_dict())
+        copied += len(ours.xlora_classifier.state_dict())
+        for name, layer in ours.named_modules():
+            if isinstance(layer, XLoraLinear):
+                lora = theirs.get_submodule(f"base_model.model.{name}")
+                for n in range(layer.xlora_A.shape[0]):
+                    layer.xlora_A[n].copy_(lora.lora_A[str(n)].weight)
+                    layer.xlora_B[n].copy_(lora.lora_B[str(n)].weight)
+                    copied += 2
+    return copied
+
+
+register(Method(
+    name="xlora", title="X-LoRA (mixture of LoRA experts, token-level scalings)",
+    composes_trained_sources=True,
+    paper="Buehler & Buehler 2024, X-LoRA: Mixture of Low-Rank Adapter Experts, a Flexible Framework for Large "
+          "Language Models with Applications in Protein Mechanics and Molecular Design (APL Machine Learning 2024)",
+    arxiv_id="2402.07148", taxonomy=Taxonomy(xu=NOT_PLACED, wang=NOT_PLACED, lialin=NOT_PLACED), chapter=CHAPTER,
+    hyperparams=(HyperParam("num_adapters", "int", 2, "N: frozen LoRA experts (peft: len(adapters), no default; 2 is "
+                            "the smallest mixture)", minimum=1, maximum=MAX_SKILLS),
+                 HyperParam("r", "int", 8, "rank of each expert (peft's LoRA default)", minimum=1),
+                 HyperParam("lora_alpha", "float", 8.0, "experts' scale alpha / r (peft's LoRA default)", minimum=0),
+                 HyperParam("xlora_depth", "int", 1, "layers of the classifier (peft's default 1: one Linear)",
+                            minimum=1, maximum=8),
+                 HyperParam("xlora_size", "int", 2048, "hidden width of the classifier (used when xlora_depth > 1)",
+                            minimum=1, maximum=16384),
+                 HyperParam("xlora_dropout_p", "float", 0.2, "dropout between the classifier's layers (depth > 1)",
+                            minimum=0, maximum=0.99),
+                 HyperParam("layerwise_scalings", "bool", False, "one set of scalings per adapted layer (else one "
+                            "broadcast to every layer)"),
+                 HyperParam("enable_softmax", "bool", True, "softmax over the experts of the classifier's logits"),
+                 HyperParam("enable_softmax_topk", "bool", False, "softmax over the top-k experts only"),
+                 HyperParam("softmax_temperature", "float", 1.0, "temperature of that softmax", minimum=0),
+                 HyperParam("top_k_lora", "int", None, "keep each token's k largest scalings (None: dense)", minimum=1,
+                            nullable=True),
+                 HyperParam("scaling_pass_value", "float", 0.0, "every scaling during the first pass (0: the base "
+                            "model's hidden states)"),
+                 HyperParam("global_scaling_weight", "float", 1.0, "multiplies every expert's output"),
+                 HyperParam("use_trainable_adapters", "bool", False, "train the experts too"),
+                 HyperParam("target_modules", "targets", None,
+                            "module names (or one regex) the experts adapt; None takes the query and value projections",
+                            nullable=True)),
+    apply=apply_xlora, trainable_params=xlora_trainable_params, memory_terms=xlora_memory_terms,
+    frozen_added_params=xlora_frozen_params, validate=validate_xlora, param_prefixes=("xlora_",),
+    tasks_hp="num_adapters",
+    notes="peft 0.21.2's XLoraModel runs on CPU on the zoo's tiny decoders, but loads its experts from adapters saved "
+          "on disk and needs use_cache off, so it cannot be built from a config on meta: the registry has no "
+          "peft_config; counts are checked three ways (closed form, built model, peft) and outputs against peft in "
+          "tests/methods/test_multi_task.py on tiny models. Two forward passes per step (the first without "
+          "gradients); encoder-decoder models refused (peft's classifier reads the output's hidden_states). All "
+          "experts share one rank and one set of targets (peft allows each its own config)",
 ))

@@ -462,3 +462,252 @@ def transfer_prompt(model: nn.Module, sources: list[torch.Tensor], probe: torch.
     with torch.no_grad():
         weight.copy_(sources[best])
     return best
+
+
+# --- ATTEMPT ---------------------------------------------------------------------------------------------------
+class AttemptPromptEmbedding(nn.Module):
+    r"""ATTEMPT (Asai et al. 2022, arXiv:2205.11961): each example's prompt is the target prompt plus an attention
+    mixture of frozen source prompts and the target prompt itself.
+
+    ::
+
+        E(x) ─ max-pool ─► x̂ ─► W_down ─ SiLU ─► W_up ─► LayerNorm ─► H ──┐
+        P_1 … P_t (frozen), P_target ─ max-pool over positions ─► P̂_j ──► a = softmax_j(P̂_j · H / T)
+        P_instance = P_target + Σ_j a_j P_j   (j over the t sources and the target)  ─► [P_instance; E(x)]
+
+    .. math:: \hat x = \max_i E(x)_i,\quad H = \mathrm{LN}\big(W_\text{up}\,\mathrm{SiLU}(W_\text{down}\hat x)\big),
+              \quad a_j = \frac{\exp(\hat P_j \cdot H / T)}{\sum_{k=1}^{t+1} \exp(\hat P_k \cdot H / T)},\quad
+              P = P_\text{target} + \sum_{j=1}^{t+1} a_j P_j
+
+    Transcribed from the authors' code (github.com/AkariAsai/ATTEMPT, commit 613f700,
+    ``attempt/third_party/models/t5/modeling_t5.py``, ``T5Stack`` with ``attn_method="sub"``, the method of the
+    paper's configs ``attempt/configs/attempt/*.json``): ``attn_W_down = nn.Linear(d, 100, bias=False)``,
+    ``attn_W_up = nn.Linear(100, d, bias=False)``, SiLU between, ``nn.LayerNorm(d)`` after; max-pooling over the
+    input positions (padding included, as there) and over each prompt's positions; the softmax over the sources
+    *and* the target, then the target added once more. Trainable, as ``attempt/utils/utils.py``'s
+    ``freeze_model_params`` leaves it for ``"sub"``: ``attn_W_down``, ``attn_W_up`` and the target prompt
+    (``prefix_shared``), :math:`nd + 2rd`. Its LayerNorm is not unfrozen there and keeps its initial affine
+    (weight 1, bias 0), so here it is a LayerNorm without parameters (the same function). Init: :math:`W` from
+    N(0, 0.01) (``T5PreTrainedModel._init_weights``, its ``nn.Linear`` branch "for adapter layers"), the target
+    like prompt tuning's U(-0.5, 0.5) (``init_prefix_weights``), the sources zero until
+    :func:`load_attempt_sources` copies trained prompts in (and starts the target from the first, as
+    ``run_seq2seq.py`` does for single-task training). The authors pool a per-example copy of every prompt; this
+    layer pools each prompt once and mixes the frozen sources apart from the target, the same numbers.
+    """
+
+    def __init__(self, num_virtual_tokens: int, like: torch.Tensor, num_sources: int, attn_dim: int,
+                 temperature: float) -> None:
+        super().__init__()
+        d = like.shape[1]
+        self.num_virtual_tokens, self.temperature = num_virtual_tokens, temperature
+        self.embedding = nn.Embedding(num_virtual_tokens, d, device=like.device, dtype=like.dtype)  # the target
+        if like.device.type != "meta":
+            with torch.no_grad():
+                nn.init.uniform_(self.embedding.weight, -0.5, 0.5)
+        self.attempt_sources = new_parameter((num_sources, num_virtual_tokens, d), like, nn.init.zeros_)
+        self.attempt_sources.requires_grad_(False)  # trained beforehand, one per source task; frozen here
+        self.attn_W_down = new_parameter((attn_dim, d), like, lambda t: nn.init.normal_(t, 0.0, 0.01))
+        self.attn_W_up = new_parameter((d, attn_dim), like, lambda t: nn.init.normal_(t, 0.0, 0.01))
+        self.pooled: torch.Tensor | None = None  # max-pooled input embeddings of the forward in progress
+
+    def attention(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Each example's weights over ``[sources..., target]``, ``(batch, t + 1)``, from its pooled input."""
+        hidden = F.silu(pooled.to(self.attn_W_down.dtype) @ self.attn_W_down.T) @ self.attn_W_up.T
+        hidden = F.layer_norm(hidden, hidden.shape[-1:])
+        keys = torch.cat([self.attempt_sources.max(dim=1).values,
+                          self.embedding.weight.max(dim=0, keepdim=True).values])
+        return torch.softmax(hidden @ keys.T / self.temperature, dim=-1)
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        if self.pooled is None or self.pooled.shape[0] != batch_size:
+            raise SurveyError("ATTEMPT's prompt depends on the input: call the model, whose hook pools the input")
+        weights = self.attention(self.pooled)
+        target = self.embedding.weight
+        sources = torch.einsum("bs,snd->bnd", weights[:, :-1], self.attempt_sources)
+        return target + sources + weights[:, -1:, None] * target
+
+
+def _pool_input(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """ATTEMPT's pre-hook (before the soft prompt's): embed the input once, keep its max-pool for the prompt."""
+    if len(args) > 1:
+        raise SurveyError(f"pass the model's inputs by keyword with ATTEMPT ({len(args)} positional given)")
+    kwargs = {**kwargs, "input_ids": args[0]} if args else dict(kwargs)
+    embeds, input_ids = kwargs.pop("inputs_embeds", None), kwargs.pop("input_ids", None)
+    if embeds is None:
+        if input_ids is None:
+            raise SurveyError("ATTEMPT needs input_ids or inputs_embeds: its attention reads the input")
+        embeds = model.get_input_embeddings()(input_ids)
+    model.prompt_encoder.pooled = embeds.max(dim=1).values
+    kwargs["inputs_embeds"] = embeds
+    return (), kwargs
+
+
+def install_attempt(model: nn.Module, encoder: AttemptPromptEmbedding) -> nn.Module:
+    """Attach ``encoder`` as the model's soft prompt (chapter 02's hook prepends it) and the pooling pre-hook."""
+    from survey_utils.methods.layers.prompts import install_soft_prompt
+
+    install_soft_prompt(model, encoder)
+    model.register_forward_pre_hook(_pool_input, with_kwargs=True, prepend=True)
+    return model
+
+
+def load_attempt_sources(model: nn.Module, prompts: list[torch.Tensor], target_from_first: bool = True) -> int:
+    """Copy trained source prompts (``n x d`` each, e.g. prompt tuning's ``embedding.weight`` on each source task)
+    into an ATTEMPT model's frozen sources; with ``target_from_first`` start the target prompt from the first, as
+    the authors' ``run_seq2seq.py`` does. Returns the prompts copied; a prompt of another shape is one line."""
+    encoder = getattr(model, "prompt_encoder", None)
+    if not isinstance(encoder, AttemptPromptEmbedding):
+        raise SurveyError("the model has no ATTEMPT prompt: apply attempt first")
+    sources = encoder.attempt_sources
+    if len(prompts) != sources.shape[0]:
+        raise SurveyError(f"{len(prompts)} source prompts for {sources.shape[0]} sources")
+    for n, prompt in enumerate(prompts):
+        if tuple(prompt.shape) != tuple(sources.shape[1:]):
+            raise SurveyError(f"source prompt {n} has shape {tuple(prompt.shape)}, ATTEMPT's sources "
+                              f"{tuple(sources.shape[1:])}: trained on another model or prompt length")
+    with torch.no_grad():
+        sources.copy_(torch.stack([p.to(sources) for p in prompts]))
+        if target_from_first:
+            encoder.embedding.weight.copy_(sources[0])
+    return len(prompts)
+
+
+# --- X-LoRA ----------------------------------------------------------------------------------------------------
+class XLoraContext:
+    """The scalings of the forward pass in progress, ``(batch, seq, L, N)``, read by every :class:`XLoraLinear`."""
+
+    def __init__(self, top_k_lora: int | None, enable_softmax_topk: bool, global_scaling_weight: float) -> None:
+        self.top_k_lora, self.enable_softmax_topk = top_k_lora, enable_softmax_topk
+        self.global_scaling_weight = global_scaling_weight
+        self.scalings: torch.Tensor | None = None
+
+    def for_layer(self, layer: int) -> torch.Tensor | None:
+        """Layer ``layer``'s scalings ``(batch, seq, N)``: top-k masked and re-normalised where asked (peft's
+        ``XLoraLayer.get_maybe_topk_scalings``)."""
+        if self.scalings is None:
+            return None
+        scalings = self.scalings[:, :, layer, :]
+        if self.top_k_lora is not None:
+            top = torch.topk(scalings, k=self.top_k_lora, dim=-1).indices
+            mask = torch.zeros_like(scalings, dtype=torch.bool).scatter_(-1, top, True)
+            scalings = scalings * mask.to(scalings.dtype)
+        if self.enable_softmax_topk:
+            kept = scalings != 0
+            scalings = torch.softmax(scalings.masked_fill(~kept, float("-inf")), dim=-1).masked_fill(~kept, 0.0)
+        return scalings
+
+
+class XLoraLinear(ShowsBaseWeightAndBias):
+    r"""X-LoRA (Buehler & Buehler 2024, arXiv:2402.07148) around a frozen linear layer: :math:`N` frozen LoRA experts,
+    each token's input scaled per expert by the classifier's output for this layer.
+
+    .. math:: h = W_0 x + g\,\frac{\alpha}{r} \sum_{n=1}^{N} B_n A_n (\lambda_{\ell n}(t) \odot x), \qquad
+              \lambda(t) = \mathrm{softmax}\big(\mathrm{MLP}(z_t) / \tau\big)
+
+    :math:`z_t` is token :math:`t`'s last hidden state from a first forward pass of the same model (the scaling
+    pass, experts scaled by ``scaling_pass_value``, 0: the base model), :math:`g` the ``global_scaling_weight``.
+    As peft 0.21.2's ``XLoraLinearLayer.forward``: the scaling multiplies the input, before :math:`A_n`. The experts
+    start as LoRA's (:math:`A` Kaiming-uniform, :math:`B = 0`) until :func:`load_xlora_experts` copies trained
+    ones in; they are frozen (peft's ``use_trainable_adapters=False``). Without scalings (the layer called outside
+    the model's hook) the experts are summed unscaled, as peft's layer does with ``scalings=None``.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, num_adapters: int, context: XLoraContext,
+                 trainable: bool) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features, _ = linear_dims(base_layer)
+        self.scaling, self.context, self.layer_number = lora_alpha / r, context, 0
+        weight = base_layer.weight
+        self.xlora_A = new_parameter((num_adapters, r, self.in_features), weight,
+                                     lambda t: [nn.init.kaiming_uniform_(t[n], a=math.sqrt(5)) for n in range(len(t))])
+        self.xlora_B = new_parameter((num_adapters, self.out_features, r), weight, nn.init.zeros_)
+        self.xlora_A.requires_grad_(trainable)
+        self.xlora_B.requires_grad_(trainable)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        scalings = self.context.for_layer(self.layer_number)
+        weight = 1.0 if scalings is None else self.context.global_scaling_weight
+        x = x.to(self.xlora_A.dtype)
+        for n in range(self.xlora_A.shape[0]):
+            scaled = x if scalings is None else x * scalings[:, :, n].unsqueeze(-1)
+            update = scaled @ self.xlora_A[n].T @ self.xlora_B[n].T
+            result = result + (update * self.scaling * weight).to(result.dtype)
+        return result
+
+
+def xlora_classifier(hidden_size: int, out_features: int, depth: int, size: int, dropout: float,
+                     like: torch.Tensor) -> nn.Sequential:
+    """peft's ``XLoraClassifier.layers``: Linear (with bias) to the logits at depth 1; else Linear-ReLU(-Dropout)
+    to ``size``, ``depth - 2`` more of those, then the last Linear (default ``nn.Linear`` inits)."""
+    f = {"device": like.device, "dtype": like.dtype}
+    layers: list[nn.Module] = []
+    width = hidden_size
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, size, **f), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+        width = size
+    return nn.Sequential(*layers, nn.Linear(width, out_features, **f))
+
+
+def install_xlora(model: nn.Module, classifier: nn.Sequential, context: XLoraContext, num_adapters: int,
+                  layerwise: bool, enable_softmax: bool, temperature: float, pass_value: float) -> nn.Module:
+    """Number the model's :class:`XLoraLinear` layers in module order (peft's ``convert_layers_to_xlora``), attach
+    ``classifier`` as ``model.xlora_classifier`` and the pre-hook of the dual forward: a no-grad scaling pass of
+    the model (every scaling ``pass_value``) for the last hidden state, then the classifier's scalings for the
+    real pass (peft's ``XLoraModel._enable_peft_forward_hooks`` and ``XLoraClassifier.forward``)."""
+    layers = [m for m in model.modules() if isinstance(m, XLoraLinear)]
+    for number, layer in enumerate(layers):
+        layer.layer_number = number
+    model.xlora_classifier = classifier
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if kwargs.get("past_key_values") is not None:
+            raise SurveyError("past_key_values cannot be passed to X-LoRA: its two passes would both extend the cache")
+        ref = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if ref is None:
+            raise SurveyError("X-LoRA needs input_ids or inputs_embeds to size its scalings")
+        batch, seq = ref.shape[:2]
+        dtype = classifier[-1].weight.dtype
+        context.scalings = torch.full((batch, seq, len(layers), num_adapters), pass_value, dtype=dtype,
+                                      device=classifier[-1].weight.device)
+        with torch.no_grad():
+            hidden = module.forward(*args, **{**kwargs, "output_hidden_states": True, "return_dict": True})
+        logits = classifier(hidden.hidden_states[-1].to(dtype))
+        if layerwise:
+            scalings = logits.reshape(batch, seq, len(layers), num_adapters)
+        else:
+            scalings = logits.unsqueeze(2).expand(-1, -1, len(layers), -1).reshape(batch, seq, len(layers),
+                                                                                   num_adapters)
+        context.scalings = torch.softmax(scalings / temperature, dim=-1) if enable_softmax else scalings
+        return args, kwargs
+
+    model.xlora_context = context
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return model
+
+
+def load_xlora_experts(model: nn.Module, sources: list[nn.Module]) -> int:
+    """Copy trained LoRA modules (models with the registered ``lora`` applied, one per expert) into an X-LoRA model's
+    frozen experts; returns tensors copied. A module of another shape or placement is refused in one line."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, XLoraLinear)]
+    if not layers:
+        raise SurveyError("the model has no X-LoRA layers: apply xlora first")
+    if len(sources) != layers[0][1].xlora_A.shape[0]:
+        raise SurveyError(f"{len(sources)} LoRA models for {layers[0][1].xlora_A.shape[0]} X-LoRA experts")
+    copied = 0
+    with torch.no_grad():
+        for n, source in enumerate(sources):
+            for name, layer in layers:
+                try:
+                    a, b = source.get_submodule(name).lora_A, source.get_submodule(name).lora_B
+                except AttributeError:
+                    raise SurveyError(f"source {n} has no LoRA at {name}: it adapts other modules") from None
+                if a.shape != layer.xlora_A.shape[1:] or b.shape != layer.xlora_B.shape[1:]:
+                    raise SurveyError(f"source {n}'s LoRA at {name} is {tuple(b.shape)} x {tuple(a.shape)}, the "
+                                      f"expert's {tuple(layer.xlora_B.shape[1:])} x {tuple(layer.xlora_A.shape[1:])}:"
+                                      " another model or rank")
+                layer.xlora_A[n].copy_(a)
+                layer.xlora_B[n].copy_(b)
+                copied += 2
+    return copied
