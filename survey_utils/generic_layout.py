@@ -50,13 +50,18 @@ def generic_layout(config: PretrainedConfig) -> Layout:
         1 if getattr(text, "multi_query", False) else heads)
     head_dim = _first(text, ("head_dim", "d_kv")) or (hidden // heads if heads else 0)
     inter = _first(text, ("intermediate_size", "d_ff", "ffn_dim", "n_inner", "ffn_hidden_size")) or 4 * hidden
-    return Layout(
+    shape = Layout(
         config.model_type, modules, hidden, max(blocks, default=-1) + 1, heads, kv_heads, head_dim,
         _first(text, ("vocab_size",)) or 0, inter, _first(text, ("max_position_embeddings", "n_positions")),
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
         default_lora_targets=default_lora_targets(config.model_type, modules),
         num_experts=experts, experts_per_token=top_k, output_embeddings=_output_embeddings(model),
     )
+    if len(_TRANSPOSED) > 512:
+        _TRANSPOSED.clear()
+    _TRANSPOSED[id(shape)] = (shape, frozenset(name for name, module in model.named_modules()
+                                               if getattr(module, "is_transposed", False) is True))
+    return shape
 
 
 def moe_sizes(config: PretrainedConfig) -> tuple[int, int]:
@@ -277,21 +282,23 @@ def _label(config: Any) -> str:
     return getattr(config, "name_or_path", "") or config.model_type
 
 
-def lora_target_parameters(layout: Layout, target_parameters: list[str], r: int) -> int:
-    """Trainable parameters peft's LoRA adds with ``target_parameters`` (fused expert tensors, peft 0.21's
-    ``ParamWrapper``): a parameter of shape ``(experts, a, b)`` gets ``lora_A`` of ``in x r*experts`` and ``lora_B``
-    of ``r*experts x out``, so ``r * experts * (a + b)``; a 2-D one gets ``r * (a + b)``. A target matches a
-    parameter whose full name equals it or ends in ``.target`` (peft's rule); one that matches nothing is refused."""
-    total = 0
-    for target in target_parameters:
-        found = False
-        for module in layout.modules:
-            for (param, _), shape in zip(module.params, module.shapes, strict=False):
-                full = f"{module.name}.{param}"
-                if full == target or full.endswith(f".{target}"):
-                    found = True
-                    experts = shape[0] if len(shape) == 3 else 1
-                    total += r * experts * sum(shape[-2:])
-        if not found:
-            raise SurveyError(f"target parameter '{target}' matches no parameter of {layout.family}")
-    return total
+def transposed_modules(layout: Layout) -> frozenset[str]:
+    """Names of the modules whose 3-D expert tensors are stored ``(experts, d_in, d_out)``: transformers marks them
+    ``is_transposed`` (its ``use_experts_implementation``), and peft's ``ParamWrapper`` reads the flag to tell
+    ``d_in`` from ``d_out``. Recorded while :func:`generic_layout` builds the model (empty for a hand layout, which
+    has no 3-D tensors); counting never needs it, only what a LoRA on such a tensor saves for backward."""
+    hit = _TRANSPOSED.get(id(layout))
+    return hit[1] if hit is not None and hit[0] is layout else frozenset()
+
+
+def remember_transposed(layout: Layout, names: frozenset[str]) -> None:
+    """Record :func:`transposed_modules` for a layout made without a build (a stored snapshot,
+    :mod:`survey_utils.snapshots`)."""
+    if len(_TRANSPOSED) > 512:
+        _TRANSPOSED.clear()
+    _TRANSPOSED[id(layout)] = (layout, frozenset(names))
+
+
+# id(layout) -> (layout, names): a layout is immutable and cached by architecture.layout, so the identity check
+# keeps a recycled id from answering for another layout.
+_TRANSPOSED: dict[int, tuple[Layout, frozenset[str]]] = {}

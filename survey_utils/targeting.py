@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from survey_utils.architecture import Layout, ModuleSpec
 from survey_utils.errors import SurveyError, closest
@@ -128,26 +129,201 @@ def _freeze(value: object) -> object:
     return tuple(value) if isinstance(value, list | tuple) else value
 
 
+@dataclass(frozen=True)
+class TargetParameter:
+    """One ``nn.Parameter`` LoRA adapts directly (peft's ``target_parameters``, its ``ParamWrapper``).
+
+    A 3-D parameter holds ``experts`` stacked matrices (transformers 5's fused experts), each ``d_out x d_in``
+    (stored ``(experts, d_out, d_in)``, or ``(experts, d_in, d_out)`` where the module says ``is_transposed``); a
+    2-D parameter is one matrix stored ``d_out x d_in`` (``experts`` = 1). ``rank_factor`` multiplies LoRA's ``r``
+    and ``lora_alpha`` here (peft's ``rank_pattern`` for the fused ``gate_up_proj``: ``w1`` and ``w3`` were two
+    adapters of rank ``r`` before transformers 5 fused them)."""
+
+    module: ModuleSpec
+    param: str
+    shape: tuple[int, ...]
+    transposed: bool = False
+    rank_factor: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.module.name}.{self.param}"
+
+    @property
+    def experts(self) -> int:
+        return self.shape[0] if len(self.shape) == 3 else 1
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[-2] if self.transposed else self.shape[-1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[-1] if self.transposed else self.shape[-2]
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """What peft 0.21.2's ``LoraConfig`` adapts once its transformers-5 conversion has run.
+
+    ``target_modules`` is what :func:`select` then takes (``None``: the architecture's default);
+    ``target_parameters`` the parameter names peft matches (the user's first, then those the conversion adds);
+    ``required`` the user's own, each of which must match a parameter (peft is silent about one that does not;
+    we refuse it); ``rank_factors`` the names (``gate_up_proj``) whose adapters get ``r`` and ``lora_alpha`` times
+    the factor, peft's ``rank_pattern``/``alpha_pattern`` ``.*\\.gate_up_proj``, which reaches modules and
+    parameters whose name ends in ``.gate_up_proj``."""
+
+    target_modules: Targets | None
+    target_parameters: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    rank_factors: tuple[tuple[str, int], ...] = ()
+
+    def rank_factor(self, name: str) -> int:
+        """The factor on ``r`` and ``lora_alpha`` for the module or parameter called ``name`` (1 for most)."""
+        return next((f for suffix, f in self.rank_factors if name.endswith(f".{suffix}")), 1)
+
+
+def peft_lora_targets(layout: Layout, target_modules: Targets | None,
+                      target_parameters: Sequence[str] | None = None) -> LoraTargets:
+    """peft 0.21.2's ``_convert_peft_config_moe`` (``peft/utils/transformers_weight_conversion.py``), which
+    ``inject_adapter`` runs on every ``LoraConfig`` before matching, applied to a layout.
+
+    On a model type whose experts transformers 5 fused (its conversion patterns ``mixtral`` and ``qwen2_moe``:
+    :data:`_MOE_TARGET_MODULE_MAPPING`), the v4 names of the experts' linears and of the router are moved from
+    ``target_modules`` to ``target_parameters``: ``w1``/``w3`` or ``gate_proj``/``up_proj`` to the fused
+    ``gate_up_proj`` (rank and alpha doubled, one only of the two is refused), ``w2``/``down_proj`` to
+    ``down_proj``, ``gate`` to ``gate.weight``. ``"all-linear"`` is first resolved to the short names of every
+    linear but the output head, plus those v4 names: so the dense MLPs' and shared experts' ``gate_proj``,
+    ``up_proj`` and ``down_proj`` linears leave with them, and the short names then match in every block (and
+    obey ``layers_to_transform``). A regular expression is resolved the same way, to the last segments of the
+    modules and parameters it matches and of the v4 expert names it would have matched. Every other model type,
+    and a ``None`` target (ours is spelt out before peft sees it), is left as it is."""
+    user = tuple(dict.fromkeys(target_parameters or ()))
+    mapping, fused = _peft_moe_conversion(layout.family)
+    if not mapping or target_modules is None:
+        return LoraTargets(target_modules, user, user)
+    if isinstance(target_modules, str):
+        resolved = _resolve_string_targets(layout, target_modules, mapping)
+        if not resolved:  # peft leaves it for its own "not found" error
+            return LoraTargets(target_modules, user, user)
+        target_modules = sorted(resolved)
+    remaining: list[str] = []
+    added: list[str] = []
+    present: dict[str, set[str]] = {new: set() for new in fused}
+    for target in target_modules:
+        old = next((o for o in mapping if target == o or target.endswith(f".{o}")), None)
+        if old is None:
+            remaining.append(target)
+            continue
+        added.append(mapping[old])
+        if mapping[old] in fused:
+            present[mapping[old]].add(old)
+    factors = []
+    for new, olds in fused.items():
+        if 0 < len(present[new]) < len(olds):
+            raise SurveyError(f"target_modules names {', '.join(sorted(present[new]))} without "
+                              f"{', '.join(sorted(set(olds) - present[new]))} on '{layout.family}': transformers 5 "
+                              f"fused them into {new}, and peft 0.21.2 cannot convert one without the other")
+        if len(present[new]) == len(olds) > 1:
+            factors.append((new, len(olds)))
+    parameters = tuple(dict.fromkeys(user + tuple(sorted(set(added)))))
+    return LoraTargets(sorted(set(remaining)), parameters, user, tuple(factors))
+
+
+def select_parameters(layout: Layout, targets: LoraTargets) -> list[TargetParameter]:
+    """The parameters ``targets.target_parameters`` match (peft's rule: the full name equals a target or ends in
+    ``.target``), in module order. A target of :attr:`LoraTargets.required` that matches nothing, or a parameter
+    that is neither 2-D nor 3-D (peft's ``ParamWrapper`` takes only those), is refused in one line."""
+    if not targets.target_parameters:
+        return []
+    from survey_utils.generic_layout import transposed_modules
+
+    transposed = transposed_modules(layout)
+    found: list[TargetParameter] = []
+    matched: set[str] = set()
+    for module in layout.modules:
+        if module.tied_to:
+            continue
+        for (param, _), shape in zip(module.params, module.shapes, strict=False):
+            full = f"{module.name}.{param}"
+            hits = [t for t in targets.target_parameters if full == t or full.endswith(f".{t}")]
+            if not hits:
+                continue
+            matched.update(hits)
+            if len(shape) not in (2, 3):
+                raise SurveyError(f"target parameter '{full}' has {len(shape)} dimensions: peft's LoRA on "
+                                  "parameters takes 2-D and 3-D ones only")
+            found.append(TargetParameter(module, param, tuple(shape), module.name in transposed,
+                                         targets.rank_factor(full)))
+    missing = [t for t in targets.required if t not in matched]
+    if missing:
+        have = [f"{m.name}.{p}" for m in layout.modules if not m.tied_to for (p, _), s in
+                zip(m.params, m.shapes, strict=False) if len(s) == 3] or [m.name for m in layout.linear_modules()]
+        raise SurveyError(f"target parameter '{missing[0]}' matches no parameter of {layout.family}; "
+                          f"its expert tensors are: {closest(missing[0], have)}")
+    return found
+
+
 def peft_lora_expert_targets(model_type: str) -> tuple[str, ...]:
-    """The ``target_parameters`` peft 0.21.2 adds when LoRA's ``target_modules`` is ``"all-linear"`` on a model
-    type whose experts transformers 5 fused (its ``_convert_peft_config_moe``: the Mixtral and Qwen2-MoE conversion
-    patterns): the v4 names of the experts and the router are moved to the fused expert tensors (``gate_up_proj``
-    at rank ``2 r``, ``down_proj``) and the router's ``gate.weight``, and dropped from ``target_modules``, taking
-    the dense MLPs' ``gate_proj``/``up_proj``/``down_proj`` linears with them. Empty for every other model type."""
+    """The ``target_parameters`` peft 0.21.2's conversion can add on ``model_type`` (empty for most types): the
+    names :func:`peft_lora_targets` moves the v4 expert and router names to."""
+    mapping, _ = _peft_moe_conversion(model_type)
+    return tuple(sorted(set(mapping.values())))
+
+
+def _peft_moe_conversion(model_type: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """peft 0.21.2's v4 -> v5 target mapping and fused targets for ``model_type`` (empty where it converts
+    nothing: no conversion pattern, or transformers has no checkpoint conversion for the type)."""
     if "peft.utils.transformers_weight_conversion" not in _PEFT_CONVERSION_CACHE:
         from peft.utils.transformers_weight_conversion import (
             _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_FUSED_TARGETS,
             _MOE_TARGET_MODULE_MAPPING,
             get_checkpoint_conversion_mapping,
         )
 
         _PEFT_CONVERSION_CACHE["peft.utils.transformers_weight_conversion"] = (
-            _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING, get_checkpoint_conversion_mapping)
-    patterns, mappings, conversion = _PEFT_CONVERSION_CACHE["peft.utils.transformers_weight_conversion"]
-    mapping = mappings.get(patterns.get(model_type, ""), {})
-    if not mapping or conversion(model_type) is None:
-        return ()
-    return tuple(sorted(set(mapping.values())))
+            _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING, _MOE_FUSED_TARGETS,
+            get_checkpoint_conversion_mapping)
+    patterns, mappings, fused, conversion = _PEFT_CONVERSION_CACHE["peft.utils.transformers_weight_conversion"]
+    pattern = patterns.get(model_type)
+    mapping = mappings.get(pattern, {}) if pattern else {}
+    if not mapping or not fused.get(pattern) or conversion(model_type) is None:
+        return {}, {}
+    return dict(mapping), {k: list(v) for k, v in fused[pattern].items()}
+
+
+def _resolve_string_targets(layout: Layout, target_modules: str, mapping: dict[str, str]) -> set[str]:
+    """peft's ``_resolve_string_target_modules`` on a layout: ``"all-linear"``'s short names plus the v4 names, or
+    the last segments of what a regular expression matches (modules, parameters, and v4 expert names probed
+    beside each fused parameter). A regex that matches a module owning no parameter (a container such as
+    ``mlp``) cannot be resolved from a layout: refused in one line."""
+    if is_all_linear(target_modules):
+        return {name.rsplit(".", 1)[-1] for name in all_linear(layout)} | set(mapping)
+    try:
+        pattern = re.compile(target_modules)
+    except re.error as error:
+        raise SurveyError(f"target_modules={target_modules!r} is not a valid regular expression ({error})") \
+            from None
+    owning = [m.name for m in layout.modules]
+    # every prefix of a module's path is a module too (the containers: blocks, ``mlp``, ``self_attn``)
+    modules = sorted({".".join(n.split(".")[:i]) for n in owning for i in range(1, n.count(".") + 2)})
+    params = [f"{m.name}.{p}" for m in layout.modules if not m.tied_to for p, _ in m.params]
+    matched = {key.rsplit(".", 1)[-1] for key in modules + params if pattern.fullmatch(key)}
+    containers: dict[str, set[str]] = {}
+    for key in params:
+        container, _, leaf = key.rpartition(".")
+        containers.setdefault(leaf, set()).add(container)
+    for old, new in mapping.items():
+        if old not in matched and any(pattern.fullmatch(f"{c}.{old}") for c in containers.get(new, ())):
+            matched.add(old)
+    owners = {n.rsplit(".", 1)[-1] for n in owning} | {p.rsplit(".", 1)[-1] for p in params} | set(mapping)
+    unknown = sorted(matched - owners)
+    if unknown:
+        raise SurveyError(f"target_modules={target_modules!r} on '{layout.family}': peft 0.21.2 resolves it to "
+                          f"last segments, and '{unknown[0]}' names no module with parameters; name the modules "
+                          "as a list")
+    return matched
 
 
 _PEFT_CONVERSION_CACHE: dict[str, tuple] = {}

@@ -13,7 +13,7 @@ from transformers import AutoConfig, MixtralConfig
 from survey_utils.architecture import _BUILDERS, layout
 from survey_utils.counting import closed_form
 from survey_utils.errors import SurveyError
-from survey_utils.generic_layout import build_on_meta, generic_layout, lora_target_parameters
+from survey_utils.generic_layout import build_on_meta, generic_layout, transposed_modules
 from survey_utils.zoo import MODELS_DIR, list_models, load_config
 
 GENERIC = [n for n in list_models() if load_config(n).model_type not in _BUILDERS]
@@ -102,6 +102,7 @@ def _tiny_mixtral(**changes) -> MixtralConfig:
 
 
 def test_lora_on_fused_experts_counts_as_peft_does() -> None:
+    """target_parameters on the fused expert tensors: one A (r x d_in) and B (d_out x r) per expert, peft's count."""
     import peft
 
     config = _tiny_mixtral()
@@ -109,11 +110,29 @@ def test_lora_on_fused_experts_counts_as_peft_does() -> None:
     wrapped = peft.get_peft_model(build_on_meta(config), peft.LoraConfig(r=4, target_modules=["q_proj"],
                                                                          target_parameters=targets))
     trainable, _ = wrapped.get_nb_trainable_parameters()
-    shape = layout(config)
-    on_q = sum(4 * (m.in_features + m.out_features) for m in shape.modules if m.short_name == "q_proj")
-    assert trainable == on_q + lora_target_parameters(shape, targets, r=4)
-    with pytest.raises(SurveyError, match="'mlp.experts.nope' matches no parameter"):
-        lora_target_parameters(shape, ["mlp.experts.nope"], r=4)
+    # per block: q_proj 64 -> 64; gate_up_proj (4 experts, 2*96 x 64); down_proj (4, 64 x 96); two blocks
+    expected = 2 * (4 * (64 + 64) + 4 * 4 * (64 + 2 * 96) + 4 * 4 * (96 + 64))
+    assert trainable == expected
+    assert closed_form(config, "lora", r=4, target_modules=["q_proj"], target_parameters=targets).trainable == expected
+    with pytest.raises(SurveyError, match="target parameter 'mlp.experts.nope' matches no parameter"):
+        closed_form(config, "lora", r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.nope"])
+
+
+def test_expert_tensors_of_the_zoo_are_stored_out_by_in() -> None:
+    """transformers' is_transposed experts ((E, d_in, d_out)) are recorded while the generic layout builds; a layout
+    read from a stored snapshot has no record and is taken as (E, d_out, d_in). No zoo MoE is transposed, so the
+    snapshots lose nothing; gpt_oss (transposed) is recorded from its build."""
+    from transformers import GptOssConfig
+
+    for name in GENERIC:
+        config = load_config(name, full=True)
+        if any(len(s) == 3 for m in layout(config).modules for s in m.shapes):
+            assert not {n for n, module in build_on_meta(config).named_modules()
+                        if getattr(module, "is_transposed", False)}, name
+    oss = GptOssConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                       vocab_size=100, architectures=["GptOssForCausalLM"])
+    assert transposed_modules(generic_layout(oss)) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
 
 
 def test_a_repeat_is_a_cache_hit() -> None:

@@ -8,19 +8,27 @@ weight after training, so inference costs what the base model costs.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
+from survey_utils.architecture import ModuleSpec, layout
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import (
     LINEAR_KINDS,
     adapt_targets,
     freeze,
+    model_label,
     replace_module,
     target_specs,
 )
 from survey_utils.methods.registry import NOT_PLACED, HyperParam, Method, Taxonomy, register
 from survey_utils.methods.shapes import factorization, lokr_numel
-from survey_utils.targeting import is_all_linear, peft_lora_expert_targets, peft_lora_incompatible
+from survey_utils.targeting import (
+    TargetParameter,
+    peft_lora_incompatible,
+    peft_lora_targets,
+    select_parameters,
+)
 
 if TYPE_CHECKING:  # typing only: the layers (and torch) are imported inside ``apply``
     from torch import nn
@@ -37,64 +45,132 @@ TARGET_HPS = (
 )
 
 
+def lora_targets(config: PretrainedConfig, hp: dict[str, Any], method: str = "lora"
+                 ) -> tuple[list[tuple[ModuleSpec, int]], list[TargetParameter]]:
+    """What LoRA adapts, as peft 0.21.2 does: ``(modules with their rank factor, parameters)``.
+
+    ``target_modules=None`` is the architecture's default (none, where peft has none and ``target_parameters`` are
+    given); then peft's transformers-5 conversion (:func:`survey_utils.targeting.peft_lora_targets`) moves the
+    experts' and router's v4 names to ``target_parameters`` on the fused-expert MoE types (so ``"all-linear"``
+    there adapts the attention's linears, the fused expert tensors and the routers, not the dense MLPs), and the
+    parameters are matched by peft's suffix rule (:func:`~survey_utils.targeting.select_parameters`)."""
+    shape = layout(config)
+    plan = peft_lora_targets(shape, _requested_modules(shape, hp), hp.get("target_parameters"))
+    modules: list[ModuleSpec] = []
+    if plan.target_modules is None or plan.target_modules or not plan.target_parameters:
+        modules = target_specs(config, method, {**hp, "target_modules": plan.target_modules})
+    params = select_parameters(shape, plan)
+    if not modules and not params:
+        raise SurveyError(f"target_parameters {', '.join(plan.target_parameters)} match no parameter of "
+                          f"{model_label(config)}, and no target module is left: {method} would adapt nothing")
+    return [(m, plan.rank_factor(m.name)) for m in modules], params
+
+
+def _requested_modules(shape: Any, hp: dict[str, Any]) -> Any:
+    """``target_modules`` with ``None`` spelt out: the default targets, or none beside ``target_parameters``."""
+    if hp.get("target_modules") is not None:
+        return hp["target_modules"]
+    if shape.default_lora_targets:
+        return list(shape.default_lora_targets)
+    return [] if hp.get("target_parameters") else None
+
+
 def apply_lora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
                **targets: Any) -> nn.Module:
-    """Freeze ``model`` and wrap each target linear layer in :class:`~survey_utils.methods.layers.lowrank.LoRALinear`."""
-    from survey_utils.methods.layers import lowrank
+    """Freeze ``model``, wrap each target linear layer in :class:`~survey_utils.methods.layers.lowrank.LoRALinear`
+    and each module holding target parameters in :class:`~survey_utils.methods.layers.experts.ParameterLoRA`
+    (rank and alpha times peft's factor where it fused two adapters into one)."""
+    from survey_utils.methods.layers import experts, lowrank
 
     freeze(model)
-    adapt_targets(model, "lora", targets,
-                  lambda base: lowrank.LoRALinear(base, r, lora_alpha, lora_dropout, use_rslora))
+    modules, params = lora_targets(model.config, targets)
+    for spec, f in modules:
+        replace_module(model, spec.name, lowrank.LoRALinear(model.get_submodule(spec.name), r * f, lora_alpha * f,
+                                                            lora_dropout, use_rslora))
+    owners: dict[str, list[TargetParameter]] = {}
+    for target in params:
+        owners.setdefault(target.module.name, []).append(target)
+    for name, group in owners.items():
+        replace_module(model, name, experts.ParameterLoRA(
+            model.get_submodule(name), {t.param: r * t.rank_factor for t in group},
+            {t.param: lora_alpha * t.rank_factor for t in group}, use_rslora))
     return model
 
 
 def lora_trainable_params(config: PretrainedConfig, r: int, **hp: Any) -> int:
-    r""":math:`\sum_{W \in \text{targets}} r\,(d_\text{in} + d_\text{out})`."""
-    return sum(r * (m.in_features + m.out_features) for m in target_specs(config, "lora", hp))
+    r""":math:`\sum_{W \in \text{modules}} r_W\,(d_\text{in} + d_\text{out})
+    + \sum_{P \in \text{parameters}} r_P\,E_P\,(d_\text{in} + d_\text{out})`: every target matrix, and every
+    expert of a fused expert tensor, gets its own A and B (``r_P = 2r`` on a fused ``gate_up_proj``, as peft)."""
+    modules, params = lora_targets(config, hp)
+    return (sum(r * f * (m.in_features + m.out_features) for m, f in modules)
+            + sum(r * p.rank_factor * p.experts * (p.in_features + p.out_features) for p in params))
 
 
 def lora_peft_config(config: PretrainedConfig, r: int, lora_alpha: float, lora_dropout: float,
                      use_rslora: bool, **hp: Any) -> Any:
+    """peft's ``LoraConfig`` with our settings; peft runs its transformers-5 conversion on it itself."""
     from peft import LoraConfig
 
-    specs = target_specs(config, "lora", hp)
-    targets = hp["target_modules"]
-    if targets is None:
-        targets = sorted({spec.short_name for spec in specs})
+    modules, _ = lora_targets(config, hp)
+    targets = _requested_modules(layout(config), hp)
+    if hp["target_modules"] is None and targets is not None:
+        targets = sorted(set(targets))
     return LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-        target_modules=targets, layers_to_transform=hp["layers_to_transform"],
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, target_modules=targets,
+        target_parameters=hp.get("target_parameters"), layers_to_transform=hp["layers_to_transform"],
         layers_pattern=hp["layers_pattern"],
-        fan_in_fan_out=any(spec.kind == "conv1d" for spec in specs),
+        fan_in_fan_out=any(spec.kind == "conv1d" for spec, _ in modules),
     )
 
 
 def check_targets(method: str, kinds: tuple[str, ...] = LINEAR_KINDS, peft_lora: bool = False):
     """A ``validate`` for ``method``: targets exist and are of ``kinds``; peft's rules on the layer options.
-    ``peft_lora``: the method is peft's ``LoraConfig``, whose ``"all-linear"`` peft 0.21.2 rewrites on fused-expert
-    MoE types (:func:`survey_utils.targeting.peft_lora_expert_targets`): refused there until our LoRA adapts
-    ``nn.Parameter`` experts, so that no count disagrees with peft's."""
+    ``peft_lora``: the method is peft's ``LoraConfig``, whose transformers-5 conversion may move targets to the
+    fused expert tensors (:func:`survey_utils.targeting.peft_lora_targets`). Only LoRA itself (and rsLoRA), whose
+    hyper-parameters include ``target_parameters``, adapts parameters; a LoRA variant without it (DoRA: peft's
+    ``ParamWrapper`` refuses ``use_dora``; QLoRA, LoftQ, QA-LoRA and PEQA call this check with their targets only)
+    is refused there in one line, so that no count disagrees with peft's. peft's ``ParamWrapper`` also refuses
+    ``lora_dropout``, and a parameter of a module that ``target_modules`` adapts too."""
 
     def validate(config: PretrainedConfig, **hp: Any) -> None:
-        if peft_lora and is_all_linear(hp.get("target_modules")):
-            experts = peft_lora_expert_targets(config.model_type)
-            if experts:
-                raise SurveyError(f"target_modules='all-linear' on '{config.model_type}': peft 0.21.2 turns it into "
-                                  f"LoRA on the fused expert tensors (target_parameters {', '.join(experts)}) and "
-                                  "drops the dense MLP linears, which this LoRA does not reproduce yet; name the "
-                                  "target modules instead")
-        if peft_lora:
-            refused = peft_lora_incompatible(config.model_type, target_specs(config, method, hp, kinds))
-            if refused:
-                raise SurveyError(f"peft refuses LoRA on '{refused}' of a Mamba-type model ('{config.model_type}': "
-                                  "out_proj and conv1d are incompatible); leave it out of target_modules")
         if isinstance(hp.get("target_modules"), str) and hp.get("layers_to_transform") is not None:
             raise SurveyError("layers_to_transform cannot be combined with a regex target_modules (peft's rule)")
         if hp.get("layers_pattern") and hp.get("layers_to_transform") is None:
             raise SurveyError(f"layers_pattern={hp['layers_pattern']!r} needs layers_to_transform (peft's rule)")
-        target_specs(config, method, hp, kinds)
+        if not peft_lora:
+            target_specs(config, method, hp, kinds)
+            return
+        modules, params = lora_targets(config, {**hp, "target_parameters": hp.get("target_parameters")}, method)
+        if params and (method != "lora" or "target_parameters" not in hp):
+            names = sorted({p.param for p in params})
+            raise SurveyError(f"{method} on '{config.model_type}' would adapt the parameters {', '.join(names)} "
+                              "(peft 0.21.2 turns expert and router targets into target_parameters on fused-expert "
+                              "MoE types), which this method does not reproduce; name the target modules instead")
+        refused = peft_lora_incompatible(config.model_type, [m for m, _ in modules])
+        if refused:
+            raise SurveyError(f"peft refuses LoRA on '{refused}' of a Mamba-type model ('{config.model_type}': "
+                              "out_proj and conv1d are incompatible); leave it out of target_modules")
+        if params:
+            _check_parameter_targets(modules, params, hp)
 
     return validate
+
+
+def _check_parameter_targets(modules: list[tuple[ModuleSpec, int]], params: list[TargetParameter],
+                             hp: dict[str, Any]) -> None:
+    """peft 0.21.2's ``ParamWrapper`` refusals, as one line each."""
+    if hp.get("lora_dropout"):
+        raise SurveyError(f"lora_dropout={hp['lora_dropout']} with LoRA on parameters ({params[0].name}): peft's "
+                          "ParamWrapper cannot factor dropout out of W + BA; set lora_dropout=0")
+    adapted = {m.name for m, _ in modules}
+    both = next((p for p in params if p.module.name in adapted), None)
+    if both is not None:
+        raise SurveyError(f"target parameter '{both.name}' belongs to '{both.module.name}', which target_modules "
+                          "adapts too (peft refuses both on one module)")
+    conv = next((m for m, _ in modules if m.kind == "conv1d"), None)
+    if conv is not None:
+        raise SurveyError(f"target_parameters with the Conv1D target '{conv.name}': peft's LoRA on parameters "
+                          "does not work with fan_in_fan_out")
 
 
 def _peft_targets(config: PretrainedConfig, method: str, hp: dict[str, Any],
@@ -146,14 +222,51 @@ def lora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, a
     """LoRA's tensors saved for backward: each target's input (once per distinct input: q/k/v read one
     tensor, :attr:`ModuleSpec.input_key`) and ``x A``; with dropout every target keeps its own mask (1 B)
     and dropped input; an adapter dtype unlike the model's keeps a cast copy per target. rsLoRA's scale
-    changes none of this, so rsLoRA registers the same function."""
-    return _lora_like_terms(config, "lora", batch_size, seq_len, act_bytes, adapter_bytes, r, lora_dropout,
-                            _targets(hp))
+    changes none of this, so rsLoRA registers the same function. Parameters LoRA adapts directly (fused
+    experts, routers) add :func:`lora_parameter_terms`."""
+    t = batch_size * seq_len
+    modules, params = lora_targets(config, hp)
+    specs = [m for m, _ in modules]
+    terms = {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, lora_dropout),
+             "x A (rank r)": sum(adapter_bytes * t * r * f for _, f in modules)}
+    if params:
+        terms.update(lora_parameter_terms(params, layout(config).experts_per_token, t, act_bytes, adapter_bytes, r))
+    return terms
+
+
+def lora_parameter_terms(params: list[TargetParameter], top_k: int, tokens: int, act_bytes: int,
+                         adapter_bytes: int, r: int) -> dict[str, int]:
+    r"""What LoRA on parameters saves for backward, from its mechanism (peft's ``ParamWrapper``, our
+    :class:`~survey_utils.methods.layers.experts.ParameterLoRA`): the module runs on :math:`W' = W + s B A`, a
+    new tensor that now needs a gradient, so every matmul that reads it keeps
+
+    - its input: for a routed expert tensor, the rows routed to each expert, :math:`t k` rows of
+      :math:`d_	ext{in}` over the :math:`E` experts (top-k of E: each expert's LoRA sees only its own tokens; the
+      frozen model kept none of them, as nothing it read needed a gradient); for any other parameter (a router's
+      weight) the :math:`t` rows it reads, once per distinct input;
+    - :math:`W'` itself, the whole stack (:math:`E\,d_	ext{in}\,d_	ext{out}`), in the weight's dtype;
+    - with an adapter dtype unlike the model's, the factors cast to the weight's dtype (which ``baddbmm`` keeps).
+    No :math:`xA` is saved: the update is folded into the weight, not run beside it."""
+    inputs: dict[tuple[str, str], int] = {}
+    for p in params:
+        routed = len(p.shape) == 3 and p.module.moe == "routed"
+        key = (p.module.name, p.param) if routed else \
+            ((p.module.name.rpartition(".")[0], "mlp input") if p.module.moe == "router" else (p.name, "input"))
+        inputs[key] = act_bytes * tokens * (top_k if routed else 1) * p.in_features
+    terms = {"parameter LoRA inputs (routed rows: top-k of E per expert)": sum(inputs.values()),
+             "W + B A (whole adapted tensors)": sum(act_bytes * math.prod(p.shape) for p in params)}
+    if adapter_bytes != act_bytes:
+        terms["B, A cast to the weight's dtype"] = sum(act_bytes * r * p.rank_factor * p.experts
+                                                       * (p.in_features + p.out_features) for p in params)
+    return terms
 
 
 def lora_largest_tensor(config: PretrainedConfig, r: int, **hp: Any) -> int:
-    """The biggest of A (r x d_in) and B (d_out x r) over the targets: the optimizer's temporaries."""
-    return max(r * max(m.in_features, m.out_features) for m in target_specs(config, "lora", _targets(hp)))
+    """The biggest of A (r x d_in) and B (d_out x r) over the targets (E stacked pairs on an expert tensor): the
+    optimizer's temporaries."""
+    modules, params = lora_targets(config, hp)
+    return max([r * f * max(m.in_features, m.out_features) for m, f in modules]
+               + [r * p.rank_factor * p.experts * max(p.in_features, p.out_features) for p in params])
 
 
 def dora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, act_bytes: int,
@@ -240,6 +353,10 @@ LORA = register(Method(
         HyperParam("lora_dropout", "float", 0.0, "dropout on the adapter's input", minimum=0, maximum=0.99),
         HyperParam("use_rslora", "bool", False, "scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r"),
         *TARGET_HPS,
+        HyperParam("target_parameters", "str_list", None,
+                   "parameters to adapt directly, by name or name suffix, e.g. mlp.experts.gate_up_proj (fused "
+                   "experts: one A and B per expert); None adapts none beyond what peft's MoE conversion adds",
+                   nullable=True),
     ),
     apply=apply_lora,
     trainable_params=lora_trainable_params,
