@@ -54,7 +54,12 @@ ADAPTION_MODEL_TYPES = ("llama", "mistral")  # the llama-like decoders peft's ad
 def embedding_width(config: PretrainedConfig) -> int:
     """Width of the input token embeddings (the vectors a prompt must match)."""
     shape = layout(config)
-    return next(m.out_features for m in shape.modules if m.kind == "embedding" and m.in_features == shape.vocab_size)
+    width = next((m.out_features for m in shape.modules if m.kind == "embedding" and m.in_features == shape.vocab_size),
+                 None)
+    if width is None:  # CPM-Ant's input table adds prompt rows, Moshi's has one row more: none has vocab_size rows
+        raise SurveyError(f"{model_label(config)}: no embedding table has vocab_size={shape.vocab_size} rows, so the "
+                          "width a soft prompt must match is unknown")
+    return width
 
 
 def kv_width(config: PretrainedConfig) -> int:
@@ -257,7 +262,12 @@ def prompt_tuning_peft_config(config: PretrainedConfig, num_virtual_tokens: int,
                               **_: Any) -> Any:
     from peft import PromptTuningConfig
 
+    # peft reads num_layers and num_attention_heads from the model config for every prompt-learning method and stops
+    # where a config names them otherwise (MPT's n_heads, T5Gemma's sub-configs); prompt tuning uses neither, so the
+    # layout's values stand in for them (a user of peft on those models passes them by hand).
+    shape = layout(config)
     return PromptTuningConfig(**_prompt_learning_common(config, num_virtual_tokens),
+                              num_layers=shape.num_layers, num_attention_heads=shape.num_heads,
                               token_dim=embedding_width(config), prompt_tuning_init=prompt_tuning_init,
                               prompt_tuning_init_text=prompt_tuning_init_text,
                               tokenizer_name_or_path=tokenizer_name_or_path)
