@@ -104,6 +104,10 @@ def test_poly_refuses_conv1d_and_splits_that_do_not_divide() -> None:
     ("tiny-llama", "moelora", {}),
     ("tiny-llama", "adapter_fusion", {}),
     ("tiny-bert", "adapter_fusion", {"num_sources": 4}),
+    ("tiny-llama", "attempt", {}),
+    ("tiny-bert", "attempt", {"num_sources": 3, "num_virtual_tokens": 20}),
+    ("tiny-llama", "xlora", {}),
+    ("tiny-gpt2", "xlora", {"num_adapters": 4, "layerwise_scalings": True}),
 ])  # not LoRAHub: the simulation runs a backward pass, and LoRAHub's gradient-free search never does
 def test_estimate_within_five_percent_of_the_simulation(model: str, method: str, hp: dict) -> None:
     est = estimate(model, method, hp, device="cpu", batch_size=2, seq_len=128)
@@ -276,3 +280,169 @@ def test_lorahub_refuses_modules_of_another_shape_in_one_line() -> None:
     assert "\n" not in str(info.value)
     same = apply_method(build_model("tiny-llama", seed=0), "lora", r=8, lora_alpha=8.0)
     assert load_lorahub_sources(hub, [same]) > 0
+
+
+# --- ATTEMPT: attention over frozen source prompts and the target prompt ------------------------------------------
+def _attempt(**hp):
+    return apply_method(build_model("tiny-llama", seed=0), "attempt", **{"num_virtual_tokens": 4, **hp})
+
+
+def test_attempt_attends_per_example_and_its_weights_are_a_distribution() -> None:
+    """Weights over [sources..., target] sum to one for every example and depend on the example's input."""
+    from survey_utils.methods.layers.multi_task import load_attempt_sources
+
+    model = _attempt(num_sources=3).eval()
+    width = model.prompt_encoder.embedding.weight.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    assert load_attempt_sources(model, [torch.randn(4, width, generator=generator) for _ in range(3)]) == 3
+    pooled = torch.randn(5, width, generator=generator) * 10
+    weights = model.prompt_encoder.attention(pooled)
+    assert weights.shape == (5, 4) and torch.allclose(weights.sum(-1), torch.ones(5))
+    assert not torch.allclose(weights[0], weights[1])
+    ids = torch.randint(0, 200, (2, 7), generator=generator)
+    with torch.no_grad():
+        model(input_ids=ids)
+        assert torch.equal(model.prompt_encoder.pooled, model.get_input_embeddings()(ids).max(dim=1).values)
+
+
+def test_attempt_with_zero_sources_is_a_scaled_target_prompt() -> None:
+    """Sources all zero (before any is loaded): P = P_target + a_target P_target, the target alone, rescaled."""
+    model = _attempt(num_sources=2, temperature=1.0)
+    encoder = model.prompt_encoder
+    encoder.pooled = torch.randn(3, encoder.embedding.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        prompts = encoder(3)
+        a_target = encoder.attention(encoder.pooled)[:, -1]
+    target = encoder.embedding.weight
+    torch.testing.assert_close(prompts, (1 + a_target)[:, None, None] * target)
+    assert 0 < float(a_target.min()) and float(a_target.max()) < 1  # the zero sources still take some weight
+
+
+def test_attempt_trains_the_target_and_g_only_and_its_count_ignores_the_sources() -> None:
+    from survey_utils.methods import get_method
+
+    model = _attempt(num_sources=3)
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(2))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad is not None for n, p in model.named_parameters() if p.requires_grad}
+    assert grads == {"prompt_encoder.embedding.weight": True, "prompt_encoder.attn_W_down": True,
+                     "prompt_encoder.attn_W_up": True}
+    assert model.prompt_encoder.attempt_sources.grad is None
+    config = load_config("tiny-llama")
+    attempt = get_method("attempt")
+    assert len({attempt.count(config, num_sources=t) for t in (1, 6, 20)}) == 1
+    n, d, r = 100, 128, 100  # the defaults (authors' prefix_dim and G's width) on tiny-llama's width
+    assert attempt.count(config) == n * d + 2 * r * d
+    assert attempt.frozen_added_params(config, **attempt.resolve(config)) == 6 * n * d
+
+
+def test_attempt_loads_sources_and_refuses_bad_settings_in_one_line() -> None:
+    from survey_utils.methods import get_method
+    from survey_utils.methods.layers.multi_task import load_attempt_sources
+
+    model = _attempt(num_sources=2)
+    width = model.prompt_encoder.embedding.weight.shape[1]
+    first, second = torch.ones(4, width), torch.full((4, width), 2.0)
+    load_attempt_sources(model, [first, second])
+    assert torch.equal(model.prompt_encoder.embedding.weight.detach(), first)  # the target starts at source 0
+    for call, fragment in ((lambda: load_attempt_sources(model, [first]), "1 source prompts for 2 sources"),
+                           (lambda: load_attempt_sources(model, [first, torch.ones(5, width)]),
+                            r"source prompt 1 has shape \(5, 128\)"),
+                           (lambda: load_attempt_sources(build_model("tiny-llama"), [first]), "apply attempt first")):
+        with pytest.raises(SurveyError, match=fragment) as info:
+            call()
+        assert "\n" not in str(info.value)
+    attempt, config = get_method("attempt"), load_config("tiny-llama")
+    for bad, fragment in (({"num_sources": 0}, "num_sources=0 is below its minimum 1"),
+                          ({"attn_dim": 0}, "attn_dim=0 is below its minimum 1"),
+                          ({"temperature": 0.0}, "temperature=0.0 must be positive"),
+                          ({"num_virtual_tokens": 512}, "do not fit tiny-llama's context of 512")):
+        with pytest.raises(SurveyError, match=fragment) as info:
+            attempt.resolve(config, **bad)
+        assert "\n" not in str(info.value)
+
+
+# --- X-LoRA: frozen LoRA experts mixed per token by a classifier on the first pass's hidden states -----------------
+XLORA_VARIANTS = [{}, {"num_adapters": 3, "layerwise_scalings": True, "xlora_depth": 3, "xlora_size": 16,
+                       "top_k_lora": 2, "softmax_temperature": 0.5},
+                  {"num_adapters": 3, "use_trainable_adapters": True, "enable_softmax": False,
+                   "enable_softmax_topk": True, "global_scaling_weight": 0.7, "target_modules": ["q_proj", "o_proj"]}]
+
+
+@pytest.mark.parametrize("hp", XLORA_VARIANTS, ids=["defaults", "layerwise-deep-topk", "trainable-experts"])
+def test_xlora_counts_three_ways_and_outputs_equal_peft(hp: dict, tmp_path) -> None:
+    """peft's XLoraModel over LoRA experts saved with peft: closed form == our model == peft's trainable and total
+    counts, and, its classifier and experts copied into ours, the same logits (float64, tiny-llama)."""
+    from survey_utils.counting import closed_form, count_parameters
+    from survey_utils.methods.multi_task import load_xlora_from_peft, peft_xlora_model, save_lora_experts
+
+    adapters = save_lora_experts("tiny-llama", str(tmp_path), **hp)
+    theirs = peft_xlora_model("tiny-llama", adapters, dtype=torch.float64, **hp).eval()
+    ours = apply_method(build_model("tiny-llama", seed=0, dtype=torch.float64), "xlora", **hp).eval()
+    formula, built = closed_form("tiny-llama", "xlora", **hp), count_parameters(ours)
+    assert (formula.trainable, formula.total) == (built.trainable, built.total) == theirs.get_nb_trainable_parameters()
+    assert load_xlora_from_peft(ours, theirs) > 0
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mine, reference = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+        base = build_model("tiny-llama", seed=0, dtype=torch.float64).eval()(input_ids=ids).logits
+    assert (mine - reference).abs().max() < 1e-10
+    assert (mine - base).abs().max() > 1e-3  # the experts (B drawn non-zero) change the model
+    scalings = theirs.base_model.get_latest_scalings()
+    torch.testing.assert_close(ours.xlora_context.scalings, scalings)
+
+
+def test_peft_xlora_cannot_load_experts_outside_a_model_dot_backbone(tmp_path) -> None:
+    """peft 0.21.2 rewrites every saved expert key to ``model.model.<...>`` (Llama's layout): GPT-2 (``transformer``)
+    and BERT (``bert``) experts come back as unexpected keys, so its X-LoRA parity runs on tiny-llama only."""
+    from survey_utils.methods.multi_task import peft_xlora_model, save_lora_experts
+
+    for model in ("tiny-gpt2", "tiny-bert"):
+        adapters = save_lora_experts(model, str(tmp_path / model))
+        with pytest.raises(ValueError, match="Got unexpected keys"):
+            peft_xlora_model(model, adapters)
+
+
+def test_xlora_with_one_expert_is_that_lora_and_scalings_are_per_token_distributions() -> None:
+    """N = 1 with softmax: every scaling is 1, so X-LoRA over a LoRA model's modules is that LoRA model; with several
+    experts each token's scalings sum to one in every layer, and the first pass reads the base model (value 0)."""
+    from survey_utils.methods.layers.multi_task import load_xlora_experts
+
+    lora = apply_method(build_model("tiny-llama", seed=0), "lora").eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in lora.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    one = apply_method(build_model("tiny-llama", seed=0), "xlora", num_adapters=1).eval()
+    assert load_xlora_experts(one, [lora]) > 0
+    ids = torch.randint(0, 200, (2, 7), generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(one(input_ids=ids).logits, lora(input_ids=ids).logits)
+    three = apply_method(build_model("tiny-llama", seed=0), "xlora", num_adapters=3, layerwise_scalings=True).eval()
+    load_xlora_experts(three, [lora, lora, lora])
+    with torch.no_grad():
+        three(input_ids=ids)
+    scalings = three.xlora_context.scalings
+    assert scalings.shape == (2, 7, 8, 3) and torch.allclose(scalings.sum(-1), torch.ones(2, 7, 8))
+    with pytest.raises(SurveyError, match="2 LoRA models for 3 X-LoRA experts"):
+        load_xlora_experts(three, [lora, lora])
+    with pytest.raises(SurveyError, match="source 0's LoRA at .* another model or rank"):
+        load_xlora_experts(one, [apply_method(build_model("tiny-llama", seed=0), "lora", r=4)])
+
+
+def test_xlora_refuses_bad_settings_in_one_line() -> None:
+    from survey_utils.methods import get_method
+
+    xlora, llama = get_method("xlora"), load_config("tiny-llama")
+    for config, bad, fragment in ((llama, {"num_adapters": 0}, "num_adapters=0 is below its minimum 1"),
+                                  (llama, {"r": 0}, "r=0 is below its minimum 1"),
+                                  (llama, {"top_k_lora": 3}, "top_k_lora=3 is more than num_adapters=2"),
+                                  (llama, {"softmax_temperature": 0.0}, "softmax_temperature=0.0 must be positive"),
+                                  (load_config("tiny-t5"), {}, "tiny-t5 is encoder-decoder")):
+        with pytest.raises(SurveyError, match=fragment) as info:
+            xlora.resolve(config, **bad)
+        assert "\n" not in str(info.value)
+    model = apply_method(build_model("tiny-llama", seed=0), xlora)
+    with pytest.raises(SurveyError, match="X-LoRA needs input_ids or inputs_embeds"):
+        model(attention_mask=torch.ones(1, 3))
