@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from survey_utils.counting import apply_method
+from survey_utils.counting import apply_method, peft_model
+from survey_utils.methods import get_method
 from survey_utils.parity import example_inputs, forward, parity
 from survey_utils.zoo import build_model, load_config
 from tests.conftest import TINY
@@ -44,3 +45,145 @@ def test_unmerge_restores_the_base_weight_exactly_enough() -> None:
     assert not torch.allclose(before, layer.base_layer.weight)
     layer.unmerge()
     assert torch.allclose(before, layer.base_layer.weight, atol=1e-12)
+
+
+# --- LoRA on fused expert tensors (peft's target_parameters) -------------------------------------------------------
+
+def _tiny_moe(experts_implementation: str | None = None):
+    """A two-block Mixtral small enough for real tensors: 4 experts of width 48, two per token. transformers runs
+    its experts with ``grouped_mm`` (float32/16 only) unless told ``eager`` (a loop over experts, any dtype)."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=64,
+                         architectures=["MixtralForCausalLM"], name_or_path="tiny-moe",
+                         experts_implementation=experts_implementation)
+
+
+def _copy_into_peft(ours: torch.nn.Module, theirs: torch.nn.Module) -> int:
+    """Our factors into peft's model: LoRALinear's A, B as they are; ParameterLoRA's per-expert (E, r, d_in) and
+    (E, d_out, r) into peft's ParamWrapper's lora_A (r E x d_in) and lora_B (d_out x r E), its reshape rule."""
+    from peft.tuners.lora import ParamWrapper
+
+    from survey_utils.methods.layers.experts import ParameterLoRA
+
+    copied = 0
+    with torch.no_grad():
+        for name, module in theirs.named_modules():
+            if not hasattr(module, "lora_A") or "default" not in getattr(module, "lora_A", {}):
+                continue
+            path = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            mine = ours.get_submodule(path)
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            if isinstance(module, ParamWrapper):
+                assert isinstance(mine, ParameterLoRA)
+                our_a, our_b = mine.lora_A[module.parameter_name], mine.lora_B[module.parameter_name]
+                if our_a.dim() == 3:
+                    a.copy_(our_a.reshape(a.shape))
+                    b.copy_(our_b.permute(1, 2, 0).reshape(b.shape))
+                else:
+                    a.copy_(our_a)
+                    b.copy_(our_b)
+            else:
+                a.copy_(mine.lora_A)
+                b.copy_(mine.lora_B)
+            copied += 1
+    return copied
+
+
+@pytest.mark.parametrize(("implementation", "dtype", "atol"), [("eager", torch.float64, 1e-10),
+                                                              ("grouped_mm", torch.float32, 1e-5)])
+def test_expert_lora_is_the_identity_at_init_and_matches_peft_and_merges(implementation: str, dtype: torch.dtype,
+                                                                          atol: float) -> None:
+    """all-linear on a Mixtral: attention linears, the routers and every expert of the fused tensors, as peft
+    0.21.2's ParamWrapper adapts them (gate_up_proj at rank 2r, alpha 2 alpha); outputs equal peft's, with either
+    of transformers' expert implementations."""
+    from survey_utils.methods.common import merge, unmerge
+    from survey_utils.methods.layers.experts import ParameterLoRA
+    from survey_utils.parity import randomise_method_params
+
+    config = _tiny_moe(implementation)
+    hp = {"target_modules": "all-linear", "r": 4, "lora_alpha": 6.0}
+    inputs = example_inputs(config)
+    base = forward(build_model(config, device="cpu", seed=0, dtype=dtype), inputs)
+    ours = apply_method(build_model(config, device="cpu", seed=0, dtype=dtype), "lora", **hp)
+    assert torch.equal(forward(ours, inputs), base)  # B = 0
+    wrappers = [m for m in ours.modules() if isinstance(m, ParameterLoRA)]
+    assert len(wrappers) == 4  # the experts and the router of each block
+    experts = ours.model.layers[0].mlp.experts
+    assert experts.lora_A["gate_up_proj"].shape == (4, 8, 32) and experts.lora_B["gate_up_proj"].shape == (4, 96, 8)
+    assert experts.lora_A["down_proj"].shape == (4, 4, 48) and experts.lora_B["down_proj"].shape == (4, 32, 4)
+    theirs = peft_model(build_model(config, device="cpu", seed=0, dtype=dtype), "lora", **hp)
+    randomise_method_params(ours, get_method("lora"), std=0.2)
+    assert _copy_into_peft(ours, theirs) == 2 * (4 + 3)  # per block: q, k, v, o; gate_up, down, router
+    adapted = forward(ours, inputs)
+    assert (adapted - base).abs().max() > 1e-3
+    assert (adapted - forward(theirs, inputs)).abs().max() <= atol
+    merge(ours)
+    assert (forward(ours, inputs) - adapted).abs().max() <= atol
+    unmerge(ours)
+    assert (forward(ours, inputs) - adapted).abs().max() <= atol
+
+
+def test_expert_lora_gradients_match_peft() -> None:
+    """Each expert's factors get peft's gradients (only the routed tokens reach an expert's update)."""
+    from survey_utils.parity import randomise_method_params
+
+    config = _tiny_moe("eager")
+    hp = {"target_modules": [], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "r": 2}
+    ours = apply_method(build_model(config, device="cpu", seed=0, dtype=torch.float64), "lora", **hp)
+    theirs = peft_model(build_model(config, device="cpu", seed=0, dtype=torch.float64), "lora", **hp)
+    randomise_method_params(ours, get_method("lora"), std=0.2)
+    _copy_into_peft(ours, theirs)
+    inputs = example_inputs(config)
+    for model in (ours, theirs):
+        model(**inputs).logits.pow(2).mean().backward()
+    checked = 0
+    for name, wrapper in theirs.named_modules():
+        if hasattr(wrapper, "parameter_name"):  # peft nests a wrapper per tensor; ours holds both in one module
+            module = ours.get_submodule(name.removeprefix("base_model.model.").replace(".base_layer", ""))
+            grad_a = module.lora_A[wrapper.parameter_name].grad
+            assert torch.allclose(grad_a.reshape(-1, grad_a.shape[-1]), wrapper.lora_A["default"].weight.grad,
+                                  atol=1e-12)
+            grad_b = module.lora_B[wrapper.parameter_name].grad
+            assert torch.allclose(grad_b.permute(1, 2, 0).reshape(grad_b.shape[1], -1),
+                                  wrapper.lora_B["default"].weight.grad, atol=1e-12)
+            checked += 1
+    assert checked == 2 * 2  # two tensors per block
+
+
+@pytest.mark.parametrize(("settings", "fragment"), [
+    ({"target_modules": ["q_proj"], "target_parameters": ["mlp.experts.nope"]},
+     "target parameter 'mlp.experts.nope' matches no parameter"),
+    ({"target_modules": ["q_proj"], "target_parameters": ["gate_up_proj"], "r": 0}, "r=0 is below its minimum 1"),
+    ({"target_modules": "all-linear", "lora_dropout": 0.1}, "lora_dropout=0.1 with LoRA on parameters"),
+    ({"target_modules": ["q_proj", "w1"]}, "names w1 without w3"),
+    ({"target_modules": [], "target_parameters": ["gate.weight"], "layers_to_transform": None},
+     None),
+])
+def test_expert_lora_bad_input_is_one_line(settings: dict, fragment: str | None) -> None:
+    from survey_utils.counting import closed_form
+    from survey_utils.errors import SurveyError
+
+    if fragment is None:  # the router alone: one r x (h + E) pair per block
+        assert closed_form(_tiny_moe(), "lora", **settings).trainable == 2 * 8 * (32 + 4)
+        return
+    with pytest.raises(SurveyError, match=fragment) as info:
+        closed_form(_tiny_moe(), "lora", **settings)
+    assert "\n" not in str(info.value)
+
+
+def test_dora_and_qlora_refuse_what_peft_moves_to_parameters() -> None:
+    from survey_utils.counting import closed_form
+    from survey_utils.errors import SurveyError
+
+    with pytest.raises(SurveyError, match="dora on 'mixtral' would adapt the parameters"):
+        closed_form(_tiny_moe(), "dora", target_modules="all-linear")
+    with pytest.raises(SurveyError, match="would adapt the parameters down_proj, gate_up_proj, weight"):
+        closed_form(_tiny_moe(), "qlora", target_modules="all-linear", blocksize=16)
+
+
+def test_target_parameters_from_the_command_line() -> None:
+    method = get_method("lora")
+    assert method.parse_settings(["target_parameters=mlp.experts.gate_up_proj,mlp.experts.down_proj"]) == {
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
