@@ -195,18 +195,21 @@ def peft_lora_targets(layout: Layout, target_modules: Targets | None,
     ``down_proj``, ``gate`` to ``gate.weight``. ``"all-linear"`` is first resolved to the short names of every
     linear but the output head, plus those v4 names: so the dense MLPs' and shared experts' ``gate_proj``,
     ``up_proj`` and ``down_proj`` linears leave with them, and the short names then match in every block (and
-    obey ``layers_to_transform``). A regular expression is resolved the same way, to the last segments of the
-    modules and parameters it matches and of the v4 expert names it would have matched. Every other model type,
+    obey ``layers_to_transform``). peft resolves a regular expression to the last segments of every module of the
+    built model it matches, parameterless ones included (``act_fn``, which it then fails to adapt); a layout lists
+    only modules that own parameters, so a regex is refused on these types, in one line. Every other model type,
     and a ``None`` target (ours is spelt out before peft sees it), is left as it is."""
     user = tuple(dict.fromkeys(target_parameters or ()))
     mapping, fused = _peft_moe_conversion(layout.family)
     if not mapping or target_modules is None:
         return LoraTargets(target_modules, user, user)
     if isinstance(target_modules, str):
-        resolved = _resolve_string_targets(layout, target_modules, mapping)
-        if not resolved:  # peft leaves it for its own "not found" error
-            return LoraTargets(target_modules, user, user)
-        target_modules = sorted(resolved)
+        if not is_all_linear(target_modules):
+            raise SurveyError(f"target_modules={target_modules!r} on '{layout.family}': peft 0.21.2 resolves a regular "
+                              "expression against every module of the built model (parameterless ones such as act_fn "
+                              "included) before moving the expert names; name the modules as a list")
+        # peft's _resolve_string_target_modules: the short names of every linear but the head, plus the v4 names
+        target_modules = sorted({name.rsplit(".", 1)[-1] for name in all_linear(layout)} | set(mapping))
     remaining: list[str] = []
     added: list[str] = []
     present: dict[str, set[str]] = {new: set() for new in fused}
@@ -291,39 +294,6 @@ def _peft_moe_conversion(model_type: str) -> tuple[dict[str, str], dict[str, lis
     if not mapping or not fused.get(pattern) or conversion(model_type) is None:
         return {}, {}
     return dict(mapping), {k: list(v) for k, v in fused[pattern].items()}
-
-
-def _resolve_string_targets(layout: Layout, target_modules: str, mapping: dict[str, str]) -> set[str]:
-    """peft's ``_resolve_string_target_modules`` on a layout: ``"all-linear"``'s short names plus the v4 names, or
-    the last segments of what a regular expression matches (modules, parameters, and v4 expert names probed
-    beside each fused parameter). A regex that matches a module owning no parameter (a container such as
-    ``mlp``) cannot be resolved from a layout: refused in one line."""
-    if is_all_linear(target_modules):
-        return {name.rsplit(".", 1)[-1] for name in all_linear(layout)} | set(mapping)
-    try:
-        pattern = re.compile(target_modules)
-    except re.error as error:
-        raise SurveyError(f"target_modules={target_modules!r} is not a valid regular expression ({error})") \
-            from None
-    owning = [m.name for m in layout.modules]
-    # every prefix of a module's path is a module too (the containers: blocks, ``mlp``, ``self_attn``)
-    modules = sorted({".".join(n.split(".")[:i]) for n in owning for i in range(1, n.count(".") + 2)})
-    params = [f"{m.name}.{p}" for m in layout.modules if not m.tied_to for p, _ in m.params]
-    matched = {key.rsplit(".", 1)[-1] for key in modules + params if pattern.fullmatch(key)}
-    containers: dict[str, set[str]] = {}
-    for key in params:
-        container, _, leaf = key.rpartition(".")
-        containers.setdefault(leaf, set()).add(container)
-    for old, new in mapping.items():
-        if old not in matched and any(pattern.fullmatch(f"{c}.{old}") for c in containers.get(new, ())):
-            matched.add(old)
-    owners = {n.rsplit(".", 1)[-1] for n in owning} | {p.rsplit(".", 1)[-1] for p in params} | set(mapping)
-    unknown = sorted(matched - owners)
-    if unknown:
-        raise SurveyError(f"target_modules={target_modules!r} on '{layout.family}': peft 0.21.2 resolves it to "
-                          f"last segments, and '{unknown[0]}' names no module with parameters; name the modules "
-                          "as a list")
-    return matched
 
 
 _PEFT_CONVERSION_CACHE: dict[str, tuple] = {}

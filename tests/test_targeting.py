@@ -86,3 +86,63 @@ def test_all_linear_expands_as_peft_does(model: str) -> None:
 def test_all_linear_is_not_a_regex() -> None:
     with pytest.raises(SurveyError, match="all-linear"):
         matches("model.layers.0.self_attn.q_proj", "all-linear")
+
+
+def _tiny_moe_configs() -> dict:
+    """Two-block Mixtral (peft's 'mixtral' conversion: w1/w3/w2) and Qwen3-MoE ('qwen2_moe': gate/up/down_proj)."""
+    from transformers import MixtralConfig, Qwen3MoeConfig
+
+    sizes = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=64)
+    return {"mixtral": MixtralConfig(**sizes, num_local_experts=4, num_experts_per_tok=2,
+                                     architectures=["MixtralForCausalLM"]),
+            "qwen3_moe": Qwen3MoeConfig(**sizes, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                                        architectures=["Qwen3MoeForCausalLM"])}
+
+
+_MOE = {}
+
+
+def _moe(kind: str):
+    if kind not in _MOE:
+        from survey_utils.generic_layout import build_on_meta
+
+        config = _tiny_moe_configs()[kind]
+        _MOE[kind] = (config, layout(config), build_on_meta(config))
+    return _MOE[kind]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(["mixtral", "qwen3_moe"]))
+def test_moe_conversion_agrees_with_peft(data, kind: str) -> None:
+    """Our model of peft 0.21.2's _convert_peft_config_moe against peft's own, on lists and all-linear (a regex is
+    refused: peft resolves it against parameterless modules a layout does not list, e.g. '.*experts.*' adds act_fn)."""
+    from peft import LoraConfig
+    from peft.utils.transformers_weight_conversion import _convert_peft_config_moe
+
+    from survey_utils.targeting import peft_lora_targets
+
+    config, shape, model = _moe(kind)
+    names = sorted({m.short_name for m in shape.modules}) + ["w1", "w2", "w3", "gate", "gate_proj", "up_proj",
+                                                             "down_proj"]
+    targets = data.draw(st.one_of(
+        st.just("all-linear"),
+        st.sampled_from([r".*\.(q_proj|v_proj)", r".*experts.*"]),
+        st.lists(st.sampled_from(names), min_size=1, max_size=5, unique=True)))
+    if isinstance(targets, str) and targets != "all-linear":
+        with pytest.raises(SurveyError, match="resolves a regular expression against every module"):
+            peft_lora_targets(shape, targets)
+        return
+    theirs = LoraConfig(r=4, target_modules=targets)
+    try:
+        _convert_peft_config_moe(theirs, model)
+    except ValueError:
+        with pytest.raises(SurveyError, match="transformers 5 fused them"):
+            peft_lora_targets(shape, targets)
+        return
+    ours = peft_lora_targets(shape, targets)
+    their_modules = theirs.target_modules
+    assert (set(ours.target_modules) if not isinstance(ours.target_modules, str) else ours.target_modules) == (
+        set(their_modules) if not isinstance(their_modules, str) else their_modules)
+    assert set(ours.target_parameters) == set(theirs.target_parameters or ())
+    assert {rf".*\.{name}": 4 * f for name, f in ours.rank_factors} == dict(theirs.rank_pattern or {})
