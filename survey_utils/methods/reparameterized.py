@@ -245,7 +245,8 @@ def lora_parameter_terms(params: list[TargetParameter], top_k: int, tokens: int,
       frozen model kept none of them, as nothing it read needed a gradient); for any other parameter (a router's
       weight) the :math:`t` rows it reads, once per distinct input;
     - :math:`W'` itself, the whole stack (:math:`E\,d_	ext{in}\,d_	ext{out}`), in the weight's dtype;
-    - with an adapter dtype unlike the model's, the factors cast to the weight's dtype (which ``baddbmm`` keeps).
+    - with an adapter dtype unlike the model's, on a tensor of several experts, the factors cast to the weight's
+      dtype (which ``baddbmm`` keeps; one matrix adds a :math:`\Delta W` computed in the factors' dtype instead).
     No :math:`xA` is saved: the update is folded into the weight, not run beside it."""
     inputs: dict[tuple[str, str], int] = {}
     for p in params:
@@ -257,7 +258,8 @@ def lora_parameter_terms(params: list[TargetParameter], top_k: int, tokens: int,
              "W + B A (whole adapted tensors)": sum(act_bytes * math.prod(p.shape) for p in params)}
     if adapter_bytes != act_bytes:
         terms["B, A cast to the weight's dtype"] = sum(act_bytes * r * p.rank_factor * p.experts
-                                                       * (p.in_features + p.out_features) for p in params)
+                                                       * (p.in_features + p.out_features) for p in params
+                                                       if p.experts > 1)
     return terms
 
 

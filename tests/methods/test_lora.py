@@ -187,3 +187,45 @@ def test_target_parameters_from_the_command_line() -> None:
     method = get_method("lora")
     assert method.parse_settings(["target_parameters=mlp.experts.gate_up_proj,mlp.experts.down_proj"]) == {
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+
+
+@pytest.mark.parametrize(("implementation", "model_dtype", "adapter_dtype"),
+                         [("eager", torch.float32, torch.float32), ("grouped_mm", torch.float32, torch.float32),
+                          ("eager", torch.bfloat16, torch.float32)])
+def test_expert_lora_memory_terms_are_the_saved_tensors(implementation: str, model_dtype: torch.dtype,
+                                                        adapter_dtype: torch.dtype) -> None:
+    """What LoRA on the experts and routers adds to the tensors autograd saves (distinct storages, parameters
+    excluded), on real tensors, ours and peft's alike, equals its memory terms: the routed rows (top-k of E),
+    the whole W + BA, and with fp32 factors on a bf16 model their cast copies."""
+    from survey_utils.counting import peft_model
+
+    def saved(model: torch.nn.Module, ids: torch.Tensor) -> int:
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.untyped_storage().data_ptr() not in params:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=ids)
+        return sum(storages.values())
+
+    def built(make, hp: dict) -> torch.nn.Module:
+        model = make(build_model(config, device="cpu", seed=0, dtype=model_dtype), "lora", **hp).train()
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.to(adapter_dtype)
+        return model
+
+    config = _tiny_moe(implementation)
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    method = get_method("lora")
+    base = {"target_modules": ["q_proj"]}  # gradients reach every block: the backbone saves the same either way
+    experts = {**base, "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]}
+    terms = [sum(method.memory_terms(config, 2, 16, model_dtype.itemsize, adapter_dtype.itemsize,
+                                     **method.resolve(config, **hp)).values()) for hp in (base, experts)]
+    for make in (apply_method, peft_model):
+        measured = saved(built(make, experts), ids) - saved(built(make, base), ids)
+        assert measured == terms[1] - terms[0] > 0

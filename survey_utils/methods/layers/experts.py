@@ -80,11 +80,13 @@ class ParameterLoRA(nn.Module):
         return weight.shape[0], weight.shape[2], weight.shape[1]
 
     def updated(self, name: str) -> torch.Tensor:
-        r""":math:`W + \frac{\alpha}{r} B A` for each expert, in the weight's layout and dtype."""
+        r""":math:`W + \frac{\alpha}{r} B A` for each expert, in the weight's layout and dtype: several experts in
+        one ``baddbmm`` on the factors cast to the weight's dtype (peft's ``_LoraFactorsProxy``), one matrix as
+        :math:`W + \\Delta W` with :math:`\\Delta W` computed in the factors' dtype (peft's ``_LoraParameterProxy``)."""
         weight = getattr(self.base_layer, name)
+        if weight.dim() == 2 or weight.shape[0] == 1:
+            return weight + self.delta(name)
         a, b = self.lora_A[name].to(weight.dtype), self.lora_B[name].to(weight.dtype)
-        if weight.dim() == 2:
-            return torch.addmm(weight, b, a, alpha=self.scaling[name])
         if self.transposed:  # stored (E, d_in, d_out): W' = W + s (B A)^T = W + s A^T B^T
             return torch.baddbmm(weight, a.transpose(1, 2), b.transpose(1, 2), alpha=self.scaling[name])
         return torch.baddbmm(weight, b, a, alpha=self.scaling[name])
