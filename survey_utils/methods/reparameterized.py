@@ -241,10 +241,10 @@ def lora_parameter_terms(params: list[TargetParameter], top_k: int, tokens: int,
     new tensor that now needs a gradient, so every matmul that reads it keeps
 
     - its input: for a routed expert tensor, the rows routed to each expert, :math:`t k` rows of
-      :math:`d_	ext{in}` over the :math:`E` experts (top-k of E: each expert's LoRA sees only its own tokens; the
+      :math:`d_\text{in}` over the :math:`E` experts (top-k of E: each expert's LoRA sees only its own tokens; the
       frozen model kept none of them, as nothing it read needed a gradient); for any other parameter (a router's
       weight) the :math:`t` rows it reads, once per distinct input;
-    - :math:`W'` itself, the whole stack (:math:`E\,d_	ext{in}\,d_	ext{out}`), in the weight's dtype;
+    - :math:`W'` itself, the whole stack (:math:`E\,d_\text{in}\,d_\text{out}`), in the weight's dtype;
     - with an adapter dtype unlike the model's, on a tensor of several experts, the factors cast to the weight's
       dtype (which ``baddbmm`` keeps; one matrix adds a :math:`\Delta W` computed in the factors' dtype instead).
     No :math:`xA` is saved: the update is folded into the weight, not run beside it."""

@@ -82,7 +82,7 @@ class ParameterLoRA(nn.Module):
     def updated(self, name: str) -> torch.Tensor:
         r""":math:`W + \frac{\alpha}{r} B A` for each expert, in the weight's layout and dtype: several experts in
         one ``baddbmm`` on the factors cast to the weight's dtype (peft's ``_LoraFactorsProxy``), one matrix as
-        :math:`W + \\Delta W` with :math:`\\Delta W` computed in the factors' dtype (peft's ``_LoraParameterProxy``)."""
+        :math:`W + \Delta W` with :math:`\Delta W` computed in the factors' dtype (peft's ``_LoraParameterProxy``)."""
         weight = getattr(self.base_layer, name)
         if weight.dim() == 2 or weight.shape[0] == 1:
             return weight + self.delta(name)
