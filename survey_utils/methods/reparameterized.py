@@ -230,12 +230,16 @@ def lora_memory_terms(config: PretrainedConfig, batch_size: int, seq_len: int, a
     terms = {"adapter inputs": _saved_inputs(specs, t, act_bytes, adapter_bytes, lora_dropout),
              "x A (rank r)": sum(adapter_bytes * t * r * f for _, f in modules)}
     if params:
-        terms.update(lora_parameter_terms(params, layout(config).experts_per_token, t, act_bytes, adapter_bytes, r))
+        sites = _sites(modules, params)
+        kept = [p for p, site in zip(params, sites[len(modules):], strict=True) if _input_carries_gradient(site, sites)]
+        terms.update(lora_parameter_terms(params, layout(config).experts_per_token, t, act_bytes, adapter_bytes, r,
+                                          kept))
     return terms
 
 
 def lora_parameter_terms(params: list[TargetParameter], top_k: int, tokens: int, act_bytes: int,
-                         adapter_bytes: int, r: int) -> dict[str, int]:
+                         adapter_bytes: int, r: int, keeps_weight: list[TargetParameter] | None = None
+                         ) -> dict[str, int]:
     r"""What LoRA on parameters saves for backward, from its mechanism (peft's ``ParamWrapper``, our
     :class:`~survey_utils.methods.layers.experts.ParameterLoRA`): the module runs on :math:`W' = W + s B A`, a
     new tensor that now needs a gradient, so every matmul that reads it keeps
@@ -244,7 +248,9 @@ def lora_parameter_terms(params: list[TargetParameter], top_k: int, tokens: int,
       :math:`d_\text{in}` over the :math:`E` experts (top-k of E: each expert's LoRA sees only its own tokens; the
       frozen model kept none of them, as nothing it read needed a gradient); for any other parameter (a router's
       weight) the :math:`t` rows it reads, once per distinct input;
-    - :math:`W'` itself, the whole stack (:math:`E\,d_\text{in}\,d_\text{out}`), in the weight's dtype;
+    - :math:`W'` itself, the whole stack (:math:`E\,d_\text{in}\,d_\text{out}`), in the weight's dtype, for the
+      gradient of the input: only where the input carries one (``keeps_weight``, all of ``params`` when None: a
+      trainable site upstream, :func:`_input_carries_gradient`);
     - with an adapter dtype unlike the model's, on a tensor of several experts, the factors cast to the weight's
       dtype (which ``baddbmm`` keeps; one matrix adds a :math:`\Delta W` computed in the factors' dtype instead).
     No :math:`xA` is saved: the update is folded into the weight, not run beside it."""
@@ -255,12 +261,40 @@ def lora_parameter_terms(params: list[TargetParameter], top_k: int, tokens: int,
             ((p.module.name.rpartition(".")[0], "mlp input") if p.module.moe == "router" else (p.name, "input"))
         inputs[key] = act_bytes * tokens * (top_k if routed else 1) * p.in_features
     terms = {"parameter LoRA inputs (routed rows: top-k of E per expert)": sum(inputs.values()),
-             "W + B A (whole adapted tensors)": sum(act_bytes * math.prod(p.shape) for p in params)}
+             "W + B A (whole adapted tensors)": sum(act_bytes * math.prod(p.shape)
+                                                    for p in (params if keeps_weight is None else keeps_weight))}
     if adapter_bytes != act_bytes:
         terms["B, A cast to the weight's dtype"] = sum(act_bytes * r * p.rank_factor * p.experts
                                                        * (p.in_features + p.out_features) for p in params
                                                        if p.experts > 1)
     return terms
+
+
+def lora_memory_sites(config: PretrainedConfig, **hp: Any) -> list[ModuleSpec]:
+    """Where LoRA's gradients enter the backbone (``Method.gradient_sites``): its target modules after peft's
+    conversion, and each target parameter as the linear it acts as (its module's name and part, its d_in and
+    d_out), so that a fused ``gate_up_proj`` or a router's weight sits at the MLP's input, a ``down_proj`` at its
+    output (:attr:`ModuleSpec.stage`)."""
+    return _sites(*lora_targets(config, hp))
+
+
+def _sites(modules: list[tuple[ModuleSpec, int]], params: list[TargetParameter]) -> list[ModuleSpec]:
+    return [m for m, _ in modules] + [
+        dataclasses.replace(p.module, name=p.name, kind="linear", component="mlp", in_features=p.in_features,
+                            out_features=p.out_features) for p in params]
+
+
+def _input_carries_gradient(site: ModuleSpec, sites: list[ModuleSpec]) -> bool:
+    """Whether the input of ``site`` carries a gradient: a trainable site sits below it, in an earlier block or at a
+    lower stage of its block (a router's update reaches the block only through the routing weights, which scale
+    the experts' outputs, so it is no such site for its own block's experts). A site outside the blocks counts as
+    below."""
+    for other in sites:
+        if other.layer is None or site.layer is None or other.layer < site.layer:
+            return True
+        if other.layer == site.layer and other.stage < site.stage and other.moe != "router":
+            return True
+    return False
 
 
 def lora_largest_tensor(config: PretrainedConfig, r: int, **hp: Any) -> int:
@@ -364,6 +398,7 @@ LORA = register(Method(
     trainable_params=lora_trainable_params,
     peft_config=lora_peft_config,
     memory_terms=lora_memory_terms,
+    gradient_sites=lora_memory_sites,
     validate=check_targets("lora", peft_lora=True),
     largest_trainable_tensor=lora_largest_tensor,
     param_prefixes=("lora_",),
