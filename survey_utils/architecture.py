@@ -181,10 +181,8 @@ def layout(config: PretrainedConfig) -> Layout:
     """The :class:`Layout` of the model the config describes: the hand-written closed form for the families
     chapter 00 teaches (no torch), the generic layout read from a ``meta`` build for every other model type."""
     builder = _BUILDERS.get(config.model_type)
-    if builder is None:  # any other model type: read from the model transformers builds on meta (imports torch)
-        from survey_utils.generic_layout import generic_layout
-
-        builder = generic_layout
+    if builder is None:  # any other model type: a zoo snapshot's stored layout, else the meta build (imports torch)
+        builder = _stored_or_generic_layout
     else:
         _check_sizes(config)
     # Configs are unhashable; the same object (zoo configs are cached) hits the identity cache, and an
@@ -201,6 +199,17 @@ def layout(config: PretrainedConfig) -> Layout:
         _BY_ID.clear()
     _BY_ID[id(config)] = (config, _CACHE[key])
     return _CACHE[key]
+
+
+def _stored_or_generic_layout(config: PretrainedConfig) -> Layout:
+    from survey_utils.snapshots import stored_layout
+
+    stored = stored_layout(config)  # None for a config that is not an unchanged zoo snapshot
+    if stored is not None:
+        return stored
+    from survey_utils.generic_layout import generic_layout
+
+    return generic_layout(config)
 
 
 # The size fields of the supported families; every one present must be a positive integer.

@@ -104,6 +104,9 @@ def build_on_meta(config: PretrainedConfig) -> nn.Module:
     import torch
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    from survey_utils.zoo import to_transformers_config
+
+    config = to_transformers_config(config)  # a zoo snapshot's light config (survey_utils.snapshots) replays as real
     cls = model_class_for(config)
     try:
         # unset_fake_temporarily: a layout first asked for inside the simulation's FakeTensorMode must still be

@@ -7,7 +7,8 @@ Reading a config is cheap: for the families with a hand-written layout in :mod:`
 transformers. That is what lets closed-form counts and memory estimates answer in well under a second.
 Building a model needs the real thing: :func:`to_transformers_config` (or ``load_config(..., full=True)``)
 gives transformers' ``PretrainedConfig``, and :func:`build_model` uses it. Families without a hand layout
-always get the real ``PretrainedConfig``.
+get the real ``PretrainedConfig``, except the zoo's own configs of those families, whose resolved values
+:mod:`survey_utils.snapshots` stores (a light config again, with the stored layout).
 
 Small models are built with random weights on the CPU; big ones on torch's ``meta`` device, where a 70B
 model costs no memory. The model class comes from the config's ``architectures`` field. Anywhere a zoo
@@ -127,7 +128,8 @@ def load_config(model: str | os.PathLike[str] | Config, full: bool = False) -> C
     """The config of a zoo name or a ``config.json`` path; a config passed in is passed through.
 
     A family with a hand-written layout gives a read-only :class:`LightConfig` (no torch import); with
-    ``full=True``, or for any other family, the answer is transformers' ``PretrainedConfig``.
+    ``full=True``, or for any other family, the answer is transformers' ``PretrainedConfig`` (unless the
+    config matches a stored snapshot: :mod:`survey_utils.snapshots`).
     """
     if isinstance(model, LightConfig):
         return to_transformers_config(model) if full else model
@@ -170,6 +172,11 @@ def _load_cached(path: str, label: str) -> Config:
     defaults = config_defaults()
     if model_type in defaults["types"] and not _NEEDS_TRANSFORMERS.intersection(raw):
         return _light_config(raw, model_type, label, path)
+    from survey_utils.snapshots import find_snapshot
+
+    snapshot = find_snapshot(raw, model_type)
+    if snapshot is not None:  # a zoo config of another family, resolved and stored by survey_utils.snapshots
+        return _snapshot_config(snapshot, raw, model_type, label, path)
     if model_type not in defaults["model_types"]:  # answer without importing transformers to find out
         raise SurveyError(f"config file '{path}' is not a valid '{model_type}' config: transformers "
                           f"{defaults['transformers_version']} has no model type '{model_type}'")
@@ -241,11 +248,14 @@ class LightConfig:
     :func:`to_transformers_config` replays those assignments on the real config.
     """
 
-    __slots__ = ("_values", "_spec", "_raw", "_path", "_changes", "_frozen", "_full")
+    __slots__ = ("_values", "_spec", "_raw", "_path", "_changes", "_frozen", "_full", "_snapshot")
 
-    def __init__(self, model_type: str, raw: dict[str, Any], path: str) -> None:
-        for slot, value in (("_values", {}), ("_spec", config_defaults()["types"][model_type]), ("_raw", raw),
-                            ("_path", path), ("_changes", {}), ("_frozen", False), ("_full", None)):
+    def __init__(self, model_type: str, raw: dict[str, Any], path: str, spec: dict[str, Any] | None = None) -> None:
+        # spec: the config class's entry of config_defaults.json, or a stored snapshot's (survey_utils.snapshots)
+        spec = spec if spec is not None else config_defaults()["types"][model_type]
+        for slot, value in (("_values", {}), ("_spec", spec), ("_raw", raw),
+                            ("_path", path), ("_changes", {}), ("_frozen", False), ("_full", None),
+                            ("_snapshot", None)):
             object.__setattr__(self, slot, value)
 
     @property
@@ -342,18 +352,21 @@ class LightConfig:
         return self.__deepcopy__({})
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LightConfig:
-        clone = LightConfig(self.model_type, self._raw, self._path)
+        clone = LightConfig(self.model_type, self._raw, self._path, self._spec)
         object.__setattr__(clone, "_values", copy.deepcopy(self._values, memo))
         object.__setattr__(clone, "_changes", copy.deepcopy(self._changes, memo))
+        object.__setattr__(clone, "_snapshot", self._snapshot)  # read-only, shared
         return clone
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _restore, (self.model_type, self._raw, self._path, self._values, self._changes, self._frozen)
+        return _restore, (self.model_type, self._raw, self._path, self._values, self._changes, self._frozen,
+                          self._spec, self._snapshot)
 
 
 def _restore(model_type: str, raw: dict[str, Any], path: str, values: dict[str, Any], changes: dict[str, Any],
-             frozen: bool) -> LightConfig:
-    config = LightConfig(model_type, raw, path)
+             frozen: bool, spec: dict[str, Any] | None = None, snapshot: dict[str, Any] | None = None) -> LightConfig:
+    config = LightConfig(model_type, raw, path, spec)
+    object.__setattr__(config, "_snapshot", snapshot)
     object.__setattr__(config, "_values", values)
     object.__setattr__(config, "_changes", changes)
     object.__setattr__(config, "_frozen", frozen)
@@ -367,6 +380,21 @@ def _light_config(raw: dict[str, Any], model_type: str, label: str, path: str) -
         _init_like_transformers(config, copy.deepcopy(raw))
     except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError) as error:
         raise SurveyError(_invalid(path, model_type, error)) from None
+    config._assign("name_or_path", label)
+    object.__setattr__(config, "_frozen", True)
+    return config
+
+
+def _snapshot_config(snapshot: dict[str, Any], raw: dict[str, Any], model_type: str, label: str,
+                     path: str) -> LightConfig:
+    """A :class:`LightConfig` holding the values transformers' config class gave this config when the snapshot
+    was stored (nothing replayed: the values are the resolved ones), read-only like every zoo config."""
+    config = LightConfig(model_type, raw, path, snapshot["spec"])
+    values = copy.deepcopy(snapshot["values"])
+    if values.get("id2label") is not None:  # JSON keys are strings; transformers holds ints
+        values["id2label"] = {int(key): value for key, value in values["id2label"].items()}
+    object.__setattr__(config, "_values", values)
+    object.__setattr__(config, "_snapshot", snapshot)
     config._assign("name_or_path", label)
     object.__setattr__(config, "_frozen", True)
     return config
@@ -638,50 +666,15 @@ def build_config_defaults() -> dict[str, Any]:
     (generation parameters it drops, legacy layer-type names, allowed layer types, torch's dtype names),
     plus every model type transformers knows.
     """
-    import dataclasses
-    import importlib
-
     import torch
     import transformers
     from transformers import configuration_utils
     from transformers.generation.configuration_utils import GenerationConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     from survey_utils.architecture import _BUILDERS
 
-    types: dict[str, Any] = {}
-    for model_type in sorted(_BUILDERS):
-        cls = CONFIG_MAPPING[model_type]
-        if cls.sub_configs_defaults:
-            raise ValueError(f"{cls.__name__} has sub-configs, which the light reader does not handle")
-        fields: dict[str, Any] = {}
-        field_types: dict[str, Any] = {}
-        field_checks: dict[str, list[dict[str, Any]]] = {}
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                raise ValueError(f"{cls.__name__}.{f.name} has no default")
-            if json.loads(json.dumps(default)) != default:
-                raise ValueError(f"{cls.__name__}.{f.name}: default {default!r} does not survive JSON")
-            fields[f.name] = default
-            field_types[f.name] = _type_spec(f.type)
-            validators = f.metadata.get("validator") or []
-            for validator in validators if isinstance(validators, list) else [validators]:
-                field_checks.setdefault(f.name, []).append(_validator_spec(cls, f.name, validator))
-        modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-        classes = {name: {"supports_sdpa": bool(getattr(getattr(modeling, name), "_supports_sdpa", False))}
-                   for name in sorted(modeling.__all__)
-                   if isinstance(getattr(modeling, name), type)
-                   and issubclass(getattr(modeling, name), transformers.PreTrainedModel)}
-        types[model_type] = {
-            "model_type": model_type, "config_class": cls.__name__, "attribute_map": dict(cls.attribute_map),
-            "fields": fields, "field_types": field_types, "field_checks": field_checks,
-            "rope": {"default_theta": cls.default_theta, "default_rope_type": cls.default_rope_type},
-            "model_classes": classes,
-        }
+    types = {model_type: config_class_spec(model_type) for model_type in sorted(_BUILDERS)}
     dtypes = {name: str(getattr(torch, name)).split(".")[1] for name in sorted(dir(torch))
               if not name.startswith("_") and isinstance(getattr(torch, name, None), torch.dtype)}
     return {
@@ -697,6 +690,49 @@ def build_config_defaults() -> dict[str, Any]:
         "torch_dtypes": dtypes,
         "model_types": sorted(CONFIG_MAPPING_NAMES),
         "types": types,
+    }
+
+
+def config_class_spec(model_type: str) -> dict[str, Any]:
+    """What the light reader needs of one model type's config class, read from the installed transformers: its
+    fields (defaults, types as huggingface_hub's strict check reads them, custom validators), ``attribute_map``,
+    RoPE defaults and its model classes' ``_supports_sdpa``."""
+    import dataclasses
+    import importlib
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    if cls.sub_configs_defaults:
+        raise ValueError(f"{cls.__name__} has sub-configs, which the light reader does not handle")
+    fields: dict[str, Any] = {}
+    field_types: dict[str, Any] = {}
+    field_checks: dict[str, list[dict[str, Any]]] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise ValueError(f"{cls.__name__}.{f.name} has no default")
+        if json.loads(json.dumps(default)) != default:
+            raise ValueError(f"{cls.__name__}.{f.name}: default {default!r} does not survive JSON")
+        fields[f.name] = default
+        field_types[f.name] = _type_spec(f.type)
+        validators = f.metadata.get("validator") or []
+        for validator in validators if isinstance(validators, list) else [validators]:
+            field_checks.setdefault(f.name, []).append(_validator_spec(cls, f.name, validator))
+    modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    classes = {name: {"supports_sdpa": bool(getattr(getattr(modeling, name), "_supports_sdpa", False))}
+               for name in sorted(modeling.__all__)
+               if isinstance(getattr(modeling, name), type)
+               and issubclass(getattr(modeling, name), transformers.PreTrainedModel)}
+    return {
+        "model_type": model_type, "config_class": cls.__name__, "attribute_map": dict(cls.attribute_map),
+        "fields": fields, "field_types": field_types, "field_checks": field_checks,
+        "rope": {"default_theta": cls.default_theta, "default_rope_type": cls.default_rope_type},
+        "model_classes": classes,
     }
 
 
@@ -761,7 +797,8 @@ def supports_sdpa(config: Config) -> bool:
     """Whether transformers' class for this config can use SDPA, without importing it when
     ``config_defaults.json`` records the class (BLOOM cannot: it adds ALiBi by hand)."""
     name = (config.architectures or [None])[0]
-    recorded = config_defaults()["types"].get(config.model_type, {}).get("model_classes", {}).get(name)
+    spec = config._spec if isinstance(config, LightConfig) else config_defaults()["types"].get(config.model_type, {})
+    recorded = spec.get("model_classes", {}).get(name)
     if recorded is not None:
         return recorded["supports_sdpa"]
     return bool(getattr(model_class(config), "_supports_sdpa", False))
