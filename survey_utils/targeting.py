@@ -267,36 +267,37 @@ def select_parameters(layout: Layout, targets: LoraTargets) -> list[TargetParame
     return found
 
 
-def peft_lora_expert_targets(model_type: str) -> tuple[str, ...]:
-    """The ``target_parameters`` peft 0.21.2's conversion can add on ``model_type`` (empty for most types): the
-    names :func:`peft_lora_targets` moves the v4 expert and router names to."""
-    mapping, _ = _peft_moe_conversion(model_type)
-    return tuple(sorted(set(mapping.values())))
-
-
 def _peft_moe_conversion(model_type: str) -> tuple[dict[str, str], dict[str, list[str]]]:
     """peft 0.21.2's v4 -> v5 target mapping and fused targets for ``model_type`` (empty where it converts
-    nothing: no conversion pattern, or transformers has no checkpoint conversion for the type)."""
-    if "peft.utils.transformers_weight_conversion" not in _PEFT_CONVERSION_CACHE:
-        from peft.utils.transformers_weight_conversion import (
-            _MODEL_TO_CONVERSION_PATTERN,
-            _MOE_FUSED_TARGETS,
-            _MOE_TARGET_MODULE_MAPPING,
-            get_checkpoint_conversion_mapping,
-        )
-
-        _PEFT_CONVERSION_CACHE["peft.utils.transformers_weight_conversion"] = (
-            _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING, _MOE_FUSED_TARGETS,
-            get_checkpoint_conversion_mapping)
-    patterns, mappings, fused, conversion = _PEFT_CONVERSION_CACHE["peft.utils.transformers_weight_conversion"]
-    pattern = patterns.get(model_type)
-    mapping = mappings.get(pattern, {}) if pattern else {}
-    if not mapping or not fused.get(pattern) or conversion(model_type) is None:
+    nothing), from the transcription below: no import of peft or transformers, so closed forms stay light."""
+    pattern = PEFT_MOE_TYPES.get(model_type)
+    if pattern is None:
         return {}, {}
-    return dict(mapping), {k: list(v) for k, v in fused[pattern].items()}
+    return dict(PEFT_MOE_MAPPING[pattern]), {k: list(v) for k, v in PEFT_MOE_FUSED[pattern].items()}
 
 
-_PEFT_CONVERSION_CACHE: dict[str, tuple] = {}
+# peft 0.21.2's transformers-5 MoE conversion (peft/utils/transformers_weight_conversion.py): its
+# _MOE_TARGET_MODULE_MAPPING and _MOE_FUSED_TARGETS, and the model types it converts (those whose
+# _MODEL_TO_CONVERSION_PATTERN is one of the two and for which transformers 5.23 has a checkpoint conversion,
+# get_checkpoint_conversion_mapping), transcribed; tests/test_targeting.py checks them against the installed
+# peft and transformers.
+PEFT_MOE_MAPPING: dict[str, dict[str, str]] = {
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "qwen2_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                  "down_proj": "down_proj"},
+}
+PEFT_MOE_FUSED: dict[str, dict[str, tuple[str, ...]]] = {
+    "mixtral": {"gate_up_proj": ("w1", "w3")},
+    "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj")},
+}
+PEFT_MOE_TYPES: dict[str, str] = {
+    **{t: "mixtral" for t in ("minimax", "minimax_m2", "mixtral")},
+    **{t: "qwen2_moe" for t in (
+        "Dots3NoteTextModel", "UnlimitedOcrTextModel", "afmoe", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3",
+        "deepseek_v32", "dots1", "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe",
+        "glm_moe_dsa", "hunyuan_v1_moe", "longcat_flash", "mellum", "olmoe", "qwen3_moe", "qwen3_next",
+        "qwen3_omni_moe", "qwen3_omni_moe_text", "qwen3_omni_moe_thinker", "solar_open")},
+}
 
 # peft 0.21.2's _check_lora_target_modules_mamba: LoRA-like adapters refuse these modules of these model types.
 PEFT_MAMBA_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})

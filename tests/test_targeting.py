@@ -146,3 +146,23 @@ def test_moe_conversion_agrees_with_peft(data, kind: str) -> None:
         set(their_modules) if not isinstance(their_modules, str) else their_modules)
     assert set(ours.target_parameters) == set(theirs.target_parameters or ())
     assert {rf".*\.{name}": 4 * f for name, f in ours.rank_factors} == dict(theirs.rank_pattern or {})
+
+
+def test_the_moe_conversion_tables_are_peft_s() -> None:
+    """targeting's transcription of peft 0.21.2's conversion tables (kept so that closed forms import neither peft
+    nor transformers) equals what the installed peft and transformers say, type by type."""
+    from peft.utils.transformers_weight_conversion import (
+        _MODEL_TO_CONVERSION_PATTERN,
+        _MOE_FUSED_TARGETS,
+        _MOE_TARGET_MODULE_MAPPING,
+        get_checkpoint_conversion_mapping,
+    )
+
+    from survey_utils.targeting import PEFT_MOE_FUSED, PEFT_MOE_MAPPING, PEFT_MOE_TYPES
+
+    assert PEFT_MOE_MAPPING == _MOE_TARGET_MODULE_MAPPING
+    assert {p: {k: list(v) for k, v in f.items()} for p, f in PEFT_MOE_FUSED.items()} == \
+        {p: {k: list(v) for k, v in f.items()} for p, f in _MOE_FUSED_TARGETS.items()}
+    converted = {t: p for t, p in _MODEL_TO_CONVERSION_PATTERN.items() if p in _MOE_TARGET_MODULE_MAPPING
+                 and _MOE_FUSED_TARGETS.get(p) and get_checkpoint_conversion_mapping(t) is not None}
+    assert PEFT_MOE_TYPES == converted
