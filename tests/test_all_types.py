@@ -217,3 +217,18 @@ def test_moe_all_linear_is_more_than_the_linears() -> None:
                 experts += 8 * (dims[0] + dims[1])
     assert experts > 0
     assert count(config, "lora", "peft", target_modules="all-linear").trainable == alone + experts
+
+
+def test_an_moe_type_without_an_moe_block_loses_its_dense_mlp_as_in_peft() -> None:
+    """peft's conversion depends on the model type, not on the blocks: DeepSeek-V3 with only its leading dense
+    blocks still has gate_proj/up_proj/down_proj moved to target_parameters, which then match nothing, so LoRA
+    all-linear adapts the attention alone, three ways."""
+    from survey_utils.methods.reparameterized import lora_targets
+
+    config = small_default("deepseek_v3")
+    config.first_k_dense_replace = 2  # both blocks dense
+    modules, params = lora_targets(config, {"target_modules": "all-linear", "layers_to_transform": None,
+                                            "layers_pattern": None})
+    assert not params and {m.component for m, _ in modules} == {"attention"}
+    row = three_way(config, "lora", target_modules="all-linear")
+    assert row["match"], row
