@@ -40,7 +40,8 @@ class ParameterCount:
     total: int
     by_component: dict[str, tuple[int, int]] = field(default_factory=dict)
     # Mixture-of-experts models only (else None): the parameters one token uses, the method's included
-    # (:attr:`survey_utils.architecture.Layout.active_params`: routers, shared experts, top-k routed experts).
+    # (:attr:`survey_utils.architecture.Layout.active_params`: routers, shared experts, top-k routed experts; of
+    # what the method adds inside routed experts, the top-k experts' share, Method.routed_added_params).
     active: int | None = None
 
     @property
@@ -122,7 +123,10 @@ def closed_form(model: str | os.PathLike[str] | PretrainedConfig, method: str | 
         if added:
             split["method"] = (trainable - unfrozen, added)
     shape = layout(config)
-    active = shape.active_params + added if shape.num_experts else None
+    active = None
+    if shape.num_experts:  # a token uses its top-k experts' share of what the method adds inside the experts
+        routed = method.routed_added_params(config, **hp) if method.routed_added_params is not None else 0
+        active = shape.active_params + added - routed + routed * shape.experts_per_token // shape.num_experts
     return ParameterCount(trainable, total_params(config) + added, split, active)
 
 

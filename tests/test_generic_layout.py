@@ -85,6 +85,17 @@ def test_moe_total_and_active_per_token(name: str) -> None:
     assert closed_form("llama-2-7b", "full").active is None
 
 
+def test_active_per_token_counts_the_top_k_experts_share_of_expert_lora() -> None:
+    """Mixtral-8x7B, LoRA all-linear (r = 8), per block: attention q, k, v, o 8 * (8192 + 5120 + 5120 + 8192); router
+    8 * (4096 + 8); experts gate_up_proj (8, 28672, 4096) at rank 16 and down_proj (8, 4096, 14336) at rank 8, of
+    which a token uses its 2 of 8 experts' A and B."""
+    attention, router = 8 * (8192 + 5120 + 5120 + 8192), 8 * (4096 + 8)
+    experts = 16 * 8 * (4096 + 28672) + 8 * 8 * (14336 + 4096)
+    lora = closed_form("mixtral-8x7b", "lora", target_modules="all-linear")
+    assert lora.trainable == 32 * (attention + router + experts) == 179_832_832
+    assert lora.active == MOE["mixtral-8x7b"][1] + 32 * (attention + router + experts * 2 // 8) == 12_930_783_232
+
+
 def test_deepseek_has_routers_shared_experts_and_latent_attention() -> None:
     shape = layout(load_config("deepseek-v3"))
     roles = {m.moe for m in shape.modules}

@@ -197,6 +197,11 @@ class Method:
     largest_trainable_tensor: Callable[..., int] | None = None
     """``largest_trainable_tensor(config, **hp) -> int``: elements of the biggest trainable tensor (the
     optimizer's temporaries are this big). ``None``: bounded by the whole trainable count."""
+    routed_added_params: Callable[..., int] | None = None
+    """``routed_added_params(config, **hp) -> int``: of the parameters the method adds, those inside a mixture of
+    experts' routed experts, one equal share per expert (LoRA's A and B on fused expert tensors); a token uses the
+    shares of its top-k experts only, so :attr:`survey_utils.counting.ParameterCount.active` counts them times
+    ``experts_per_token / num_experts``. ``None``: the method adds nothing there."""
     frozen_added_params: Callable[..., int] | None = None
     """``frozen_added_params(config, **hp) -> int``: frozen parameters the method adds (e.g. shared random
     projections stored as parameters)."""

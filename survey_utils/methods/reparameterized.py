@@ -106,6 +106,14 @@ def lora_trainable_params(config: PretrainedConfig, r: int, **hp: Any) -> int:
             + sum(r * p.rank_factor * p.experts * (p.in_features + p.out_features) for p in params))
 
 
+def lora_routed_params(config: PretrainedConfig, r: int, **hp: Any) -> int:
+    """LoRA's A and B on tensors of the routed experts (``Method.routed_added_params``): a token uses its top-k
+    experts' pairs only."""
+    _, params = lora_targets(config, hp)
+    return sum(r * p.rank_factor * p.experts * (p.in_features + p.out_features) for p in params
+               if p.module.moe == "routed" and p.experts > 1)
+
+
 def lora_peft_config(config: PretrainedConfig, r: int, lora_alpha: float, lora_dropout: float,
                      use_rslora: bool, **hp: Any) -> Any:
     """peft's ``LoraConfig`` with our settings; peft runs its transformers-5 conversion on it itself."""
@@ -399,6 +407,7 @@ LORA = register(Method(
     peft_config=lora_peft_config,
     memory_terms=lora_memory_terms,
     gradient_sites=lora_memory_sites,
+    routed_added_params=lora_routed_params,
     validate=check_targets("lora", peft_lora=True),
     largest_trainable_tensor=lora_largest_tensor,
     param_prefixes=("lora_",),
