@@ -259,11 +259,12 @@ def select_parameters(layout: Layout, targets: LoraTargets) -> list[TargetParame
             found.append(TargetParameter(module, param, tuple(shape), module.name in transposed,
                                          targets.rank_factor(full)))
     missing = [t for t in targets.required if t not in matched]
-    if missing:
-        have = [f"{m.name}.{p}" for m in layout.modules if not m.tied_to for (p, _), s in
-                zip(m.params, m.shapes, strict=False) if len(s) == 3] or [m.name for m in layout.linear_modules()]
-        raise SurveyError(f"target parameter '{missing[0]}' matches no parameter of {layout.family}; "
-                          f"its expert tensors are: {closest(missing[0], have)}")
+    if missing:  # name the 3-D tensors as a target would, from their block on (mlp.experts.gate_up_proj)
+        have = list(dict.fromkeys(re.sub(r"^.*?\.\d+\.", "", f"{m.name}.{p}") for m in layout.modules
+                                  if not m.tied_to for (p, _), s in zip(m.params, m.shapes, strict=False)
+                                  if len(s) == 3))
+        raise SurveyError(f"target parameter '{missing[0]}' matches no parameter of {layout.family}; its expert "
+                          f"tensors are: {closest(missing[0], have) if have else 'none (it has no 3-D tensor)'}")
     return found
 
 
