@@ -67,6 +67,8 @@ class HyperParam:
                 raise ValueError(text)
             if self.type == "int_list":
                 return [int(part) for part in text.split(",") if part.strip()]
+            if self.type == "targets" and text.lower() == "all-linear":
+                return text  # peft's keyword (targeting.ALL_LINEAR), not a module name
             if self.type in ("str_list", "targets"):
                 return [part.strip() for part in text.split(",") if part.strip()]
             return text

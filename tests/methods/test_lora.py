@@ -185,6 +185,7 @@ def test_dora_and_qlora_refuse_what_peft_moves_to_parameters() -> None:
 
 def test_target_parameters_from_the_command_line() -> None:
     method = get_method("lora")
+    assert method.parse_settings(["target_modules=all-linear"]) == {"target_modules": "all-linear"}  # the keyword
     assert method.parse_settings(["target_parameters=mlp.experts.gate_up_proj,mlp.experts.down_proj"]) == {
         "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
 
