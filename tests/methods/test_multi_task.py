@@ -158,6 +158,12 @@ def test_results_csv_says_how_it_was_made_and_the_plot_shows_it() -> None:
         assert cost["adapter_fusion"]["params per added task"] == fusion
         assert cost["lorahub"]["params per added task"] == SETTINGS["lorahub"]["num_sources"]
         assert cost["lorahub"]["steps on the new task"] == SEARCH_BUDGET
+    if "attempt" in cost:  # a new target task costs ATTEMPT its prompt and attention module, X-LoRA its classifier
+        from survey_utils.experiments.ch08_multi_task import SETTINGS, STEPS_PER_TASK
+
+        for name in ("attempt", "xlora"):
+            assert cost[name]["params per added task"] == get_method_by_name(name).count(config, **SETTINGS[name])
+            assert cost[name]["steps on the new task"] == STEPS_PER_TASK
     fig = plot_results(rows)
     heights = sorted(p.get_height() for p in fig.axes[0].patches)
     assert heights == sorted(float(r["eval_accuracy"]) for r in rows)
