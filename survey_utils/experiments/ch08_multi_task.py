@@ -331,6 +331,37 @@ def _composed_run(name: str, load: Any, config: Any, trained: list[Any], steps: 
     return Result(name, _text(SETTINGS[name]), TASKS[new], "added task", trainable, trainable, steps, loss, acc)
 
 
+def xlora_against_peft(model: str = "tiny-llama", **hp: Any) -> dict[str, Any]:
+    """X-LoRA three ways and against peft's outputs: LoRA experts saved with peft into a temporary folder, peft's
+    ``XLoraModel`` over them (float64), ours with peft's classifier and experts copied in. Returns a
+    :func:`~survey_utils.counting.three_way` row (``peft`` filled: the registry has no peft config for X-LoRA, see
+    its notes) with ``peft_total``, ``copied`` tensors and ``max_diff``, the largest logit difference on one batch.
+
+    Defined for chapter 08, section "Check 3 — X-LoRA against peft's XLoraModel".
+    """
+    import tempfile
+
+    import torch
+
+    from survey_utils.counting import apply_method, closed_form, count_parameters
+    from survey_utils.methods.multi_task import load_xlora_from_peft, peft_xlora_model, save_lora_experts
+    from survey_utils.zoo import build_model
+
+    with tempfile.TemporaryDirectory() as folder:  # peft reads the experts when it builds its model
+        theirs = peft_xlora_model(model, save_lora_experts(model, folder, **hp), dtype=torch.float64, **hp).eval()
+    ours = apply_method(build_model(model, seed=0, dtype=torch.float64), "xlora", **hp).eval()
+    formula, built = closed_form(model, "xlora", **hp), count_parameters(ours)
+    peft_trainable, peft_total = theirs.get_nb_trainable_parameters()
+    copied = load_xlora_from_peft(ours, theirs)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max())
+    match = formula.trainable == built.trainable == peft_trainable and formula.total == built.total == peft_total
+    return {"model": model, "method": "xlora", "formula": formula.trainable, "scratch": built.trainable,
+            "peft": peft_trainable, "total": formula.total, "peft_total": peft_total, "match": match,
+            "copied": copied, "max_diff": diff}
+
+
 def _text(settings: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in settings.items())
 

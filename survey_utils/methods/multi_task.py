@@ -13,12 +13,19 @@ costs, which :attr:`~survey_utils.methods.registry.Method.tasks_hp` names for th
 - **MOELoRA**: LoRA experts per layer mixed by a gate that reads a learned task embedding; a task adds one
   embedding (:math:`e` numbers) per layer;
 - **LoRAHub**: :math:`N` frozen LoRA modules summed with :math:`N` weights found without gradients; a task (an
-  upstream module) adds one LoRA (frozen) and one weight.
+  upstream module) adds one LoRA (frozen) and one weight;
+- **SPoT**: prompt tuning started from the most similar source task's trained prompt;
+- **ATTEMPT**: :math:`t` frozen source prompts and a trainable target prompt mixed per example by a small attention
+  module on the pooled input; a source adds one prompt (frozen), the trained part does not grow;
+- **X-LoRA**: :math:`N` frozen LoRA experts in every target layer, mixed per token by a classifier that reads the
+  hidden states of a first forward pass; an expert adds one LoRA (frozen) and :math:`h + 1` classifier weights
+  (depth 1, one set of scalings for all layers).
 
 MPT, Polytropon and MOELoRA take ``task_ids`` (one task index per example) in the forward, as peft's
-``MULTITASK_PROMPT_TUNING`` and ``POLY`` do (:attr:`Method.takes_task_ids`). AdapterFusion and LoRAHub serve one
-target task from :math:`N` source modules (:attr:`Method.tasks_hp` is ``num_sources``); what they add frozen is
-:attr:`Method.frozen_added_params`. The layers live in ``layers/multi_task.py``, imported inside ``apply``.
+``MULTITASK_PROMPT_TUNING`` and ``POLY`` do (:attr:`Method.takes_task_ids`). AdapterFusion, LoRAHub, ATTEMPT and
+X-LoRA serve one target task from source modules trained beforehand (:attr:`Method.tasks_hp` counts them,
+:attr:`Method.composes_trained_sources` is set); what they add frozen is :attr:`Method.frozen_added_params`. The
+layers live in ``layers/multi_task.py``, imported inside ``apply``.
 """
 
 from __future__ import annotations

@@ -398,6 +398,14 @@ def test_xlora_counts_three_ways_and_outputs_equal_peft(hp: dict, tmp_path) -> N
     torch.testing.assert_close(ours.xlora_context.scalings, scalings)
 
 
+def test_chapter_08s_xlora_check_reports_peft_counts_and_outputs() -> None:
+    from survey_utils.experiments.ch08_multi_task import xlora_against_peft
+
+    row = xlora_against_peft(num_adapters=3)
+    assert row["match"] and row["peft"] == row["formula"] and row["peft_total"] == row["total"]
+    assert row["copied"] > 0 and row["max_diff"] < 1e-10
+
+
 def test_peft_xlora_cannot_load_experts_outside_a_model_dot_backbone(tmp_path) -> None:
     """peft 0.21.2 rewrites every saved expert key to ``model.model.<...>`` (Llama's layout): GPT-2 (``transformer``)
     and BERT (``bert``) experts come back as unexpected keys, so its X-LoRA parity runs on tiny-llama only."""

@@ -10,7 +10,12 @@ r"""Layers of the multi-task methods (chapter 08); the methods are registered in
   :func:`load_fusion_sources` copies trained single-task adapters in;
 - :class:`MoELoRALinear` (MOELoRA): LoRA experts mixed by a gate on a learned task embedding;
 - :class:`LoraHubLinear` (LoRAHub): frozen LoRA modules summed with one shared weight vector, found by the
-  gradient-free :func:`search_weights`.
+  gradient-free :func:`search_weights`;
+- :func:`transfer_prompt` (SPoT): the most similar source prompt starts the target's;
+- :class:`AttemptPromptEmbedding` (ATTEMPT): a target prompt plus an attention mixture of frozen source prompts,
+  per example; :func:`load_attempt_sources` copies trained prompts in;
+- :class:`XLoraLinear` (X-LoRA): frozen LoRA experts scaled per token by a classifier on a first pass's hidden
+  states (:func:`install_xlora`); :func:`load_xlora_experts` copies trained LoRAs in.
 
 A task-conditioned layer lists in ``task_parameters`` its tensors indexed by task on their first dimension: row
 :math:`k` is all that task :math:`k` owns (chapter 08 adds a task by training only that row). Only the methods'
