@@ -64,7 +64,7 @@ browser-deps:
 
 test: env browser-deps
 	$(BIN)/ruff check survey_utils tests notebooks benchmarks
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2 --dist loadgroup --durations=25
 
 lab: env
 	$(BIN)/jupyter lab notebooks/
