@@ -185,9 +185,13 @@ def layout(config: PretrainedConfig) -> Layout:
         builder = _stored_or_generic_layout
     else:
         _check_sizes(config)
-    # Configs are unhashable; the same object (zoo configs are cached) hits the identity cache, and an
-    # equal config built elsewhere hits the content cache.
-    hit = _BY_ID.get(id(config))
+    # Configs are unhashable. The zoo's shared configs are read-only: the same object hits the identity cache.
+    # Any other config can change after its layout was asked for (a copy with an edited field), so it is looked
+    # up by content, which an equal config built elsewhere also hits.
+    from survey_utils.zoo import read_only
+
+    frozen = read_only(config)
+    hit = _BY_ID.get(id(config)) if frozen else None
     if hit is not None and hit[0] is config:
         return hit[1]
     key = config.to_json_string(use_diff=False)
@@ -195,9 +199,10 @@ def layout(config: PretrainedConfig) -> Layout:
         if len(_CACHE) >= 256:
             _CACHE.clear()
         _CACHE[key] = builder(config)
-    if len(_BY_ID) >= 256:
-        _BY_ID.clear()
-    _BY_ID[id(config)] = (config, _CACHE[key])
+    if frozen:
+        if len(_BY_ID) >= 256:
+            _BY_ID.clear()
+        _BY_ID[id(config)] = (config, _CACHE[key])
     return _CACHE[key]
 
 

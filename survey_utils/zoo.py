@@ -139,6 +139,11 @@ def load_config(model: str | os.PathLike[str] | Config, full: bool = False) -> C
     return to_transformers_config(config) if full else config
 
 
+def read_only(config: Config) -> bool:
+    """Whether ``config`` is the zoo cache's shared copy, which no one can change (caches may key it by identity)."""
+    return isinstance(config, LightConfig) and config._frozen
+
+
 def to_transformers_config(config: Config) -> PretrainedConfig:
     """transformers' ``PretrainedConfig`` for ``config`` (built from the same config.json, plus any attribute
     set on a copy of a :class:`LightConfig`); a ``PretrainedConfig`` is returned unchanged."""
@@ -415,6 +420,8 @@ def _init_like_transformers(config: LightConfig, kwargs: dict[str, Any]) -> None
         if values["dtype"] not in defaults["torch_dtypes"]:
             raise AttributeError(f"module 'torch' has no attribute '{values['dtype']}'")
         values["dtype"] = defaults["torch_dtypes"][values["dtype"]]
+    elif values["dtype"] is not None:  # transformers keeps it, then its to_dict() fails or mangles it (0.5 -> '5')
+        raise TypeError(f"torch_dtype {values['dtype']!r} is not the name of a torch dtype")
     if values["id2label"] is None:
         config._assign("num_labels", kwargs.get("num_labels", 2))
     else:

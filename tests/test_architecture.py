@@ -49,3 +49,13 @@ def test_unknown_model_type_is_one_line() -> None:
     config.model_type = "no-such-type"
     with pytest.raises(SurveyError, match="no model class for model type 'no-such-type'"):
         layout(config)
+
+
+def test_an_edited_copy_gets_the_layout_of_its_edit() -> None:
+    """The layout cache must not answer for a config as it was before a field changed (it once did, by identity)."""
+    import copy
+
+    config = copy.deepcopy(load_config("tiny-llama"))
+    before = layout(config).num_layers
+    config.num_hidden_layers = 1
+    assert layout(config).num_layers == 1 != before
