@@ -1,10 +1,10 @@
 """Shared settings of the fuzz tests: how many examples, and a counter that proves they ran.
 
-``FUZZ_EXAMPLES`` sets hypothesis' ``max_examples`` for every fuzz test (default 100, so that ``make test``
-stays short: at 200 the method explorer's fuzz alone took 10 minutes of CPU, about 3 s an example on the loaded 2-core machine, with its
-50-method comparison panel); the full run is ``FUZZ_EXAMPLES=1000 pytest tests/fuzz -s``. Each test prints how
-many examples it ran and fails if hypothesis ran fewer than it was asked for (a filter or an assumption that
-rejects most inputs would otherwise pass while testing nothing).
+``FUZZ_EXAMPLES`` sets hypothesis' ``max_examples`` for every fuzz test (default 100, so that ``make test`` stays
+short: at 200 the method explorer's fuzz alone took 10 minutes of CPU, about 3 s an example on the loaded 2-core
+machine, with its 50-method comparison panel); the full run is ``FUZZ_EXAMPLES=1000 pytest tests/fuzz -s``. Each
+test prints how many examples it ran and fails if hypothesis ran fewer than it was asked for (a filter or an
+assumption that rejects most inputs would otherwise pass while testing nothing).
 """
 
 from __future__ import annotations
