@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from survey_utils.architecture import Layout, ModuleSpec
 from survey_utils.errors import SurveyError, closest
@@ -47,10 +48,16 @@ def all_linear(layout: Layout) -> list[str]:
 
 def layer_index(name: str, layers_pattern: str | Sequence[str] | None = None) -> int | None:
     """The block index peft reads from a qualified module name, or None outside the blocks."""
-    if not layers_pattern:
+    patterns = () if not layers_pattern else (
+        (layers_pattern,) if isinstance(layers_pattern, str) else tuple(layers_pattern))
+    return _layer_index(name, patterns)
+
+
+@lru_cache(maxsize=65536)  # asked for every module of a layout by every select(): the advisor asks ~10^5 times
+def _layer_index(name: str, patterns: tuple[str, ...]) -> int | None:
+    if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
         match = None
         for pattern in patterns:
             match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
@@ -90,8 +97,16 @@ def matches(
 
 def num_blocks(layout: Layout) -> int:
     """How many block indices ``layers_to_transform`` can name (T5's encoder and decoder share them)."""
-    indices = [layer_index(m.name) for m in layout.modules]
-    return max((i for i in indices if i is not None), default=-1) + 1
+    hit = _BLOCKS.get(id(layout))
+    if hit is None or hit[0] is not layout:  # layouts are immutable and cached: keep the answer beside them
+        if len(_BLOCKS) >= 256:
+            _BLOCKS.clear()
+        indices = [layer_index(m.name) for m in layout.modules]
+        hit = _BLOCKS[id(layout)] = (layout, max((i for i in indices if i is not None), default=-1) + 1)
+    return hit[1]
+
+
+_BLOCKS: dict[int, tuple[Layout, int]] = {}
 
 
 def select(

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from survey_utils.architecture import ModuleSpec, layout
+from survey_utils.architecture import Layout, ModuleSpec, layout
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import LINEAR_KINDS, freeze, model_label, replace_module, target_specs
 from survey_utils.methods.peft_mappings import IA3_FEEDFORWARD_MODULES, IA3_TARGET_MODULES
@@ -57,8 +57,21 @@ class BlockSites:
 
 def block_sites(config: PretrainedConfig) -> list[BlockSites]:
     """Attention output, FFN input and FFN output of every block, found in the config's layout."""
+    shape = layout(config)
+    hit = _SITES.get(id(shape))
+    if hit is None or hit[0] is not shape:  # layouts are immutable and cached: keep the answer beside them
+        if len(_SITES) >= 256:
+            _SITES.clear()
+        hit = _SITES[id(shape)] = (shape, tuple(_block_sites(config, shape)))
+    return list(hit[1])
+
+
+_SITES: dict[int, tuple[Layout, tuple[BlockSites, ...]]] = {}
+
+
+def _block_sites(config: PretrainedConfig, shape: Layout) -> list[BlockSites]:
     groups: dict[int, list[ModuleSpec]] = {}
-    for spec in layout(config).modules:
+    for spec in shape.modules:
         if spec.layer is not None:
             groups.setdefault(spec.layer, []).append(spec)
     sites = []
