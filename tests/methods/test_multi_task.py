@@ -439,7 +439,7 @@ def test_xlora_with_one_expert_is_that_lora_and_scalings_are_per_token_distribut
         three(input_ids=ids)
     scalings = three.xlora_context.scalings
     assert scalings.shape == (2, 7, 8, 3) and torch.allclose(scalings.sum(-1), torch.ones(2, 7, 8))
-    with pytest.raises(SurveyError, match="2 LoRA models for 3 X-LoRA experts"):
+    with pytest.raises(SurveyError, match="2 source models for 3 X-LoRA experts"):
         load_xlora_experts(three, [lora, lora])
     with pytest.raises(SurveyError, match="source 0's LoRA at .* another model or rank"):
         load_xlora_experts(one, [apply_method(build_model("tiny-llama", seed=0), "lora", r=4)])

@@ -395,26 +395,38 @@ class LoraHubLinear(ShowsBaseWeightAndBias):
 def load_lorahub_sources(model: nn.Module, sources: list[nn.Module]) -> int:
     """Copy trained LoRA modules (models with the registered ``lora`` applied, one per upstream task) into a LoRAHub
     model's frozen modules; returns tensors copied. A module of another shape is refused in one line."""
-    hubs = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraHubLinear)]
-    if not hubs:
-        raise SurveyError("the model has no LoRAHub layers: apply lorahub first")
-    if len(sources) != hubs[0][1].lorahub_A.shape[0]:
-        raise SurveyError(f"{len(sources)} source models for {hubs[0][1].lorahub_A.shape[0]} composed LoRA modules")
+    return copy_lora_stacks(model, sources, LoraHubLinear, "lorahub", "composed LoRA modules")
+
+
+def _stacks(layer: nn.Module, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return getattr(layer, f"{prefix}_A"), getattr(layer, f"{prefix}_B")
+
+
+def copy_lora_stacks(model: nn.Module, sources: list[nn.Module], layer_type: type, prefix: str, what: str) -> int:
+    """Copy source ``n``'s LoRA factors at each ``layer_type`` layer into slot ``n`` of its stacked
+    ``<prefix>_A`` / ``<prefix>_B`` (LoRAHub's composed modules, X-LoRA's experts); returns tensors copied. A
+    source without a LoRA there, or with other shapes (another model or rank), is refused in one line."""
+    layers = [(name, _stacks(m, prefix)) for name, m in model.named_modules() if isinstance(m, layer_type)]
+    if not layers:
+        raise SurveyError(f"the model has no {layer_type.__name__} layers: apply {prefix} first")
+    slots = layers[0][1][0].shape[0]
+    if len(sources) != slots:
+        raise SurveyError(f"{len(sources)} source models for {slots} {what}")
     copied = 0
     with torch.no_grad():
         for n, source in enumerate(sources):
-            for name, hub in hubs:
+            for name, (stack_a, stack_b) in layers:
                 try:
                     lora = source.get_submodule(name)
                     a, b = lora.lora_A, lora.lora_B
                 except AttributeError:
                     raise SurveyError(f"source {n} has no LoRA at {name}: it adapts other modules") from None
-                if a.shape != hub.lorahub_A.shape[1:] or b.shape != hub.lorahub_B.shape[1:]:
-                    raise SurveyError(f"source {n}'s LoRA at {name} is {tuple(b.shape)} x {tuple(a.shape)}, the hub's "
-                                      f"{tuple(hub.lorahub_B.shape[1:])} x {tuple(hub.lorahub_A.shape[1:])}: another "
-                                      "model or rank")
-                hub.lorahub_A[n].copy_(a)
-                hub.lorahub_B[n].copy_(b)
+                if a.shape != stack_a.shape[1:] or b.shape != stack_b.shape[1:]:
+                    raise SurveyError(f"source {n}'s LoRA at {name} is {tuple(b.shape)} x {tuple(a.shape)}, the "
+                                      f"{prefix} slot's {tuple(stack_b.shape[1:])} x {tuple(stack_a.shape[1:])}: "
+                                      "another model or rank")
+                stack_a[n].copy_(a)
+                stack_b[n].copy_(b)
                 copied += 2
     return copied
 
@@ -695,24 +707,4 @@ def install_xlora(model: nn.Module, classifier: nn.Sequential, context: XLoraCon
 def load_xlora_experts(model: nn.Module, sources: list[nn.Module]) -> int:
     """Copy trained LoRA modules (models with the registered ``lora`` applied, one per expert) into an X-LoRA model's
     frozen experts; returns tensors copied. A module of another shape or placement is refused in one line."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, XLoraLinear)]
-    if not layers:
-        raise SurveyError("the model has no X-LoRA layers: apply xlora first")
-    if len(sources) != layers[0][1].xlora_A.shape[0]:
-        raise SurveyError(f"{len(sources)} LoRA models for {layers[0][1].xlora_A.shape[0]} X-LoRA experts")
-    copied = 0
-    with torch.no_grad():
-        for n, source in enumerate(sources):
-            for name, layer in layers:
-                try:
-                    a, b = source.get_submodule(name).lora_A, source.get_submodule(name).lora_B
-                except AttributeError:
-                    raise SurveyError(f"source {n} has no LoRA at {name}: it adapts other modules") from None
-                if a.shape != layer.xlora_A.shape[1:] or b.shape != layer.xlora_B.shape[1:]:
-                    raise SurveyError(f"source {n}'s LoRA at {name} is {tuple(b.shape)} x {tuple(a.shape)}, the "
-                                      f"expert's {tuple(layer.xlora_B.shape[1:])} x {tuple(layer.xlora_A.shape[1:])}:"
-                                      " another model or rank")
-                layer.xlora_A[n].copy_(a)
-                layer.xlora_B[n].copy_(b)
-                copied += 2
-    return copied
+    return copy_lora_stacks(model, sources, XLoraLinear, "xlora", "X-LoRA experts")
