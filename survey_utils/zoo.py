@@ -841,7 +841,9 @@ def build_model(
         if dtype is not None:
             torch.set_default_dtype(dtype)
         with torch.device(device):
-            built = cls(config)
+            # The model gets its own copy: code that sets model.config.use_cache (X-LoRA, peft) must not change the
+            # zoo's shared config, which every later load_config(..., full=True) returns.
+            built = cls(copy.deepcopy(config))
     finally:
         torch.set_default_dtype(previous)
     if getattr(built, "loss_type", "") is None and hasattr(built, "lm_head") and not config.is_encoder_decoder:

@@ -294,6 +294,14 @@ def test_the_zoos_config_is_read_only_and_a_copy_is_not() -> None:
     assert pickle.loads(pickle.dumps(config)) == config
 
 
+def test_a_built_model_owns_its_config() -> None:
+    """Setting a field on a model's config leaves the zoo's shared config as it was (X-LoRA's use_cache once
+    leaked into every later load_config(..., full=True) in the same process)."""
+    model = build_model("tiny-llama", device="meta")
+    model.config.use_cache = False
+    assert load_config("tiny-llama", full=True).use_cache is True
+
+
 def test_full_configs_are_transformers_and_cached() -> None:
     full = load_config("tiny-gpt2", full=True)
     assert isinstance(full, PretrainedConfig) and full is load_config("tiny-gpt2", full=True)
