@@ -573,6 +573,17 @@ RECIPES: dict[str, Callable[[Ctx], Recipe]] = {
 LOSS_IN_MODEL_DTYPE = ("bert", "roberta", "t5", "mt5")
 
 
+def recipe_of(c: Ctx) -> Recipe:
+    """The family's hand recipe, else the one derived from the model's own code (:mod:`survey_utils.memory.derived`,
+    which imports torch; a zoo snapshot stores its model's)."""
+    hand = RECIPES.get(c.shape.family)
+    if hand is not None:
+        return hand(c)
+    from survey_utils.memory.derived import derived_recipe
+
+    return derived_recipe(c.config, "fp32" if c.a == 4 else "bf16", c.attention, c.device).recipe(c)
+
+
 # ----------------------------------------------------------------------------------- where gradients start
 def module_stage(spec: ModuleSpec) -> float:
     """The stage of a block at which a module sits: :attr:`ModuleSpec.stage` (the rule lives on the layout)."""
@@ -610,7 +621,7 @@ class Activations:
 
 def saved_activations(c: Ctx, start: Start) -> Activations:
     """Bytes saved for backward by the backbone, by term, given where gradients start."""
-    recipe = RECIPES.get(c.shape.family, _gpt2)(c)
+    recipe = recipe_of(c)
     terms: dict[str, int] = {}
 
     def add(items: list[Saved], above: float | None = None) -> int:

@@ -142,11 +142,11 @@ def check_settings(config: PretrainedConfig, method: Method, hp: dict[str, Any],
                    dtype: str, adapter_dtype: str | None, optimizer: str, quantization: str | None,
                    attention: str, device: str = "cuda", gradient_checkpointing: bool = False) -> dict[str, Any]:
     """Validate every setting (one-line :class:`SurveyError`) and return the method's resolved hyper-parameters."""
-    family = layout(config).family
-    if family not in RECIPES:
-        # Counts are exact for any architecture (the generic layout); activations need a recipe per family.
-        raise SurveyError(f"the memory model has no activation recipe for model type '{family}' yet (parameter "
-                          f"counts are exact; memory covers {', '.join(sorted(RECIPES))})")
+    if layout(config).family not in RECIPES and method.key_value_positions:
+        # Derived recipes (survey_utils.memory.derived) come from passes without extra key/value positions.
+        raise SurveyError(f"method '{method.name}' adds key/value positions, and the memory model's activations of "
+                          f"model type '{config.model_type}' are derived from its code without them (hand recipes: "
+                          f"{', '.join(sorted(RECIPES))})")
     if gradient_checkpointing and method.key_value_positions:
         # transformers' GradientCheckpointingLayer drops past_key_values, so the prefixes would silently vanish.
         raise SurveyError(f"method '{method.name}' feeds its prefixes through past_key_values, which transformers' "
