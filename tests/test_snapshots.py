@@ -71,7 +71,7 @@ def test_light_and_full_configs_give_the_same_answers(name: str) -> None:
 
 
 def _estimate_or_refusal(config) -> object:
-    """The memory estimate, or the one-line refusal (falcon and deepseek_v3 have no activation recipe yet)."""
+    """The memory estimate, or its one-line refusal."""
     try:
         return estimate(config, "full", {}, batch_size=1, seq_len=256, dtype="bf16")
     except SurveyError as error:

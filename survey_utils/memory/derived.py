@@ -137,6 +137,11 @@ def derived_recipe(config: PretrainedConfig, dtype: str, attention: str, device:
     """The recipe of ``config`` in ``dtype`` (``bf16`` or ``fp32``: the activations' bytes) with ``attention``
     (resolved) for ``device``'s kernels: derived by fake-tensor passes (a few seconds for a large MoE), cached per
     config content."""
+    from survey_utils.snapshots import stored_recipe
+
+    stored = stored_recipe(config, dtype, attention, device)
+    if stored is not None:
+        return stored
     key = (config.to_json_string(use_diff=False), dtype, attention, device)
     if key not in _CACHE:
         if len(_CACHE) >= 64:
