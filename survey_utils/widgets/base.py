@@ -43,6 +43,16 @@ TITLE_Y = 1.0
 full render, and a blitted one must land where the full render puts it (nothing sits above these axes)."""
 
 
+WORKER_THREAD = "explorer-worker"
+"""The name prefix of the threads explorers start for slow work (a simulation); a frame drawn there is left to
+the browser's draw request."""
+
+
+def in_worker_thread() -> bool:
+    """Whether the caller runs in an explorer's own worker thread (named with :data:`WORKER_THREAD`)."""
+    return threading.current_thread().name.startswith(WORKER_THREAD)
+
+
 class Explorer:
     """Subclass and implement :meth:`setup`, :meth:`compute` and :meth:`draw`."""
 
@@ -182,9 +192,12 @@ class Explorer:
             canvas = self.fig.canvas
             # Until the browser's view has said "initialized", ipympl would store a sent frame as its data URL
             # without the data: prefix, and the view's first resize fails on that broken image (the figure
-            # never shows). Before that, and from a worker thread, the browser asks for a full draw.
+            # never shows). Before that, and from an explorer's own worker thread (a simulation), the browser asks
+            # for a full draw. Control callbacks run on the kernel's shell thread, or, in JupyterLab with ipykernel
+            # 7, on a subshell thread: both send the frame now (the draw_idle round trip and full render cost
+            # 250-400 ms a move in benchmarks/browser_latency.py).
             shown = not getattr(canvas, "syncing_data_url", True)
-            if isinstance(canvas, FigureCanvasAgg) and shown and threading.current_thread() is threading.main_thread():
+            if isinstance(canvas, FigureCanvasAgg) and shown and not in_worker_thread():
                 self.render_frame()
                 canvas.blit()  # ipympl (webagg): send the rendered buffer now, as a diff against the last one
             else:

@@ -40,7 +40,7 @@ from survey_utils.methods.registry import get_method, list_methods
 from survey_utils.palette import HIGHLIGHT, MEMORY_TERMS, TERM_COLOURS
 from survey_utils.plotting import nice_ceiling
 from survey_utils.units import DTYPES, OPTIMIZERS, format_bytes
-from survey_utils.widgets.base import TITLE_Y, Explorer
+from survey_utils.widgets.base import TITLE_Y, WORKER_THREAD, Explorer
 from survey_utils.zoo import list_models
 
 TERMS = MEMORY_TERMS
@@ -231,7 +231,7 @@ class MemoryExplorer(Explorer):
                 self.sim_seconds = time.perf_counter() - started
             self.update()
 
-        self._sim_thread = threading.Thread(target=work, name="memory-simulation", daemon=True)
+        self._sim_thread = threading.Thread(target=work, name=f"{WORKER_THREAD}-memory-simulation", daemon=True)
         self._sim_thread.start()
 
     def wait(self, timeout: float | None = None) -> None:

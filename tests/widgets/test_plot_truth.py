@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from survey_utils.figures.explorer import ComparisonExplorer
 from survey_utils.widgets import MethodExplorer
+from survey_utils.widgets.base import WORKER_THREAD
 from survey_utils.widgets.budget import EqualBudgetExplorer
 from survey_utils.widgets.memory import MemoryExplorer
 from survey_utils.widgets.prompts import PromptLengthExplorer
@@ -144,3 +148,35 @@ def test_slider_redraws_reuse_the_frame_and_match_a_full_render(make) -> None:
     check_frame(explorer)
     slider.value = values[0]
     check_frame(explorer)
+
+
+class _Canvas(FigureCanvasAgg):
+    """An Agg canvas that records what the explorer asks of ipympl's: a frame sent now (blit) or a draw request."""
+
+    syncing_data_url = False  # the browser's view has said "initialized"
+
+    def __init__(self, figure) -> None:
+        super().__init__(figure)
+        self.calls: list[str] = []
+
+    def blit(self, bbox=None) -> None:
+        self.calls.append("blit")
+
+    def draw_idle(self, *args, **kwargs) -> None:
+        self.calls.append("draw_idle")
+
+
+@pytest.mark.parametrize(("thread_name", "expected"), [("subshell-5e1f", "blit"), ("MainThread", "blit"),
+                                                       (f"{WORKER_THREAD}-memory-simulation", "draw_idle")])
+def test_a_slider_callback_on_a_kernel_subshell_sends_its_frame_at_once(thread_name: str, expected: str) -> None:
+    """JupyterLab with ipykernel 7 runs comm callbacks on a subshell thread, not the main thread: the frame must
+    still be sent at once (a draw request costs a browser round trip and a full render, 250-400 ms a move);
+    only an explorer's own worker thread leaves the frame to the browser's draw request."""
+    explorer, slider, values = _prompts()
+    canvas = _Canvas(explorer.fig)
+    explorer.fig.set_canvas(canvas)
+    explorer._output = None  # as under ipympl (%matplotlib widget): the canvas is the widget
+    worker = threading.Thread(target=lambda: setattr(slider, "value", values[0]), name=thread_name)
+    worker.start()
+    worker.join()
+    assert canvas.calls == [expected]
