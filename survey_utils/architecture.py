@@ -9,15 +9,20 @@ for every model of the zoo. Chapter 00 explains where the parameters of a transf
 Hand-written families: Llama-like decoders (llama, mistral, qwen2), GPT-2, BERT and RoBERTa, T5, OPT, BLOOM.
 Every other model type transformers builds gets :func:`survey_utils.generic_layout.generic_layout`, read from
 the model built on ``meta`` (it imports torch; the hand families never do).
+
+Task heads: a config whose ``architectures`` names a ``...ForSequenceClassification``, ``...ForTokenClassification``
+or ``...ForQuestionAnswering`` class gets that head in its layout (``num_labels`` outputs), and
+:attr:`Layout.task_type` / :attr:`Layout.task_head` say which peft task type it is and which modules peft's
+task-type model puts in ``modules_to_save`` (trained whole, beside the method). Chapter 00, "Task heads".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from survey_utils.errors import SurveyError
 
@@ -130,6 +135,11 @@ class Layout:
     # The module transformers' get_output_embeddings() returns (peft's all-linear leaves it out): recorded by the
     # generic layout (None: the model has none); "" for the hand layouts, whose head targeting.output_head finds.
     output_embeddings: str | None = ""
+    # A task-head class (architectures names ...ForSequenceClassification, ...ForTokenClassification,
+    # ...ForQuestionAnswering): peft's task type for it (SEQ_CLS, TOKEN_CLS, QUESTION_ANS; None for any other class)
+    # and the modules peft's task-type model wraps in ModulesToSaveWrapper (trained whole; :func:`task_head_modules`).
+    task_type: str | None = None
+    task_head: tuple[str, ...] = ()
 
     @cached_property
     def total(self) -> int:
@@ -154,6 +164,18 @@ class Layout:
         for module in self.modules:
             totals[module.component] += module.numel
         return totals
+
+    @cached_property
+    def task_head_params(self) -> tuple[tuple[ModuleSpec, str], ...]:
+        """``(module, parameter name)`` of every parameter inside :attr:`task_head` (tied ones left out: they are
+        counted where they are owned)."""
+        return tuple((m, p) for m in self.modules if not m.tied_to and in_task_head(m.name, self.task_head)
+                     for p, _ in m.params)
+
+    @cached_property
+    def task_head_numel(self) -> int:
+        """Parameters of the task head: what peft's ``ModulesToSaveWrapper`` copies (and so holds twice)."""
+        return sum(dict(m.params)[p] for m, p in self.task_head_params)
 
     def linear_modules(self) -> list[ModuleSpec]:
         return [m for m in self.modules if m.kind in ("linear", "conv1d")]
@@ -196,9 +218,10 @@ def layout(config: PretrainedConfig) -> Layout:
         return hit[1]
     key = config.to_json_string(use_diff=False)
     if key not in _CACHE:
+        check_task(config)
         if len(_CACHE) >= 256:
             _CACHE.clear()
-        _CACHE[key] = builder(config)
+        _CACHE[key] = with_task_head(builder(config), config)
     if frozen:
         if len(_BY_ID) >= 256:
             _BY_ID.clear()
@@ -215,6 +238,147 @@ def _stored_or_generic_layout(config: PretrainedConfig) -> Layout:
     from survey_utils.generic_layout import generic_layout
 
     return generic_layout(config)
+
+
+# ----------------------------------------------------------------------------------------------- task heads
+
+# peft 0.21.2, peft_model.py: each task-type model adds these names to the config's ``modules_to_save`` before it
+# wraps the model (PeftModelForSequenceClassification.__init__ and PeftModelForTokenClassification.__init__:
+# ``classifier_module_names = ["classifier", "score"]``; PeftModelForQuestionAnswering.__init__:
+# ``qa_module_names = ["qa_outputs"]``). Keyed by the suffix of the transformers class that builds the head.
+TASK_HEADS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ForSequenceClassification": ("SEQ_CLS", ("classifier", "score")),
+    "ForTokenClassification": ("TOKEN_CLS", ("classifier", "score")),
+    "ForQuestionAnswering": ("QUESTION_ANS", ("qa_outputs",)),
+}
+
+
+def architecture_name(config: Any) -> str:
+    """The class named first in the config's ``architectures`` ("" when none)."""
+    return str((getattr(config, "architectures", None) or [""])[0] or "")
+
+
+def task_of(config: Any) -> tuple[str, tuple[str, ...]] | None:
+    """``(peft task type, names peft adds to modules_to_save)`` when ``architectures`` names a task-head class
+    (:data:`TASK_HEADS`), else None: a causal-LM, masked-LM or seq2seq class trains no head of its own."""
+    name = architecture_name(config)
+    return next((task for suffix, task in TASK_HEADS.items() if name.endswith(suffix)), None)
+
+
+def task_head_modules(names: Iterable[str], saved: Iterable[str]) -> tuple[str, ...]:
+    """The modules peft wraps in ``ModulesToSaveWrapper`` for ``modules_to_save=saved``, from the model's module
+    names in model order (parents before children).
+
+    peft 0.21.2, utils/other.py, ``_set_trainable``: a module is wrapped when its name ends with one of the names
+    (``key.endswith(target_key)``, a plain string suffix, so ``pre_classifier`` ends with ``classifier`` too); a
+    wrapped module's children are inside its copy, so only the outermost match counts."""
+    saved = tuple(saved)
+    found: list[str] = []
+    for name in names:
+        if any(name.endswith(s) for s in saved) and not any(in_task_head(name, (f,)) for f in found):
+            found.append(name)
+    return tuple(found)
+
+
+def in_task_head(name: str, task_head: Iterable[str]) -> bool:
+    """Whether the module called ``name`` is one of ``task_head`` or inside one."""
+    return any(name == h or name.startswith(f"{h}.") for h in task_head)
+
+
+def excluded_from_targets(name: str, shape: Layout) -> bool:
+    """peft never adapts a module of ``modules_to_save`` (peft 0.21.2, tuners/tuners_utils.py,
+    ``check_target_module_exists``: excluded when ``re.match(rf"(^|.*\\.){m}($|\\..*)", key)``, a whole path segment
+    equal to a saved name): a task head trains whole, so no method's target can sit in it."""
+    task = TASK_HEADS_BY_TYPE.get(shape.task_type or "")
+    return task is not None and any(m in name.split(".") for m in task)
+
+
+TASK_HEADS_BY_TYPE: dict[str, tuple[str, ...]] = {t: saved for t, saved in TASK_HEADS.values()}
+
+
+def with_task_head(shape: Layout, config: Any) -> Layout:
+    """``shape`` with :attr:`Layout.task_type` and :attr:`Layout.task_head` filled from the config's class (the same
+    object when they already are: the generic layout's bookkeeping is keyed by the layout's identity)."""
+    task = task_of(config)
+    if task is None:
+        return shape
+    names: dict[str, None] = {}
+    for module in shape.modules:  # every enclosing module too: RoBERTa's `classifier` owns no parameter itself
+        parts = module.name.split(".")
+        for i in range(1, len(parts) + 1):
+            names.setdefault(".".join(parts[:i]), None)
+    head = task_head_modules(names, task[1])
+    if (shape.task_type, shape.task_head) == (task[0], head):
+        return shape
+    return replace(shape, task_type=task[0], task_head=head)
+
+
+def check_task(config: Any) -> None:
+    """Refuse, in one line naming the value, a task-head class transformers lacks for the model type
+    (``OPTForTokenClassification``) and a ``num_labels`` below 1 (the head has one output per label)."""
+    task = task_of(config)
+    if task is None:
+        return
+    name, label = architecture_name(config), getattr(config, "name_or_path", "") or config.model_type
+    from survey_utils.zoo import has_model_class
+
+    if not has_model_class(config, name):
+        raise SurveyError(f"config '{label}': architectures names '{name}', which transformers has not for model "
+                          f"type '{config.model_type}'")
+    labels = getattr(config, "num_labels", None)
+    if isinstance(labels, bool) or not isinstance(labels, int) or labels < 1:
+        raise SurveyError(f"config '{label}': num_labels={labels!r} must be a positive integer ({name} has one "
+                          "output per label)")
+
+
+def with_num_labels(config: Any, value: Any) -> Any:
+    """A copy of ``config`` with ``num_labels`` set (``--set num_labels=N`` on the command line): refused in one
+    line unless ``architectures`` names a task-head class and ``value`` is a positive integer."""
+    import copy
+
+    label = getattr(config, "name_or_path", "") or config.model_type
+    try:
+        labels = int(str(value).strip())
+    except ValueError:
+        labels = None
+    if labels is None or labels < 1 or isinstance(value, bool):
+        shown = repr(value) if labels is None or isinstance(value, bool) else labels
+        raise SurveyError(f"num_labels={shown} must be a positive integer")
+    if task_of(config) is None:
+        raise SurveyError(f"num_labels={labels} needs a task head, but config '{label}' names "
+                          f"'{architecture_name(config) or config.model_type}' (a ...ForSequenceClassification, "
+                          "...ForTokenClassification or ...ForQuestionAnswering class has one)")
+    edited = copy.deepcopy(config)
+    edited.num_labels = labels
+    return edited
+
+
+def task_head_trainable(shape: Layout, whole_model: bool,
+                        unfrozen: Iterable[tuple[ModuleSpec, str]] = ()) -> int:
+    """Task-head parameters that train beside a method's own: the whole head (peft's task-type models put it in
+    ``modules_to_save``), less what the method already trains there (``unfrozen``: its ``unfrozen_params``), and
+    nothing when the method trains the whole model (the head is then simply part of it)."""
+    if whole_model or not shape.task_head:
+        return 0
+    already = {(m.name, p) for m, p in unfrozen}
+    return sum(dict(m.params)[p] for m, p in shape.task_head_params if (m.name, p) not in already)
+
+
+def train_task_head(model: Any, whole_model: bool = False) -> int:
+    """Make the task head of a built model trainable after a method froze it (what peft's ``modules_to_save`` does,
+    without the copy); returns the parameters unfrozen. A no-op for a model without a task head."""
+    config = getattr(model, "config", None)
+    if whole_model or config is None:
+        return 0
+    heads = layout(config).task_head
+    unfrozen = 0
+    for name, module in model.named_modules():
+        if any(name == h or name.endswith(f".{h}") for h in heads):
+            for parameter in module.parameters():
+                if not parameter.requires_grad:
+                    parameter.requires_grad_(True)
+                    unfrozen += parameter.numel()
+    return unfrozen
 
 
 # The size fields of the supported families; every one present must be a positive integer.
@@ -259,6 +423,35 @@ def _embedding(name: str, rows: int, width: int, tied_to: str | None = None) -> 
     return ModuleSpec(name, "embedding", "embeddings", (("weight", rows * width),), rows, width, None, tied_to)
 
 
+def _head(name: str, fan_in: int, fan_out: int, bias: bool) -> ModuleSpec:
+    return _linear(name, fan_in, fan_out, bias, "head", None)
+
+
+def _task_type(config: PretrainedConfig) -> str | None:
+    task = task_of(config)
+    return task[0] if task else None
+
+
+def _decoder_task_head(config: PretrainedConfig, width: int, score_bias: bool, token: str,
+                       token_bias: bool) -> Iterator[ModuleSpec]:
+    """The head transformers puts on a decoder for a task (GPT-2, OPT, BLOOM, and the generic
+    ``GenericFor...`` classes of Llama, Mistral, Qwen2 in modeling_layers.py): ``score`` (``num_labels`` outputs)
+    for sequence classification, ``token`` for token classification, ``qa_outputs`` (two outputs: start and end)
+    for question answering."""
+    task = _task_type(config)
+    if task == "SEQ_CLS":
+        yield _head("score", width, config.num_labels, score_bias)
+    elif task == "TOKEN_CLS":
+        yield _head(token, width, config.num_labels, token_bias)
+    elif task == "QUESTION_ANS":
+        yield _head("qa_outputs", width, 2, True)
+
+
+# transformers 5.23, modeling_llama.py and modeling_qwen2.py: their ForQuestionAnswering classes set
+# ``base_model_prefix = "transformer"`` ("For BC"), so the decoder sits under `transformer`; Mistral's keeps `model`.
+_QA_UNDER_TRANSFORMER = frozenset({"llama", "qwen2"})
+
+
 def _llama_like(config: PretrainedConfig) -> Layout:
     h, n_layers = config.hidden_size, config.num_hidden_layers
     heads = config.num_attention_heads
@@ -269,11 +462,13 @@ def _llama_like(config: PretrainedConfig) -> Layout:
     o_bias = config.model_type != "qwen2" and bool(getattr(config, "attention_bias", False))
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    top = "transformer" if (config.model_type in _QA_UNDER_TRANSFORMER
+                            and _task_type(config) == "QUESTION_ANS") else "model"
 
     def modules() -> Iterator[ModuleSpec]:
-        yield _embedding("model.embed_tokens", config.vocab_size, h)
+        yield _embedding(f"{top}.embed_tokens", config.vocab_size, h)
         for i in range(n_layers):
-            p = f"model.layers.{i}"
+            p = f"{top}.layers.{i}"
             yield _linear(f"{p}.self_attn.q_proj", h, heads * head_dim, qkv_bias, "attention", i)
             yield _linear(f"{p}.self_attn.k_proj", h, kv_heads * head_dim, qkv_bias, "attention", i)
             yield _linear(f"{p}.self_attn.v_proj", h, kv_heads * head_dim, qkv_bias, "attention", i)
@@ -283,13 +478,17 @@ def _llama_like(config: PretrainedConfig) -> Layout:
             yield _linear(f"{p}.mlp.down_proj", inter, h, mlp_bias, "mlp", i)
             yield _norm(f"{p}.input_layernorm", h, bias=False, layer=i)
             yield _norm(f"{p}.post_attention_layernorm", h, bias=False, layer=i)
-        yield _norm("model.norm", h, bias=False)
+        yield _norm(f"{top}.norm", h, bias=False)
+        if _task_type(config):  # GenericForTokenClassification: score's bias is token_classification_bias
+            yield from _decoder_task_head(config, h, False, "score",
+                                          bool(getattr(config, "token_classification_bias", True)))
+            return
         yield _linear("lm_head", h, config.vocab_size, False, "head", None,
                       tied_to="model.embed_tokens" if tied else None)
 
     return Layout(config.model_type, tuple(modules()), h, n_layers, heads, kv_heads, head_dim,
                   config.vocab_size, inter, getattr(config, "max_position_embeddings", None),
-                  default_lora_targets=("q_proj", "v_proj"))
+                  default_lora_targets=("q_proj", "v_proj"), output_embeddings=_output_head(config))
 
 
 def _gpt2(config: PretrainedConfig) -> Layout:
@@ -308,10 +507,13 @@ def _gpt2(config: PretrainedConfig) -> Layout:
             yield _linear(f"{p}.mlp.c_fc", h, inner, True, "mlp", i, kind="conv1d")
             yield _linear(f"{p}.mlp.c_proj", inner, h, True, "mlp", i, kind="conv1d")
         yield _norm("transformer.ln_f", h, bias=True)
+        if _task_type(config):
+            yield from _decoder_task_head(config, h, False, "classifier", True)
+            return
         yield _linear("lm_head", h, config.vocab_size, False, "head", None, tied_to="transformer.wte")
 
     return Layout("gpt2", tuple(modules()), h, n_layers, heads, heads, h // heads, config.vocab_size,
-                  inner, config.n_positions, default_lora_targets=("c_attn",))
+                  inner, config.n_positions, default_lora_targets=("c_attn",), output_embeddings=_output_head(config))
 
 
 def _bert_like(config: PretrainedConfig) -> Layout:
@@ -337,6 +539,17 @@ def _bert_like(config: PretrainedConfig) -> Layout:
             yield _linear(f"{p}.intermediate.dense", h, inter, True, "mlp", i)
             yield _linear(f"{p}.output.dense", inter, h, True, "mlp", i)
             yield _norm(f"{p}.output.LayerNorm", h, bias=True, layer=i)
+        task = _task_type(config)
+        if task is not None:  # BertFor.../RobertaFor...: only BERT's sequence classifier keeps the pooler
+            if task == "SEQ_CLS" and base == "bert":
+                yield _linear(f"{base}.pooler.dense", h, h, True, "head", None)
+                yield _head("classifier", h, config.num_labels, True)
+            elif task == "SEQ_CLS":  # RobertaClassificationHead: dense, tanh, out_proj on the <s> token
+                yield _head("classifier.dense", h, h, True)
+                yield _head("classifier.out_proj", h, config.num_labels, True)
+            else:  # token classification, question answering: one linear with num_labels outputs
+                yield _head("classifier" if task == "TOKEN_CLS" else "qa_outputs", h, config.num_labels, True)
+            return
         if not masked_lm:
             yield _linear(f"{base}.pooler.dense", h, h, True, "head", None)
             return
@@ -350,7 +563,7 @@ def _bert_like(config: PretrainedConfig) -> Layout:
 
     return Layout(config.model_type, tuple(modules()), h, n_layers, heads, heads, h // heads,
                   config.vocab_size, inter, config.max_position_embeddings,
-                  default_lora_targets=("query", "value"))
+                  default_lora_targets=("query", "value"), output_embeddings=_output_head(config))
 
 
 def _t5(config: PretrainedConfig) -> Layout:
@@ -378,32 +591,48 @@ def _t5(config: PretrainedConfig) -> Layout:
             yield _linear(f"{prefix}.wi", d, ff, False, "mlp", layer)
         yield _linear(f"{prefix}.wo", ff, d, False, "mlp", layer)
 
+    # T5ForSequenceClassification and T5ForTokenClassification keep the stacks under `transformer` (a T5Model, a
+    # T5EncoderModel: no decoder); T5ForQuestionAnswering and the language model hold them at the top.
+    task = _task_type(config)
+    top = "transformer." if task in ("SEQ_CLS", "TOKEN_CLS") else ""
+    decoder = task != "TOKEN_CLS"
+    if not decoder:
+        n_dec = 0
+
     def modules() -> Iterator[ModuleSpec]:
-        yield _embedding("shared", config.vocab_size, d)
-        yield _embedding("encoder.embed_tokens", config.vocab_size, d, tied_to="shared")
+        yield _embedding(f"{top}shared", config.vocab_size, d)
+        yield _embedding(f"{top}encoder.embed_tokens", config.vocab_size, d, tied_to=f"{top}shared")
         for i in range(n_enc):
-            p = f"encoder.block.{i}.layer"
+            p = f"{top}encoder.block.{i}.layer"
             yield from attention(f"{p}.0.SelfAttention", i, relative_bias=i == 0)
             yield _norm(f"{p}.0.layer_norm", d, bias=False, layer=i)
             yield from feed_forward(f"{p}.1.DenseReluDense", i)
             yield _norm(f"{p}.1.layer_norm", d, bias=False, layer=i)
-        yield _norm("encoder.final_layer_norm", d, bias=False)
-        yield _embedding("decoder.embed_tokens", config.vocab_size, d, tied_to="shared")
+        yield _norm(f"{top}encoder.final_layer_norm", d, bias=False)
+        if decoder:
+            yield _embedding(f"{top}decoder.embed_tokens", config.vocab_size, d, tied_to=f"{top}shared")
         for j in range(n_dec):
             i = n_enc + j
-            p = f"decoder.block.{j}.layer"
+            p = f"{top}decoder.block.{j}.layer"
             yield from attention(f"{p}.0.SelfAttention", i, relative_bias=j == 0)
             yield _norm(f"{p}.0.layer_norm", d, bias=False, layer=i)
             yield from attention(f"{p}.1.EncDecAttention", i, relative_bias=False)
             yield _norm(f"{p}.1.layer_norm", d, bias=False, layer=i)
             yield from feed_forward(f"{p}.2.DenseReluDense", i)
             yield _norm(f"{p}.2.layer_norm", d, bias=False, layer=i)
-        yield _norm("decoder.final_layer_norm", d, bias=False)
-        yield _linear("lm_head", d, config.vocab_size, False, "head", None, tied_to="shared" if tied else None)
+        if decoder:
+            yield _norm(f"{top}decoder.final_layer_norm", d, bias=False)
+        if task == "SEQ_CLS":  # T5ClassificationHead: dense, tanh, out_proj on the decoder's last EOS state
+            yield _head("classification_head.dense", d, d, True)
+            yield _head("classification_head.out_proj", d, config.num_labels, True)
+        elif task is not None:  # token classification, question answering: num_labels outputs
+            yield _head("classifier" if task == "TOKEN_CLS" else "qa_outputs", d, config.num_labels, True)
+        else:
+            yield _linear("lm_head", d, config.vocab_size, False, "head", None, tied_to="shared" if tied else None)
 
     return Layout("t5", tuple(modules()), d, n_enc + n_dec, heads, heads, config.d_kv, config.vocab_size,
-                  ff, getattr(config, "n_positions", None), is_encoder_decoder=True,
-                  default_lora_targets=("q", "v"))
+                  ff, getattr(config, "n_positions", None), is_encoder_decoder=decoder,
+                  default_lora_targets=("q", "v"), output_embeddings=_output_head(config))
 
 
 def _opt(config: PretrainedConfig) -> Layout:
@@ -431,11 +660,15 @@ def _opt(config: PretrainedConfig) -> Layout:
             yield _linear(f"{q}.fc1", h, config.ffn_dim, bias, "mlp", i)
             yield _linear(f"{q}.fc2", config.ffn_dim, h, bias, "mlp", i)
             yield _norm(f"{q}.final_layer_norm", h, bias=True, layer=i, affine=affine)
+        if _task_type(config):  # transformers has no OPTForTokenClassification (check_task refuses it)
+            yield from _decoder_task_head(config, proj, False, "classifier", True)
+            return
         yield _linear("lm_head", proj, config.vocab_size, False, "head", None,
                       tied_to=f"{p}.embed_tokens" if tied else None)
 
     return Layout("opt", tuple(modules()), h, n_layers, heads, heads, h // heads, config.vocab_size,
-                  config.ffn_dim, config.max_position_embeddings, default_lora_targets=("q_proj", "v_proj"))
+                  config.ffn_dim, config.max_position_embeddings, default_lora_targets=("q_proj", "v_proj"),
+                  output_embeddings=_output_head(config))
 
 
 def _bloom(config: PretrainedConfig) -> Layout:
@@ -453,12 +686,22 @@ def _bloom(config: PretrainedConfig) -> Layout:
             yield _linear(f"{p}.mlp.dense_h_to_4h", h, 4 * h, True, "mlp", i)
             yield _linear(f"{p}.mlp.dense_4h_to_h", 4 * h, h, True, "mlp", i)
         yield _norm("transformer.ln_f", h, bias=True)
+        if _task_type(config):
+            yield from _decoder_task_head(config, h, False, "classifier", True)
+            return
         yield _linear("lm_head", h, config.vocab_size, False, "head", None,
                       tied_to="transformer.word_embeddings")
 
     # BLOOM uses ALiBi: no position table, so no maximum length is fixed by the weights.
     return Layout("bloom", tuple(modules()), h, n_layers, heads, heads, h // heads, config.vocab_size,
-                  4 * h, getattr(config, "seq_length", None), default_lora_targets=("query_key_value",))
+                  4 * h, getattr(config, "seq_length", None), default_lora_targets=("query_key_value",),
+                  output_embeddings=_output_head(config))
+
+
+def _output_head(config: PretrainedConfig) -> str | None:
+    """A task-head class has no output embeddings (transformers' ``get_output_embeddings()`` returns its
+    ``lm_head``, which it lacks): None. "" for the language-model classes, whose head targeting.output_head finds."""
+    return None if _task_type(config) else ""
 
 
 _BUILDERS = {

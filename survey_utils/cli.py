@@ -100,17 +100,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# --set names that edit the model's config rather than the method (a task head's number of outputs).
+_CONFIG_SETTINGS = ("num_labels",)
+
+
+def _split_config_settings(settings: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """``--set`` items for the method, and those of :data:`_CONFIG_SETTINGS` (``num_labels=5``) for the config."""
+    method_settings, config_settings = [], {}
+    for item in settings:
+        name, _, value = item.partition("=")
+        if name.strip() in _CONFIG_SETTINGS and "=" in item:
+            config_settings[name.strip()] = value
+        else:
+            method_settings.append(item)
+    return method_settings, config_settings
+
+
 def _cmd_count(args: argparse.Namespace) -> int:
+    from survey_utils.architecture import with_num_labels
     from survey_utils.counting import count
     from survey_utils.methods import get_method
+    from survey_utils.zoo import load_config
 
     method = get_method(args.method)
-    overrides = method.parse_settings(args.settings)
-    result = count(args.model, method, args.implementation, **overrides)
+    settings, config_settings = _split_config_settings(args.settings)
+    overrides = method.parse_settings(settings)
+    model = args.model
+    if "num_labels" in config_settings:  # a task head's outputs: a copy of the config with num_labels set
+        model = with_num_labels(load_config(args.model), config_settings["num_labels"])
+    result = count(model, method, args.implementation, **overrides)
     if args.json:
         active = {} if result.active is None else {"active": result.active}  # MoE: parameters a token uses
         print(json.dumps({"trainable": result.trainable, "total": result.total,
-                          "trainable_percent": result.trainable_percent, **active}))
+                          "trainable_percent": result.trainable_percent, **active, **result.task_head_dict()}))
     else:
         print(f"model {args.model}  method {method.name}  ({args.implementation})")
         print(f"trainable  {result.trainable:>18,}")
@@ -118,6 +140,15 @@ def _cmd_count(args: argparse.Namespace) -> int:
         print(f"trainable% {result.trainable_percent:>18.4f}")
         if result.active is not None:
             print(f"active     {result.active:>18,}  (per token: routers, shared and top-k routed experts)")
+        if result.task_type is not None:
+            head = ", ".join(result.task_head) or "none that peft matches"
+            print(f"task head  {result.head_trainable:>18,}  ({result.task_type}: {head}; trainable beside the "
+                  "method, in peft's modules_to_save)")
+            if result.peft_total is not None:
+                print(f"peft total {result.peft_total:>18,}  (what print_trainable_parameters prints as all params)")
+            note = result.peft_note()
+            if note:
+                print(note)
     return 0
 
 

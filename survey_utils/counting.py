@@ -7,6 +7,11 @@ zoo model and a registered method with one of three implementations:
 - ``formula``: arithmetic on the config's layout; milliseconds for a 405B model;
 - ``scratch``: build the model on ``meta``, apply our from-scratch method, count ``named_parameters()``;
 - ``peft``: build it on ``meta``, wrap it with ``peft.get_peft_model``, take ``get_nb_trainable_parameters()``.
+
+A task-head model (``...ForSequenceClassification`` and the like, :attr:`Layout.task_head`) trains its head beside
+the method, as peft's task-type models do (``modules_to_save``). peft's printed "all params" then hold the head twice:
+its ``ModulesToSaveWrapper`` keeps the frozen original beside the trainable copy. :attr:`ParameterCount.peft_total`
+says that number, and :meth:`ParameterCount.peft_note` why it differs from ours (chapter 00, "Task heads").
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from survey_utils.architecture import COMPONENTS, layout, params_by_component, total_params
+from survey_utils.architecture import (
+    COMPONENTS,
+    layout,
+    params_by_component,
+    task_head_trainable,
+    total_params,
+    train_task_head,
+)
 from survey_utils.errors import SurveyError
 from survey_utils.methods.registry import MASK_INDEX_SUFFIX, Method, get_method
 from survey_utils.zoo import build_model, load_config
@@ -43,10 +55,26 @@ class ParameterCount:
     # (:attr:`survey_utils.architecture.Layout.active_params`: routers, shared experts, top-k routed experts; of
     # what the method adds inside routed experts, the top-k experts' share, Method.routed_added_params).
     active: int | None = None
+    # Task-head models only (Layout.task_head not empty): peft's task type, the head's modules, its parameters that
+    # train beside the method (included in ``trainable``), and the "all params" peft prints: ``total`` plus the
+    # head's trainable copy (None where the method trains the whole model: the head is then simply part of it).
+    task_type: str | None = None
+    task_head: tuple[str, ...] = ()
+    head_trainable: int = 0
+    peft_total: int | None = None
 
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def peft_note(self) -> str | None:
+        """One line: why peft's printed "all params" exceed our total (None when they do not)."""
+        if self.peft_total is None or self.peft_total == self.total:
+            return None
+        return (f"peft prints all params {self.peft_total:,} = {self.total:,} + {self.peft_total - self.total:,}: "
+                f"its ModulesToSaveWrapper keeps the frozen original of {', '.join(self.task_head)} beside the "
+                f"trainable copy ({self.task_type} puts it in modules_to_save); the head is one model's weights, "
+                "counted once here")
 
     def as_dict(self) -> dict[str, Any]:
         out = {"trainable": self.trainable, "total": self.total,
@@ -54,14 +82,25 @@ class ParameterCount:
                "by_component": {k: {"trainable": t, "total": n} for k, (t, n) in self.by_component.items()}}
         if self.active is not None:
             out["active"] = self.active
+        out.update(self.task_head_dict())
         return out
+
+    def task_head_dict(self) -> dict[str, Any]:
+        """The task-head fields for JSON (empty for a model without a task head)."""
+        if self.task_type is None:
+            return {}
+        return {"task_type": self.task_type, "task_head": list(self.task_head), "head_trainable": self.head_trainable,
+                "peft_total": self.peft_total, "peft_note": self.peft_note()}
 
 
 def base_name(name: str) -> str:
     """A parameter's name in the unwrapped base model (drops peft's and our wrapper segments)."""
     if name.startswith("base_model.model."):
         name = name[len("base_model.model."):]
-    return name.replace(".base_layer.", ".")
+    # peft's ModulesToSaveWrapper (modules_to_save: a task head) holds the original and a trainable copy
+    for segment in (".base_layer.", ".original_module.", ".modules_to_save.default."):
+        name = name.replace(segment, ".")
+    return name
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
@@ -123,11 +162,30 @@ def closed_form(model: str | os.PathLike[str] | PretrainedConfig, method: str | 
         if added:
             split["method"] = (trainable - unfrozen, added)
     shape = layout(config)
+    # A task head trains whole beside the method (peft's modules_to_save), less what the method already trains there.
+    unfrozen_specs = method.unfrozen_params(config, **hp) if method.unfrozen_params is not None else ()
+    head = task_head_trainable(shape, method.trains_whole_model, unfrozen_specs)
+    if head:
+        done, n = split["head"]
+        split["head"] = (done + head, n)
+        trainable += head
     active = None
     if shape.num_experts:  # a token uses its top-k experts' share of what the method adds inside the experts
         routed = method.routed_added_params(config, **hp) if method.routed_added_params is not None else 0
         active = shape.active_params + added - routed + routed * shape.experts_per_token // shape.num_experts
-    return ParameterCount(trainable, total_params(config) + added, split, active)
+    total = total_params(config) + added
+    return ParameterCount(trainable, total, split, active, **_task_fields(shape, method, total, head))
+
+
+def _task_fields(shape: Any, method: Method, total: int, head: int) -> dict[str, Any]:
+    """ParameterCount's task-head fields: peft's printed total is ours plus the head's copy (peft 0.21.2,
+    utils/other.py, ModulesToSaveWrapper: ``original_module`` frozen, ``modules_to_save[adapter]`` a deepcopy that
+    trains; ``get_nb_trainable_parameters`` counts both, since they are two tensors)."""
+    if shape.task_type is None:
+        return {}
+    copied = shape.task_head_numel if shape.task_head and not method.trains_whole_model else 0
+    return {"task_type": shape.task_type, "task_head": shape.task_head, "head_trainable": head,
+            "peft_total": total + copied if not method.trains_whole_model else None}
 
 
 @lru_cache(maxsize=512)
@@ -180,7 +238,9 @@ def apply_method(model: nn.Module, method: str | Method, **overrides: Any) -> nn
     """Apply a registered method from scratch to a built model (hyper-parameters resolved and checked)."""
     method = get_method(method) if isinstance(method, str) else method
     hp = method.resolve(model.config, **overrides)
-    return method.apply(model, **hp)
+    applied = method.apply(model, **hp)
+    train_task_head(applied, method.trains_whole_model)  # a task head trains beside the method (modules_to_save)
+    return applied
 
 
 def peft_model(model: nn.Module, method: str | Method, **overrides: Any) -> nn.Module:
@@ -191,12 +251,29 @@ def peft_model(model: nn.Module, method: str | Method, **overrides: Any) -> nn.M
     if method.peft_config is None:
         raise SurveyError(f"HF peft has no implementation of method '{method.name}'")
     hp = method.resolve(model.config, **overrides)
+    config = method.peft_config(model.config, **hp)
+    with_task_type(config, model.config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns about meta tensors and fan_in_fan_out; neither matters here
-        wrapped = peft.get_peft_model(model, method.peft_config(model.config, **hp))
+        wrapped = peft.get_peft_model(model, config)
     if method.peft_fixup is not None:  # undoes an artifact of building peft's model on meta
         method.peft_fixup(wrapped)
     return wrapped
+
+
+def with_task_type(peft_config: Any, config: PretrainedConfig) -> Any:
+    """Give a peft config the model's task type (:attr:`Layout.task_type`), so that ``get_peft_model`` builds peft's
+    task-type model, which puts the task head in ``modules_to_save`` (peft 0.21.2, peft_model.py,
+    PeftModelForSequenceClassification.__init__ and its token-classification and question-answering siblings). A
+    peft config without ``modules_to_save`` could not train the head: refused in one line."""
+    shape = layout(config)
+    if shape.task_type is None:
+        return peft_config
+    if shape.task_head and not hasattr(peft_config, "modules_to_save"):
+        raise SurveyError(f"peft's {type(peft_config).__name__} has no modules_to_save: peft cannot train the task "
+                          f"head {', '.join(shape.task_head)} of {shape.family}'s {shape.task_type} model")
+    peft_config.task_type = shape.task_type
+    return peft_config
 
 
 def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method,
@@ -214,9 +291,19 @@ def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method
 
     with torch.device("meta"):  # modules peft creates itself (prompt encoders) go on meta too: no memory
         wrapped = peft_model(built, method, **overrides)
-    trainable, total = wrapped.get_nb_trainable_parameters()
+    trainable, printed = wrapped.get_nb_trainable_parameters()
     split = count_parameters(wrapped).by_component
-    return ParameterCount(trainable, total, split)
+    shape = layout(config)
+    # peft's "all params" hold each ModulesToSaveWrapper's original and copy: the model has the copy's tensors once
+    copies = sum(p.numel() for name, p in wrapped.named_parameters() if ".original_module." in name)
+    method = get_method(method) if isinstance(method, str) else method
+    unfrozen = method.unfrozen_params(config, **method.resolve(config, **overrides)) \
+        if method.unfrozen_params is not None else ()
+    head = task_head_trainable(shape, method.trains_whole_model, unfrozen)
+    fields = _task_fields(shape, method, printed - copies, head)
+    if fields:
+        fields["peft_total"] = printed
+    return ParameterCount(trainable, printed - copies, split, **fields)
 
 
 def three_way(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method,

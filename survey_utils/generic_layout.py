@@ -19,7 +19,7 @@ import copy
 import re
 from typing import TYPE_CHECKING, Any
 
-from survey_utils.architecture import Layout, ModuleSpec
+from survey_utils.architecture import Layout, ModuleSpec, task_of, with_task_head
 from survey_utils.errors import SurveyError
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ def generic_layout(config: PretrainedConfig) -> Layout:
         default_lora_targets=default_lora_targets(config.model_type, modules),
         num_experts=experts, experts_per_token=top_k, output_embeddings=_output_embeddings(model),
     )
+    shape = with_task_head(shape, config)  # a task-head class: peft's task type and its modules_to_save
     if len(_TRANSPOSED) > 512:
         _TRANSPOSED.clear()
     _TRANSPOSED[id(shape)] = (shape, frozenset(name for name, module in model.named_modules()
@@ -81,13 +82,17 @@ def moe_sizes(config: PretrainedConfig) -> tuple[int, int]:
 
 def model_class_for(config: PretrainedConfig) -> type:
     """The class named first in ``architectures`` when transformers has it, else the causal-LM, seq2seq-LM or
-    base-model auto class registered for the model type."""
+    base-model auto class registered for the model type (a task-head class transformers lacks is refused: its head
+    is what the count is asked for)."""
     import transformers
     from transformers.models.auto import modeling_auto as auto
 
     name = (getattr(config, "architectures", None) or [None])[0]
     if name and isinstance(getattr(transformers, name, None), type):
         return getattr(transformers, name)
+    if task_of(config) is not None:  # a task head must be built as named, never replaced by the language model
+        raise SurveyError(f"config '{_label(config)}': architectures names '{name}', which transformers has not "
+                          f"for model type '{config.model_type}'")
     for mapping in (auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
                     auto.MODEL_MAPPING_NAMES):
         cls = mapping.get(config.model_type)

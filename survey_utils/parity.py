@@ -6,6 +6,8 @@ updates zero and the check vacuous), and compares the outputs; for mergeable met
 merged model with the unmerged one. The method maps its parameter names to peft's through
 ``Method.peft_param_map``, e.g. ``{"lora_A": "lora_A.default.weight"}``, or, where its modules sit
 elsewhere than peft's (soft prompts), copies peft's values into its own with ``Method.peft_state_sync``.
+A task-head model (``...ForSequenceClassification``) is wrapped with its peft task type (``counting.peft_model``), so
+peft's copy of the head (``modules_to_save``) starts from the same values as ours.
 """
 
 from __future__ import annotations
@@ -54,8 +56,12 @@ def example_inputs(config: PretrainedConfig, batch: int = 2, seq_len: int = 12, 
 
 
 def forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """The model's output to compare: its logits (a question-answering head's start and end logits side by side),
+    else the last hidden state."""
     with torch.no_grad():
         out = model(**inputs)
+    if getattr(out, "start_logits", None) is not None:
+        return torch.cat((out.start_logits, out.end_logits), dim=-1)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 

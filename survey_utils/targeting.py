@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from survey_utils.architecture import Layout, ModuleSpec
+from survey_utils.architecture import Layout, ModuleSpec, excluded_from_targets
 from survey_utils.errors import SurveyError, closest
 
 Targets = str | Sequence[str]
@@ -353,6 +353,11 @@ def _select(layout: Layout, target_modules: Targets | None, layers_to_transform:
                     f"{closest(target, layout.linear_names())}"
                 )
     chosen = [m for m in layout.modules if matches(m.name, target_modules, layers_to_transform, layers_pattern)]
+    kept = [m for m in chosen if not excluded_from_targets(m.name, layout)]  # a task head trains whole (peft)
+    if chosen and not kept:
+        raise SurveyError(f"target_modules={target_modules!r} names only {model_name}'s task head "
+                          f"({', '.join(layout.task_head)}), which peft trains whole (modules_to_save), never adapts")
+    chosen = kept
     if not chosen:
         raise SurveyError(f"target_modules={target_modules!r} matches no module of {model_name}")
     wrong = [m for m in chosen if m.kind not in kinds]

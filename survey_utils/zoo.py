@@ -800,6 +800,16 @@ def model_class(config: Config) -> type[PreTrainedModel]:
     return cls
 
 
+def has_model_class(config: Config, name: str) -> bool:
+    """Whether transformers has the class ``name`` for this config, without importing it for a light config
+    (``config_defaults.json`` records every model class of the hand families; the task-head check asks)."""
+    if isinstance(config, LightConfig):
+        return name in config._spec.get("model_classes", {})
+    import transformers
+
+    return isinstance(getattr(transformers, name, None), type)
+
+
 def supports_sdpa(config: Config) -> bool:
     """Whether transformers' class for this config can use SDPA, without importing it when
     ``config_defaults.json`` records the class (BLOOM cannot: it adds ALiBi by hand)."""

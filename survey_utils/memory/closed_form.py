@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from survey_utils.architecture import Layout, layout, total_params
+from survey_utils.architecture import Layout, layout, task_head_trainable, total_params, train_task_head
 from survey_utils.errors import SurveyError
 from survey_utils.memory.activations import (
     ATTN_IN,
@@ -196,7 +196,12 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     full = method.trains_whole_model
     tdtype = method.trainable_dtype(dtype, adapter_dtype)
     tb = DTYPE_BYTES[tdtype]
-    trainable = _memo(config, method, "trainable", resolved, lambda: method.trainable_params(config, **resolved))
+    # A task head (Layout.task_head) trains beside the method, as peft's modules_to_save: its gradients and
+    # optimizer states are held too (counting.closed_form adds it the same way).
+    head = _memo(config, method, "head", resolved, lambda: task_head_trainable(
+        shape, full, method.unfrozen_params(config, **resolved) if method.unfrozen_params is not None else ()))
+    own = _memo(config, method, "trainable", resolved, lambda: method.trainable_params(config, **resolved))
+    trainable = own + head
     added = _memo(config, method, "added", resolved, lambda: method.added_params(config, **resolved))
     base_total = total_params(config)
     assumptions: list[str] = []
@@ -222,17 +227,21 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     # Gradients, optimizer states, master weights ---------------------------------------------------
     held = trainable  # elements holding a gradient and optimizer states
     if method.mask_kept is not None and method.unfrozen_params is not None:
-        held = sum(dict(spec.params)[name] for spec, name in method.unfrozen_params(config, **resolved)
-                   if not spec.tied_to)
-        by_dtype["int64 (mask indices)"] = 8 * trainable
-        weights += 8 * trainable
-        assumptions.append(f"gradient mask: {trainable:,} entries train, but the {held:,} elements of the masked "
+        held = head + sum(dict(spec.params)[name] for spec, name in method.unfrozen_params(config, **resolved)
+                          if not spec.tied_to)
+        by_dtype["int64 (mask indices)"] = 8 * own
+        weights += 8 * own
+        assumptions.append(f"gradient mask: {own:,} entries train, but the {held - head:,} elements of the masked "
                            "tensors hold dense gradients and optimizer states; 8 B per kept index")
     gradients = held * tb
     masters = 4 * held if tdtype == "fp16" else 0
     state_bytes = 4 if tdtype == "fp16" else tb
     largest = _memo(config, method, "largest", resolved,
-                    lambda: _largest_trainable(shape, method, config, resolved, full, held))
+                    lambda: _largest_trainable(shape, method, config, resolved, full, held - head))
+    if head:  # the head's own tensors are trainable too: the optimizer's temporaries may be as big as its largest
+        largest = max(largest, max(dict(m.params)[p] for m, p in shape.task_head_params))
+        assumptions.append(f"task head {', '.join(shape.task_head)} ({shape.task_type}): {head:,} parameters train "
+                           "beside the method (peft's modules_to_save), with their gradients and optimizer states")
     if optimizer == "adamw8bit" and largest < BNB_MIN_8BIT_SIZE:
         # Even the biggest trainable tensor is under min_8bit_size: every one keeps fp32 moments, no build needed.
         optimizer_states, optimizer_transient = 8 * held, 0
@@ -412,6 +421,7 @@ def trainable_tensor_sizes(config: PretrainedConfig, method: Method, hp: dict[st
 
         try:
             model = method.apply(build_model(config, device="meta"), **hp)
+            train_task_head(model, method.trains_whole_model)  # the task head's tensors train too
         except SurveyError:
             raise
         except Exception as error:  # noqa: BLE001 - a model's or a method's constructor fails in many ways

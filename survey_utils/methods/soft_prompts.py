@@ -87,7 +87,10 @@ def check_context(config: PretrainedConfig, num_virtual_tokens: int, seq_len: in
 
 
 def peft_task_type(config: PretrainedConfig) -> str:
-    """The peft task type whose prompt-learning forward matches ours for this architecture."""
+    """The peft task type whose prompt-learning forward matches ours for this architecture: a task-head model's own
+    (:attr:`Layout.task_type`, whose peft model trains the head too), else by the architecture's shape."""
+    if layout(config).task_type is not None:
+        return layout(config).task_type
     if layout(config).is_encoder_decoder:
         return "SEQ_2_SEQ_LM"
     return "FEATURE_EXTRACTION" if config.model_type in ("bert", "roberta") else "CAUSAL_LM"
