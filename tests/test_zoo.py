@@ -43,7 +43,11 @@ REQUIRED = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "bert-base-uncased",
             "t5-small", "t5-base", "t5-large", "t5-3b", "t5-11b", "opt-350m", "opt-6.7b", "bloom-560m",
             "bloom-7b1", "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b",
             "llama-3.1-405b", "mistral-7b", "qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-72b",
-            "tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5"]
+            "tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5",
+            # issue 12, item 3: current models of the types without a hand layout, and a tiny MoE for real tensors
+            "llama-3.2-1b", "llama-3.2-3b", "llama-65b", "gemma-2-2b", "gemma-2-9b", "mixtral-8x7b", "phi-3-mini",
+            "qwen3-8b", "mt5-base", "mt0-large", "falcon-7b", "pythia-1b", "gpt-neox-20b", "deepseek-v3",
+            "tiny-mixtral"]
 
 
 def _sources() -> dict[str, dict[str, str]]:
