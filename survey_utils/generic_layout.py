@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import re
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from survey_utils.architecture import Layout, ModuleSpec, task_of, with_task_head
@@ -130,15 +131,44 @@ def build_on_meta(config: PretrainedConfig) -> nn.Module:
 def default_lora_targets(model_type: str, modules: tuple[ModuleSpec, ...]) -> tuple[str, ...]:
     """peft's default LoRA targets for the model type (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
     else the attention's query and value projections where they have recognisable names, else none."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-
-    if model_type in PEFT_DEFAULTS:
-        return tuple(PEFT_DEFAULTS[model_type])
+    defaults = peft_default_lora_targets()
+    if model_type in defaults:
+        return tuple(defaults[model_type])
     names = {m.short_name for m in modules if m.kind == "linear" and m.component == "attention"}
     for pair in (("q_proj", "v_proj"), ("query", "value"), ("q", "v"), ("wq", "wv")):
         if set(pair) <= names:
             return pair
     return ()
+
+
+_PEFT_LORA_DEFAULTS = "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING"
+
+
+@lru_cache(maxsize=1)
+def peft_default_lora_targets() -> dict[str, list[str]]:
+    """The installed peft's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, read from its source
+    (``peft/utils/constants.py``, where it is one dict literal) without importing peft: importing peft imports
+    bitsandbytes, which compiles kernels with ``torch.compile``, about 2.5 s of the first count of a config that no
+    snapshot holds (``benchmarks/moe_count_speed.py``). Where the assignment is not a literal (another peft), peft is
+    imported and its constant returned: the same answer, slower. ``tests/test_generic_layout.py`` checks the two
+    agree."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("peft")  # locates the package without running its __init__
+    folders = list(spec.submodule_search_locations or ()) if spec is not None else []
+    source = Path(folders[0]) / "utils" / "constants.py" if folders else None
+    if source is not None and source.is_file():
+        for node in ast.parse(source.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [_PEFT_LORA_DEFAULTS]:
+                try:
+                    return ast.literal_eval(node.value)
+                except ValueError:
+                    break
+    from peft.utils import constants
+
+    return dict(getattr(constants, _PEFT_LORA_DEFAULTS))
 
 
 def _modules(model: nn.Module, config: PretrainedConfig):

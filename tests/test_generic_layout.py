@@ -13,13 +13,20 @@ from transformers import AutoConfig, MixtralConfig
 from survey_utils.architecture import _BUILDERS, layout
 from survey_utils.counting import closed_form
 from survey_utils.errors import SurveyError
-from survey_utils.generic_layout import build_on_meta, generic_layout, transposed_modules
+from survey_utils.generic_layout import (
+    build_on_meta,
+    generic_layout,
+    peft_default_lora_targets,
+    transposed_modules,
+)
 from survey_utils.zoo import MODELS_DIR, list_models, load_config
 
 GENERIC = [n for n in list_models() if load_config(n).model_type not in _BUILDERS]
 HAND = [n for n in list_models() if load_config(n).model_type in _BUILDERS]
 # (total, active per token) of the zoo's MoE configs, from Layout.active_params.
-MOE = {"mixtral-8x7b": (46_702_792_704, 12_879_925_248), "deepseek-v3": (671_026_404_352, 37_552_282_624)}
+MOE = {"mixtral-8x7b": (46_702_792_704, 12_879_925_248), "deepseek-v3": (671_026_404_352, 37_552_282_624),
+       # 2 blocks x 4 experts of 128 -> 2 x 256 -> 128: 786,432 routed, a token uses 2 of 4
+       "tiny-mixtral": (2_983_552, 2_983_552 - 786_432 + 786_432 * 2 // 4)}
 
 
 def _rows() -> dict[str, dict[str, str]]:
@@ -173,3 +180,18 @@ def test_bad_configs_are_one_line() -> None:
 def test_the_generic_path_builds_nothing_real() -> None:
     built = build_on_meta(load_config("deepseek-v3"))
     assert next(built.parameters()).device == torch.device("meta")
+
+
+def test_peft_default_targets_are_read_without_importing_peft() -> None:
+    """The generic layout reads peft's default LoRA targets from peft's source (importing peft imports bitsandbytes,
+    seconds of an unseen config's first count): the same table as peft's constant, and no import of peft."""
+    import subprocess
+    import sys
+
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    assert peft_default_lora_targets() == TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    script = ("import sys\nfrom survey_utils.generic_layout import peft_default_lora_targets\n"
+              "print(len(peft_default_lora_targets()), 'peft' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(len(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)), "False"]
