@@ -314,7 +314,14 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
             activations_by_term[f"method: {key}"] = value
     activations = sum(activations_by_term.values())
     vocab_positions = batch_size * s
-    if shape.family in LOSS_IN_MODEL_DTYPE:
+    if shape.task_type is not None:
+        # A task head's logits are num_labels wide (two for answer start and end), not vocabulary-wide: whatever
+        # dtype the loss takes, its transients are a few bytes per position; the fp32 rule bounds them.
+        width = 2 if shape.task_type == "QUESTION_ANS" else int(getattr(config, "num_labels", 2) or 2)
+        loss_transient = 12 * vocab_positions * width
+        assumptions.append(f"{shape.task_type} head: logits {width} wide, at most 12 B x batch x positions x {width} "
+                           "for the loss's transients")
+    elif shape.family in LOSS_IN_MODEL_DTYPE:
         loss_transient = 3 * a * vocab_positions * shape.vocab_size
         assumptions.append(f"{config.model_type}: CrossEntropyLoss on logits in the model's dtype; at the start of "
                            "backward the saved log-softmax and two logit gradients are alive together: "
@@ -323,7 +330,9 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
         loss_transient = 12 * vocab_positions * shape.vocab_size
         assumptions.append("logits cast to fp32 for the loss; at the start of backward the saved log-softmax and "
                            "two fp32 logit gradients are alive together: 12 B x batch x positions x vocab")
-    batch_bytes = 2 * 8 * batch_size * seq_len
+    # input_ids and the targets (int64): next tokens, token labels, or one label (answer start and end) per sequence
+    targets = {"SEQ_CLS": batch_size, "QUESTION_ANS": 2 * batch_size}.get(shape.task_type or "", batch_size * seq_len)
+    batch_bytes = 8 * batch_size * seq_len + 8 * targets
 
     fixed = weights + optimizer_states + masters + batch_bytes
     # With checkpointing the loss's transients are gone before the first block is rebuilt.

@@ -294,8 +294,21 @@ def build_step(config: PretrainedConfig, method: Method, hp: dict[str, Any], bat
 
 
 def make_batch(config: PretrainedConfig, batch_size: int, seq_len: int, device: str) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``labels`` (int64); encoder-decoders get targets as long as the inputs."""
+    """``input_ids`` and the targets (int64): next tokens for a language model (encoder-decoders get targets as long
+    as the inputs); for a task head (:attr:`Layout.task_type`) a label per sequence (``SEQ_CLS``), a label per
+    token (``TOKEN_CLS``) or answer start and end positions (``QUESTION_ANS``)."""
+    from survey_utils.architecture import layout
+
     ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
+    task = layout(config).task_type
+    labels = max(int(getattr(config, "num_labels", 2) or 2), 1)
+    if task == "SEQ_CLS":
+        return {"input_ids": ids, "labels": torch.randint(0, labels, (batch_size,), device=device)}
+    if task == "TOKEN_CLS":
+        return {"input_ids": ids, "labels": torch.randint(0, labels, (batch_size, seq_len), device=device)}
+    if task == "QUESTION_ANS":
+        return {"input_ids": ids, **{k: torch.randint(0, seq_len, (batch_size,), device=device)
+                                     for k in ("start_positions", "end_positions")}}
     return {"input_ids": ids, "labels": ids.clone()}
 
 
