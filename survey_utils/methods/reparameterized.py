@@ -55,6 +55,28 @@ def lora_targets(config: PretrainedConfig, hp: dict[str, Any], method: str = "lo
     there adapts the attention's linears, the fused expert tensors and the routers, not the dense MLPs), and the
     parameters are matched by peft's suffix rule (:func:`~survey_utils.targeting.select_parameters`)."""
     shape = layout(config)
+    # Remembered per layout and settings: a count asks for the targets several times, and the advisor and the
+    # widgets ask again at every batch and sequence length (peft's suffix matching over a 671B MoE's names costs
+    # ~10 ms a time). Layouts are cached per config content, so an edited config gets its own.
+    key = (id(shape), method, repr([hp.get(name) for name in TARGETING]))
+    hit = _TARGETS.get(key)
+    if hit is not None and hit[0] is shape:
+        return list(hit[1]), list(hit[2])
+    modules, params = _lora_targets(config, shape, hp, method)
+    if len(_TARGETS) >= 512:
+        _TARGETS.clear()
+    _TARGETS[key] = (shape, tuple(modules), tuple(params))
+    return list(modules), list(params)
+
+
+_TARGETS: dict[tuple[Any, ...], tuple[Any, tuple[Any, ...], tuple[Any, ...]]] = {}
+# The settings that decide LoRA's targets (all that lora_targets and target_specs read): the rank, alpha or dropout
+# change no target, so a rank slider reuses the selection.
+TARGETING = ("target_modules", "target_parameters", "layers_to_transform", "layers_pattern")
+
+
+def _lora_targets(config: PretrainedConfig, shape: Any, hp: dict[str, Any], method: str
+                  ) -> tuple[list[tuple[ModuleSpec, int]], list[TargetParameter]]:
     plan = peft_lora_targets(shape, _requested_modules(shape, hp), hp.get("target_parameters"))
     modules: list[ModuleSpec] = []
     if plan.target_modules is None or plan.target_modules or not plan.target_parameters:
