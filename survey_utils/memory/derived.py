@@ -237,7 +237,8 @@ def _run(config: PretrainedConfig, full_shape: Layout, dtype: str, attention: st
     record = _Record({}, {}, {})
     with _quiet(), FakeTensorMode():
         try:
-            model = build_model(config, device="cpu", dtype=torch_dtype(dtype)).train()
+            with _Scalars():  # some constructors read a scalar of a tensor they made (Gemma-3's embedding scale)
+                model = build_model(config, device="cpu", dtype=torch_dtype(dtype)).train()
         except Exception as error:  # noqa: BLE001 - a model's constructor fails in many ways
             raise SurveyError(_cannot(config, f"transformers cannot build it on fake tensors: {_first_line(error)}"))
         for param in model.parameters():
