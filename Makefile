@@ -31,8 +31,6 @@ figures: env
 	# the memory model's validation grid (estimate vs fake-tensor simulation), chapter 08's multi-task runs
 	# (deterministic, ~2-3 min on 2 cores), then every figure
 	$(PY) benchmarks/memory_grid.py
-	# memory for every text model type transformers builds (estimate vs simulation; derived recipes), ~15 min
-	$(PY) benchmarks/all_types_memory.py
 	# the zoo's snapshots (resolved config and layout of each model without a hand layout: no torch to answer)
 	$(PY) -m survey_utils.snapshots
 	$(PY) -m survey_utils.experiments.ch08_multi_task
