@@ -1,6 +1,6 @@
 """Where a slider's redraw goes, kernel side, per explorer: compute + artists, a full render, a reused frame.
 
-For each explorer of chapters 00, 01, 02 and 04 this moves its main slider ``--moves`` times (alternately up
+For each chapter's explorer (00 to 09; chapter 06 has two) this moves its main slider ``--moves`` times (alternately up
 and down by one step, as the browser benchmark does, then across its range) and times, per move:
 
 - ``update``: the callback's compute and artist updates (``Explorer.update`` without sending the frame);
@@ -13,7 +13,7 @@ and prints p50 / p95 of each, and how many moves reused the frame. It runs on Ag
 browser's share (message round trips, PNG decode, canvas paint) is in ``benchmarks/browser_latency.py``. The
 first line says how loaded the machine was (the numbers scale with it).
 
-    python benchmarks/explorer_redraw.py [--moves 20]
+    python benchmarks/explorer_redraw.py [--moves 20] [03 07 ...]
 """
 
 from __future__ import annotations
@@ -61,8 +61,56 @@ def _explorers() -> dict[str, Callable[[], tuple[object, object, list[int]]]]:
         e = PromptLengthExplorer(model="llama-2-7b")
         return e, e.controls["num_virtual_tokens"], list(range(1, 400, 16))
 
+    def density():
+        from survey_utils.widgets.density import DensityExplorer
+
+        e = DensityExplorer(model="roberta-base", top_k=3)
+        return e, e.controls["top_k"], list(range(1, 97, 4))
+
+    def design_search():
+        from survey_utils.widgets.design_search import DesignSearchExplorer
+
+        e = DesignSearchExplorer(["roberta-base", "t5-large", "llama-2-7b", "tiny-llama"], model="roberta-base")
+        return e, e.controls["trainable"], [float(10 ** (v / 20)) for v in range(-60, 21, 4)]
+
+    def quantization():
+        from survey_utils.widgets.quantization import QuantizationExplorer
+
+        e = QuantizationExplorer()
+        e.controls["blocksize"].step = 64  # every value divides the weight (step 16 reaches 80, which is refused)
+        return e, e.controls["blocksize"], [64, 128, 256, 512, 448, 384, 320, 256, 192, 128, 64]
+
+    def qlora():
+        from survey_utils.widgets.quantization import QLoRAMemoryExplorer
+
+        e = QLoRAMemoryExplorer(["llama-65b", "llama-2-70b", "llama-2-13b", "llama-2-7b", "qwen2.5-0.5b", "tiny-llama"])
+        return e, e.controls["r"], list(range(1, 257, 12))
+
+    def comparison():
+        from survey_utils.figures.explorer import ComparisonExplorer
+
+        e = ComparisonExplorer(model="roberta-base")
+        return e, e.controls["batch_size"], list(range(1, 65, 3))
+
+    def task_scaling():
+        from survey_utils.widgets.task_scaling import TaskScalingExplorer
+
+        e = TaskScalingExplorer(model="llama-2-7b", method="mpt", reference="lora")
+        return e, e.controls["tasks"], list(range(1, 65, 3))
+
+    def lab():
+        from survey_utils.experiments import ch09_lab
+        from survey_utils.widgets.lab import LabExplorer
+
+        e = LabExplorer(ch09_lab.load(), task="sentiment")
+        sizes = list(e.controls["size"].options)
+        return e, e.controls["size"], [*sizes, *reversed(sizes)] * 4
+
     return {"00 memory (seq len)": memory, "04 params (r)": params, "01 budget (bottleneck_size)": budget,
-            "02 prompts (virtual tokens)": prompts}
+            "02 prompts (virtual tokens)": prompts, "03 density (top_k)": density,
+            "05 design search (params %)": design_search, "06 quantization (block size)": quantization,
+            "06 QLoRA memory (rank r)": qlora, "07 comparison (batch)": comparison,
+            "08 task scaling (tasks T)": task_scaling, "09 lab (model size)": lab}
 
 
 class _Png:
@@ -86,13 +134,28 @@ def _ms(values: list[float]) -> str:
     return f"p50 {1000 * statistics.median(values):6.1f}  p95 {1000 * p95:6.1f}"
 
 
+def _nudges(slider: object, moves: int) -> list[object]:
+    """One step up, back down, up, ... as a keyboard's arrow keys move the slider."""
+    import ipywidgets as W
+
+    start = slider.value
+    if isinstance(slider, W.SelectionSlider):
+        options = list(slider.options)
+        i = options.index(start)
+        up = options[i + 1] if i + 1 < len(options) else options[i - 1]
+    elif isinstance(slider, W.FloatLogSlider):
+        up = start * slider.base ** slider.step
+    else:
+        up = start + slider.step
+    return [up if i % 2 == 0 else start for i in range(moves)]
+
+
 def measure(make: Callable[[], tuple[object, object, list[int]]], moves: int) -> dict[str, list[float] | int]:
     explorer, slider, sweep = make()
     explorer._refresh = lambda: None  # time the render separately
     canvas = explorer.fig.canvas
     explorer.render_frame()
-    start = slider.value
-    values = [start + (1 if i % 2 == 0 else 0) * slider.step for i in range(moves)] + sweep[:moves]
+    values = _nudges(slider, moves) + sweep[:moves]
     times: dict[str, list[float]] = {"update": [], "full": [], "frame": []}
     blits, png_full, png_frame = 0, _Png(), _Png()
     for value in values:
@@ -113,12 +176,15 @@ def measure(make: Callable[[], tuple[object, object, list[int]]], moves: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("chapters", nargs="*", help="chapter numbers (default: all), e.g. 03 07")
     parser.add_argument("--moves", type=int, default=20)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {args.moves} steps up/down, then "
           f"{args.moves} across the range; milliseconds per move")
     for name, make in _explorers().items():
+        if args.chapters and name[:2] not in args.chapters:
+            continue
         result = measure(make, args.moves)
         print(f"{name:<30} update {_ms(result['update'])} | full render {_ms(result['full'])} | "
               f"frame reused or rendered {_ms(result['frame'])} | reused {result['blits']}/{result['moves']}",

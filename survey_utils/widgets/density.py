@@ -29,9 +29,10 @@ from survey_utils.errors import SurveyError
 from survey_utils.experiments.ch03_selective import storage_formats, touched_params
 from survey_utils.memory import estimate
 from survey_utils.methods.registry import get_method, list_methods
+from survey_utils.plotting import nice_log_bounds
 from survey_utils.targeting import select
 from survey_utils.units import format_bytes
-from survey_utils.widgets.base import Explorer
+from survey_utils.widgets.base import TITLE_Y, Explorer
 from survey_utils.zoo import list_models, load_config
 
 _STYLE = {"description_width": "initial"}
@@ -156,7 +157,9 @@ class DensityExplorer(Explorer):
                 label.set_position((view.percent(value), bar.get_y() + bar.get_height() / 2))
                 label.set_text(f" {view.percent(value):.3g}% ({value:,})")
         widths = [view.percent(v) for d in (view.trained, view.changed) for v in d.values()]
-        self.ax_params.set_xlim(min(widths) / 3, max(widths) * 40)
+        # Half-decade steps, not a jitter, and room for the labels of bars up to 100% of the model: the frame
+        # (axes, ticks) stays while top_k or the density moves the bars (widgets/base.py)
+        self.ax_params.set_xlim(*nice_log_bounds(min(widths) / 3, max(100.0, *widths) * 30, per_decade=2))
         for who, bars in self.byte_bars.items():
             fmt, size = view.stored[who]
             for bar, value, note in zip(bars, (size, view.peak[who]), (f" as {fmt}", ""), strict=True):
@@ -165,6 +168,11 @@ class DensityExplorer(Explorer):
                 label.set_position((value, bar.get_y() + bar.get_height() / 2))
                 label.set_text(f" {format_bytes(value)}{note}")
         sizes = [v for d in (view.peak,) for v in d.values()] + [s for _, s in view.stored.values()]
-        self.ax_bytes.set_xlim(min(sizes) / 3, max(sizes) * 60)
-        self.ax_params.set_title(f"{view.method} on {view.model} vs LoRA r={view.lora_rank} (q, v)", fontsize=10)
+        self.ax_bytes.set_xlim(*nice_log_bounds(min(sizes) / 3, max(sizes) * 60, per_decade=1))
+        self.ax_params.set_title(f"{view.method} on {view.model} vs LoRA r={view.lora_rank} (q, v)", fontsize=10,
+                                 y=TITLE_Y)
         self.ax_bytes.set_title("stored (smallest format); training peak (batch 1 x 512, bf16, AdamW)", fontsize=9)
+
+    def dynamic_artists(self) -> list[Any]:
+        bars = [b for group in (self.param_bars, self.byte_bars) for bars in group.values() for b in bars]
+        return [*bars, *self.labels, self.ax_params.title]

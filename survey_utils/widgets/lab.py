@@ -21,7 +21,8 @@ from survey_utils.errors import SurveyError
 from survey_utils.experiments.ch09_lab import LabResults, chance, chapter_colors, check_choice
 from survey_utils.lab.models import PRETRAINING, Pretraining
 from survey_utils.lab.tasks import LABEL_TOKENS, TASKS
-from survey_utils.widgets.base import Explorer
+from survey_utils.plotting import nice_log_bounds
+from survey_utils.widgets.base import TITLE_Y, Explorer
 
 _STYLE = {"description_width": "initial"}
 
@@ -58,6 +59,15 @@ class LabExplorer(Explorer):
 
     def setup(self, fig: Figure) -> None:
         self.ax_tradeoff, self.ax_scale = fig.subplots(1, 2, width_ratios=(1.4, 1))
+        ax = self.ax_tradeoff
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("trainable parameters (% of the model)")
+        self.chance_line = ax.axhline(0.5, color="0.4", ls="--", lw=1)
+        self.points: list[Any] = []  # one scatter per chapter (family), with the methods' names beside the dots
+        self.names: list[Any] = []
+        self.legend: Any = None
+        self._scale_key: tuple | None = None
 
     def compute(self, task: str, size: str, methods: tuple[str, ...]) -> LabView:
         check_choice(task, TASKS, "task")
@@ -79,22 +89,30 @@ class LabExplorer(Explorer):
 
     def draw(self, view: LabView) -> None:
         ax = self.ax_tradeoff
-        ax.cla()
-        for method, chapter, pct, accuracy in view.points:
-            ax.scatter([pct], [accuracy], color=self.colors[chapter], s=26,
-                       label=chapter.replace("_", " "))
-            ax.annotate(method, (pct, accuracy), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles, strict=True))
-        line = ax.axhline(chance(view.task), color="0.4", ls="--", lw=1)
-        ax.legend([*unique.values(), line], [*unique, f"chance (1 in {len(LABEL_TOKENS[view.task])})"],
-                  fontsize=6, loc="lower right")
-        ax.set_xscale("log")
-        ax.set_ylim(0, 1.02)
-        ax.set_xlabel("trainable parameters (% of the model)")
+        for artist in [*self.points, *self.names]:
+            artist.remove()
+        chapters = list(dict.fromkeys(chapter for _, chapter, _, _ in view.points))
+        self.points = [ax.scatter([p[2] for p in view.points if p[1] == chapter],
+                                  [p[3] for p in view.points if p[1] == chapter], color=self.colors[chapter], s=26,
+                                  label=chapter.replace("_", " ")) for chapter in chapters]
+        self.names = [ax.annotate(method, (pct, accuracy), fontsize=6, xytext=(3, 2), textcoords="offset points")
+                      for method, _, pct, accuracy in view.points]
+        self.chance_line.set_ydata([chance(view.task)] * 2)
+        self.legend = ax.legend([*self.points, self.chance_line],
+                                [*(p.get_label() for p in self.points),
+                                 f"chance (1 in {len(LABEL_TOKENS[view.task])})"], fontsize=6, loc="lower right")
+        # The x axis covers the shown methods at every size (whole half decades): moving the size slider keeps
+        # the frame (axes, ticks) and redraws only the dots, their names, the legend and the title (base.py).
+        every = [float(r["trainable_pct"]) for r in self.results.grid(task=view.task) if r["method"] in view.methods]
+        every = [p for p in every if p > 0] or [p[2] for p in view.points if p[2] > 0] or [1.0]
+        ax.set_xlim(*nice_log_bounds(min(every) / 1.5, max(every) * 3, per_decade=2))
         ax.set_ylabel(f"{view.task}: test accuracy")
         note = f"; not shown: {', '.join(view.missing)}" if view.missing else ""
-        ax.set_title(f"{view.size}, {view.task} (data/lab/runs.csv){note}"[:160], fontsize=8)
+        ax.set_title(f"{view.size}, {view.task} (data/lab/runs.csv){note}"[:160], fontsize=8, y=TITLE_Y)
+        if self._scale_key != self.frame_key():  # the right panel does not depend on the size
+            self._draw_scale(view)
+
+    def _draw_scale(self, view: LabView) -> None:
         ax = self.ax_scale
         ax.cla()
         for method, points in view.scale.items():
@@ -108,6 +126,16 @@ class LabExplorer(Explorer):
         ax.set_title("the shown methods across sizes", fontsize=8)
         if len(view.scale) <= 8:
             ax.legend(fontsize=6, loc="lower right")
+        self._scale_key = self.frame_key()
+
+    def dynamic_artists(self) -> list[Any]:
+        # the legend sits over the data area: drawn after the dots, as a full render does
+        return [*self.points, *self.names, *([self.legend] if self.legend is not None else []),
+                self.ax_tradeoff.title]
+
+    def frame_key(self) -> tuple:
+        # the chance line and the right panel's lines follow the task and the methods shown, not the size
+        return (self.view.task, self.view.methods) if self.view is not None else ()
 
 
 class LiveRun:

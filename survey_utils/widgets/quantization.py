@@ -11,6 +11,7 @@ Both follow :class:`~survey_utils.widgets.base.Explorer`: ``compute`` is pure, b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -22,7 +23,8 @@ from matplotlib.figure import Figure
 from survey_utils import quantization as Q
 from survey_utils.errors import SurveyError
 from survey_utils.palette import MEMORY_TERMS, TERM_COLOURS
-from survey_utils.widgets.base import Explorer
+from survey_utils.plotting import nice_ceiling
+from survey_utils.widgets.base import TITLE_Y, Explorer
 
 SHAPES = {"Qwen2.5-0.5B q_proj (896 x 896)": (896, 896), "Qwen2.5-0.5B MLP up (4864 x 896)": (4864, 896),
           "tiny-llama MLP down (128 x 344)": (128, 344)}
@@ -50,19 +52,30 @@ def _weight(shape: tuple[int, int]) -> Any:
     return real_shaped_weight(*shape)
 
 
+@lru_cache(maxsize=4)
+def _weight_histogram(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The weight's bin edges (symmetric about 0) and its histogram: the same for every setting."""
+    values = _weight(shape).reshape(-1).numpy()
+    limit = float(np.abs(values).max())
+    edges = np.linspace(-limit, limit, BINS + 1)
+    return edges, np.histogram(values, edges)[0]
+
+
+@lru_cache(maxsize=64)
 def quantization_view(weight_shape: str, bits: int, blocksize: int, double_quant: bool) -> QuantView:
-    """The explorer's data (pure). Defined for chapter 06, section "NF4 from scratch" (the quantization explorer)."""
+    """The explorer's data (pure, so cached: a block size visited again costs nothing). Defined for chapter 06,
+    section "NF4 from scratch" (the quantization explorer)."""
     if weight_shape not in SHAPES:
         raise SurveyError(f"weight '{weight_shape}' is not one of {', '.join(SHAPES)}")
     weight = _weight(SHAPES[weight_shape])
     approx = Q.quantize_dequantize(weight, bits, blocksize, double_quant)
-    values, rebuilt = weight.reshape(-1).numpy(), approx.reshape(-1).numpy()
-    limit = float(np.abs(values).max())
-    edges = np.linspace(-limit, limit, BINS + 1)
+    edges, original = _weight_histogram(SHAPES[weight_shape])
+    # a few distinct values: their histogram, each weighted by how often it occurs (one sort, not two passes)
+    levels, counts = np.unique(approx.reshape(-1).numpy(), return_counts=True)
     dq = double_quant and bits == 4
     label = (f"{'NF4' if bits == 4 else 'int8 absmax'}, block {blocksize}{', double quant' if dq else ''}")
-    return QuantView(edges, np.histogram(values, edges)[0], np.histogram(rebuilt, edges)[0],
-                     int(np.unique(rebuilt).size), Q.reconstruction_error(weight, approx)["relative"],
+    return QuantView(edges, original, np.histogram(levels, edges, weights=counts)[0].astype(original.dtype),
+                     int(levels.size), Q.reconstruction_error(weight, approx)["relative"],
                      Q.bytes_per_weight(bits, blocksize, double_quant), label)
 
 
@@ -91,7 +104,7 @@ class QuantizationExplorer(Explorer):
         self.ax_hist.set_yscale("log")
         self.ax_hist.set_xlabel("value")
         self.ax_hist.set_ylabel("weights per bin")
-        self.ax_hist.legend(fontsize=8, loc="upper right")
+        self.legend = self.ax_hist.legend(fontsize=8, loc="upper right")
         self.bars = self.ax_bars.bar(["relative\nerror (%)", "bytes /\nweight x 10"], [0, 0],
                                      color=["#d95f02", "#7570b3"])
         self.bar_labels = [self.ax_bars.text(i, 0, "", ha="center", va="bottom", fontsize=8) for i in (0, 1)]
@@ -104,8 +117,9 @@ class QuantizationExplorer(Explorer):
         self.hist_original.set_data(view.original, view.edges)
         self.hist_rebuilt.set_data(view.reconstructed, view.edges)
         self.ax_hist.set_xlim(view.edges[0], view.edges[-1])
-        self.ax_hist.set_ylim(0.5, max(view.original.max(), view.reconstructed.max()) * 2)
-        self.ax_hist.set_title(f"{view.label}: {view.levels} distinct values", fontsize=10)
+        # whole decades, not a jitter: the frame stays while the block size moves the reconstruction's counts
+        self.ax_hist.set_ylim(0.5, 10 ** math.ceil(math.log10(max(view.original.max(), view.reconstructed.max()) * 2)))
+        self.ax_hist.set_title(f"{view.label}: {view.levels} distinct values", fontsize=10, y=TITLE_Y)
         heights = [100 * view.relative_error, 10 * view.bytes_per_weight]
         for bar, text, height, shown in zip(self.bars, self.bar_labels, heights,
                                             (f"{100 * view.relative_error:.2f}%", f"{view.bytes_per_weight:.4f} B"),
@@ -113,7 +127,12 @@ class QuantizationExplorer(Explorer):
             bar.set_height(height)
             text.set_position((bar.get_x() + bar.get_width() / 2, height))
             text.set_text(shown)
-        self.ax_bars.set_ylim(0, max(15.0, max(heights) * 1.2))
+        self.ax_bars.set_ylim(0, max(15.0, nice_ceiling(max(heights) * 1.2)))
+
+    def dynamic_artists(self) -> list[Any]:
+        # the legend sits over the histograms: drawn after them, as a full render does
+        return [self.hist_original, self.hist_rebuilt, self.legend, self.ax_hist.title, *self.bars,
+                *self.bar_labels]
 
 
 # --- the QLoRA memory explorer ----------------------------------------------------------------------------
@@ -134,9 +153,11 @@ class QLoRAMemoryView:
     notes: list[str] = field(default_factory=list)
 
 
+@lru_cache(maxsize=256)
 def qlora_memory_view(model: str, base: str, r: int, optimizer: str, gradient_checkpointing: bool,
                       batch_size: int = 1, seq_len: int = 512) -> QLoRAMemoryView:
-    """Memory terms of one QLoRA step for every base storage. Defined for chapter 06, section "QLoRA's memory"."""
+    """Memory terms of one QLoRA step for every base storage (pure, so cached: a rank visited again costs
+    nothing). Defined for chapter 06, section "QLoRA's memory"."""
     from survey_utils.experiments.ch06_quantized import claim_configs, read_claims
     from survey_utils.memory import estimate
 
@@ -181,6 +202,9 @@ class QLoRAMemoryExplorer(Explorer):
         self.ax.set_xlabel("GB (10^9 B) at the peak of one training step (allocated)")
         self.ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncols=4, frameon=False)
 
+    def dynamic_artists(self) -> list[Any]:
+        return [*(bar for bars in self.stacks.values() for bar in bars), self.claim_line, self.ax.title]
+
     def compute(self, model: str, base: str, r: int, optimizer: str, gradient_checkpointing: bool) -> QLoRAMemoryView:
         return qlora_memory_view(model, base, r, optimizer, gradient_checkpointing)
 
@@ -195,6 +219,7 @@ class QLoRAMemoryExplorer(Explorer):
                 bar.set_alpha(1.0 if view.bases[i] == chosen else 0.45)
             left += widths
         self.claim_line.set_xdata([view.claim_gb, view.claim_gb])
-        self.ax.set_xlim(0, max(left.max(), view.claim_gb) * 1.08)
+        # a step of the R10 series, not a jitter: the frame (axes, ticks) stays while the rank moves the stacks
+        self.ax.set_xlim(0, nice_ceiling(max(left.max(), view.claim_gb) * 1.08))
         self.ax.set_title(f"{view.model}: LoRA on every linear layer, base stored in bf16 / int8 / nf4 "
-                          f"(chosen: {chosen})", fontsize=10)
+                          f"(chosen: {chosen})", fontsize=10, y=TITLE_Y)

@@ -30,9 +30,9 @@ from survey_utils.errors import SurveyError
 from survey_utils.memory.closed_form import estimate
 from survey_utils.methods import get_method, list_methods
 from survey_utils.methods.registry import Method
-from survey_utils.plotting import human
+from survey_utils.plotting import human, nice_ceiling, nice_log_bounds
 from survey_utils.units import DTYPE_BYTES
-from survey_utils.widgets.base import Explorer
+from survey_utils.widgets.base import TITLE_Y, Explorer
 from survey_utils.zoo import list_models, load_config
 
 _STYLE = {"description_width": "initial"}
@@ -131,7 +131,7 @@ class TaskScalingExplorer(Explorer):
             ax.set_xlabel("tasks T")
             ax.set_ylabel(label)
         self.ax_peak.set_ylabel("peak memory of a training step (GiB)")
-        self.ax_total.legend(fontsize=7, loc="upper left")
+        self.legend = self.ax_total.legend(fontsize=7, loc="upper left")
 
     def compute(self, model: str, method: str, tasks: int, skills: int, rank: int) -> ScalingView:
         for name, value, top in (("tasks", tasks, self.max_tasks), ("skills", skills, self.controls["skills"].max),
@@ -174,15 +174,21 @@ class TaskScalingExplorer(Explorer):
                          (self.ax_bytes, ("method bytes", "reference bytes"))):
             values = [v for k in keys for v in self.lines[k].get_ydata() if math.isfinite(v) and v > 0]
             ax.set_xlim(0.8, self.max_tasks * 1.25)
-            ax.set_ylim(min(values) / 2, max(values) * 2)
+            # half decades and R10 steps, not a jitter: the frame (axes, ticks) stays while T moves (base.py)
+            ax.set_ylim(*nice_log_bounds(min(values) / 2, max(values) * 2, per_decade=2))
         for bar, key in zip(self.peak_bars, ("method", "reference"), strict=True):
             bar.set_height(view.peak_gib[key])
-        self.ax_peak.set_ylim(0, max(view.peak_gib.values()) * 1.15)
-        self.ax_total.legend(fontsize=7, loc="upper left")
+        self.ax_peak.set_ylim(0, nice_ceiling(max(view.peak_gib.values()) * 1.15))
+        self.legend = self.ax_total.legend(fontsize=7, loc="upper left")
         per_task = view.method_total[1] - view.method_total[0] if len(view.grid) > 1 else math.nan
         step = view.grid[1] - view.grid[0] if len(view.grid) > 1 else 1
         self.ax_total.set_title(f"{view.model}: {view.method} at T={view.tasks}: {human(view.method_total[at])}",
-                                fontsize=9)
+                                fontsize=9, y=TITLE_Y)
         self.ax_bytes.set_title(f"one more task: +{human(per_task / step)} params "
-                                f"({self.reference.name}: +{human(view.reference_total[0])})", fontsize=9)
+                                f"({self.reference.name}: +{human(view.reference_total[0])})", fontsize=9, y=TITLE_Y)
         self.ax_peak.set_title(f"batch {MEMORY['batch_size']}, {MEMORY['seq_len']} tokens, bf16", fontsize=9)
+
+    def dynamic_artists(self) -> list[Any]:
+        # the legend sits over the data area: drawn after the lines, as a full render does
+        return [*self.lines.values(), *self.markers.values(), *self.peak_bars, self.legend, self.ax_total.title,
+                self.ax_bytes.title]

@@ -11,6 +11,7 @@ from survey_utils.experiments import ch09_lab as lab
 from survey_utils.lab import grid
 from survey_utils.lab.models import PRETRAINING
 from survey_utils.widgets.lab import LabExplorer, LiveRun
+from tests.widgets.plot_truth import assert_limits_contain
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.xdist_group("lab")]
 
@@ -26,6 +27,7 @@ def check_lab_explorer(explorer: LabExplorer) -> None:
                       and r["status"] == "ok" and r["method"] in state["methods"])
     plotted = sorted(tuple(p) for c in explorer.ax_tradeoff.collections for p in c.get_offsets())
     assert np.allclose(plotted, expected)
+    assert_limits_contain(explorer.ax_tradeoff, [p[0] for p in plotted], [p[1] for p in plotted], "trade-off dots")
     for line in explorer.ax_scale.get_lines()[:-1]:  # the last is chance
         method = line.get_label()
         rows = [r for r in explorer.results.grid(task=state["task"]) if r["method"] == method]

@@ -134,7 +134,62 @@ def _prompts() -> tuple[PromptLengthExplorer, object, list[int]]:
     return explorer, explorer.controls["num_virtual_tokens"], [21, 22, 20, 400]
 
 
-@pytest.mark.parametrize("make", [_memory, _params, _budget, _prompts], ids=["memory", "params", "budget", "prompts"])
+def _density() -> tuple[object, object, list[int]]:
+    from survey_utils.widgets.density import DensityExplorer
+
+    explorer = DensityExplorer(model="roberta-base", top_k=3)
+    return explorer, explorer.controls["top_k"], [4, 5, 3, 12]
+
+
+def _design_search() -> tuple[object, object, list[float]]:
+    from survey_utils.widgets.design_search import DesignSearchExplorer
+
+    explorer = DesignSearchExplorer(["roberta-base", "tiny-bert"], model="roberta-base")
+    step = 10 ** explorer.controls["trainable"].step
+    return explorer, explorer.controls["trainable"], [step, step**2, 1.0, 10.0]
+
+
+def _quantization() -> tuple[object, object, list[int]]:
+    from survey_utils.widgets.quantization import QuantizationExplorer
+
+    explorer = QuantizationExplorer()
+    return explorer, explorer.controls["blocksize"], [128, 64, 128, 512]
+
+
+def _qlora() -> tuple[object, object, list[int]]:
+    from survey_utils.widgets.quantization import QLoRAMemoryExplorer
+
+    explorer = QLoRAMemoryExplorer(["llama-65b", "llama-2-7b", "tiny-llama"])
+    return explorer, explorer.controls["r"], [65, 66, 64, 256]
+
+
+def _comparison() -> tuple[object, object, list[int]]:
+    explorer = ComparisonExplorer(model="roberta-base")
+    return explorer, explorer.controls["batch_size"], [9, 10, 8, 64]
+
+
+def _task_scaling() -> tuple[object, object, list[int]]:
+    from survey_utils.widgets.task_scaling import TaskScalingExplorer
+
+    explorer = TaskScalingExplorer(model="llama-2-7b", method="mpt")
+    return explorer, explorer.controls["tasks"], [9, 10, 8, 64]
+
+
+def _lab() -> tuple[object, object, list[str]]:
+    from survey_utils.experiments import ch09_lab
+    from survey_utils.widgets.lab import LabExplorer
+
+    explorer = LabExplorer(ch09_lab.load(), task="sentiment")
+    sizes = list(explorer.controls["size"].options)
+    return explorer, explorer.controls["size"], [sizes[-2], sizes[-1], sizes[-2], sizes[0]]
+
+
+REDRAWS = {"memory": _memory, "params": _params, "budget": _budget, "prompts": _prompts, "density": _density,
+           "design_search": _design_search, "quantization": _quantization, "qlora": _qlora,
+           "comparison": _comparison, "task_scaling": _task_scaling, "lab": _lab}
+
+
+@pytest.mark.parametrize("make", list(REDRAWS.values()), ids=list(REDRAWS))
 def test_slider_redraws_reuse_the_frame_and_match_a_full_render(make) -> None:
     explorer, slider, values = make()
     assert check_frame(explorer) is False  # the first render draws the frame
@@ -143,8 +198,10 @@ def test_slider_redraws_reuse_the_frame_and_match_a_full_render(make) -> None:
         slider.value = value
         blits.append(check_frame(explorer))  # a blitted redraw equals a full render, pixel for pixel
     assert sum(blits[:3]) >= 2, f"small moves of the main slider should reuse the frame: {blits}"
-    first = list(explorer.controls)[0]  # the model dropdown: a new frame, still equal to a full render
-    explorer.controls[first].value = "gpt2" if explorer.controls[first].value != "gpt2" else "roberta-base"
+    first = explorer.controls[list(explorer.controls)[0]]  # the model (or task, weight) dropdown: a new frame,
+    options = list(first.options)                          # still equal to a full render
+    first.value = "gpt2" if "gpt2" in options and first.value != "gpt2" else next(o for o in options
+                                                                                  if o not in (first.value, "gpt2"))
     check_frame(explorer)
     slider.value = values[0]
     check_frame(explorer)
