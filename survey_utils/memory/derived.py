@@ -237,8 +237,14 @@ def _run(config: PretrainedConfig, full_shape: Layout, dtype: str, attention: st
     record = _Record({}, {}, {})
     with _quiet(), FakeTensorMode():
         try:
-            with _Scalars():  # some constructors read a scalar of a tensor they made (Gemma-3's embedding scale)
+            # No random init (the values change no saved tensor's size; initialising a vision tower on fake tensors
+            # takes minutes), and a scalar read by a constructor answers 1.
+            from transformers.initialization import no_init_weights
+
+            with _Scalars(), no_init_weights():
                 model = build_model(config, device="cpu", dtype=torch_dtype(dtype)).train()
+                if hasattr(model, "tie_weights"):  # init_weights ties them (T5's encoder and decoder embeddings)
+                    model.tie_weights()
         except Exception as error:  # noqa: BLE001 - a model's constructor fails in many ways
             raise SurveyError(_cannot(config, f"transformers cannot build it on fake tensors: {_first_line(error)}"))
         for param in model.parameters():
