@@ -59,6 +59,16 @@ DEEPSEEK_ATTENTION = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
 MOE = [("mixtral-8x7b", {}, False), ("mixtral-8x7b", {}, True),
        ("deepseek-v3", {"target_modules": DEEPSEEK_ATTENTION}, False)]
 
+ALL_METHODS_ON = [("tiny-llama", 2, 128)]
+# Settings where the methods' defaults do not fit a 4-block model, or where backward stops above block 0.
+EXTRA = [("tiny-llama", "adapterdrop", {"drop_layers": 2}), ("tiny-llama", "llama_adapter", {"adapter_layers": 2}),
+         ("tiny-llama", "lora", {"layers_to_transform": [2, 3]}), ("tiny-gpt2", "pfeiffer", {}),
+         ("tiny-bert", "houlsby", {}), ("tiny-gpt2", "prefix_tuning", {}), ("tiny-gpt2", "prompt_tuning", {})]
+# Frozen bases in bitsandbytes' storage (chapter 06): the simulation holds them as bitsandbytes does.
+QUANTIZED = [("tiny-llama", "qlora", "nf4", 2, 128), ("tiny-llama", "loftq", "nf4", 2, 128),
+             ("tiny-llama", "lora", "nf4", 2, 128), ("tiny-llama", "lora", "int8", 2, 128),
+             ("llama-2-7b", "qlora", "nf4", 1, 512)]
+
 
 def settings_grid() -> list[dict]:
     grid = []

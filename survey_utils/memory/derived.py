@@ -246,7 +246,8 @@ def _run(config: PretrainedConfig, full_shape: Layout, dtype: str, attention: st
                 if hasattr(model, "tie_weights"):  # init_weights ties them (T5's encoder and decoder embeddings)
                     model.tie_weights()
         except Exception as error:  # noqa: BLE001 - a model's constructor fails in many ways
-            raise SurveyError(_cannot(config, f"transformers cannot build it on fake tensors: {_first_line(error)}"))
+            raise SurveyError(_cannot(config, f"transformers cannot build it on fake tensors: {_first_line(error)}")
+                              ) from None
         for param in model.parameters():
             param.requires_grad_(trainable)
         ids = torch.randint(0, max(int(getattr(config, "vocab_size", 2) or 2), 2), (b, s))
