@@ -195,3 +195,16 @@ def test_peft_default_targets_are_read_without_importing_peft() -> None:
               "print(len(peft_default_lora_targets()), 'peft' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(len(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)), "False"]
+
+
+def test_a_full_content_cache_drops_the_identity_cache_with_it(monkeypatch) -> None:
+    """When the content cache is cleared (256 configs in one process), the zoo's identity entries go with it: an equal
+    config then still gets the zoo config's own layout object."""
+    import survey_utils.architecture as architecture
+
+    config = load_config("pythia-1b")
+    layout(config)
+    monkeypatch.setattr(architecture, "_CACHE", dict.fromkeys(map(str, range(256)), None))
+    same = AutoConfig.for_model(**json.loads((MODELS_DIR / "pythia-1b.json").read_text()))
+    same.name_or_path = "pythia-1b"
+    assert layout(same) is layout(config)
