@@ -241,7 +241,7 @@ def _run(config: PretrainedConfig, full_shape: Layout, dtype: str, attention: st
             # takes minutes), and a scalar read by a constructor answers 1.
             from transformers.initialization import no_init_weights
 
-            with _Scalars(), no_init_weights():
+            with _scalars(), no_init_weights():
                 model = build_model(config, device="cpu", dtype=torch_dtype(dtype)).train()
                 if hasattr(model, "tie_weights"):  # init_weights ties them (T5's encoder and decoder embeddings)
                     model.tie_weights()
@@ -271,7 +271,7 @@ def _run(config: PretrainedConfig, full_shape: Layout, dtype: str, attention: st
             return tensor
 
         try:
-            with _Scalars(), _device_kernels(device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with _scalars(), _device_kernels(device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 output = model(**batch)
         except SurveyError:
             raise
@@ -359,25 +359,22 @@ def _device_kernels(device: str) -> Iterator[None]:
         F.scaled_dot_product_attention, F.dropout, F.layer_norm = original_sdpa, original_dropout, original_norm
 
 
-def _scalars_mode() -> type:
+@contextmanager
+def _scalars() -> Iterator[None]:
+    """``.item()`` of a fake tensor answers 1, as :class:`survey_utils.memory.simulation.PeakTracker` answers it:
+    some constructors and forwards read a scalar (a mask's maximum, an embedding scale), which changes no saved
+    tensor's size."""
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Scalars(TorchDispatchMode):
-        """``.item()`` of a fake tensor answers 1 (as in :class:`survey_utils.memory.simulation.PeakTracker`): some
-        forwards read a scalar (a mask's maximum), which changes no saved tensor's size."""
-
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            import torch
-
             if func is torch.ops.aten._local_scalar_dense.default:
                 return 1 if not args[0].dtype.is_floating_point else 1.0
             return func(*args, **(kwargs or {}))
 
-    return Scalars
-
-
-def _Scalars() -> Any:  # noqa: N802 - used like a class
-    return _scalars_mode()()
+    with Scalars():
+        yield
 
 
 class _Tracker:
