@@ -125,6 +125,9 @@ class ComparisonExplorer(Explorer):
         self.ax_pct.set_xlim(low_pct / 2, max(shown_pct) * 6)
         # a step of the R10 series, not a jitter: the frame (axes, ticks) stays while the batch moves the bars
         self.ax_mem.set_xlim(0, nice_ceiling(max(shown_mem) * 1.45))
+
+    def after_frame(self, view: list[ComparisonRow]) -> None:
+        # ~40 rows and their notes: laid out by the browser after the panels' new pixels (base.py)
         self.table.value = _html_table(*table_cells(view), table_notes(view))
 
 

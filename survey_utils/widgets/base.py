@@ -15,7 +15,9 @@ titles); everything else (axes, ticks, grid, axis labels, legends) is the frame,
 dynamic artists hidden and kept as a pixel copy. While the frame's state (:func:`frame_state`: limits,
 scales, fixed tick labels, axis labels, static texts, layout) is unchanged, an update restores that copy and
 draws only the dynamic artists (a blit, ~10x cheaper than rendering every tick label and legend), then sends
-the image at once instead of asking the browser for a draw (``draw_idle`` costs a round trip). Tests compare
+the image at once instead of asking the browser for a draw (``draw_idle`` costs a round trip). The last
+:data:`FRAMES_KEPT` frames are kept, keyed by their state, so a slider moved back and forth across an axis-limit
+step finds both frames rendered. Tests compare
 a blitted frame with a full render, pixel for pixel (``tests/widgets/plot_truth.py``, ``check_frame``). Invalid settings raise ``SurveyError`` in ``compute``;
 the message area shows its one line and the plot keeps its last valid state.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import html
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +45,10 @@ TITLE_Y = 1.0
 """Where a dynamic title sits (axes fraction): fixed, because matplotlib places a title automatically only in a
 full render, and a blitted one must land where the full render puts it (nothing sits above these axes)."""
 
+
+FRAMES_KEPT = 4
+"""Rendered frames an explorer keeps, most recent first: each is a pixel copy of the whole figure (about 3 MB for
+a 10 x 7 in figure at 100 dpi), and four cover a slider nudged both ways across two limit steps."""
 
 WORKER_THREAD = "explorer-worker"
 """The name prefix of the threads explorers start for slow work (a simulation); a frame drawn there is left to
@@ -69,8 +76,7 @@ class Explorer:
         self.blits = 0
         self._needs_layout = True
         self._layout_version = 0
-        self._background: Any = None
-        self._background_key: tuple | None = None
+        self._frames: OrderedDict[tuple, Any] = OrderedDict()  # frame state -> its rendered pixels
         with plt.ioff():
             self.fig: Figure = plt.figure(figsize=figsize, layout="constrained")
         # pyplot redraws an interactive figure on every artist change (each one a message to the browser
@@ -108,6 +114,10 @@ class Explorer:
         """Update the artists created in :meth:`setup` with ``view``."""
         raise NotImplementedError
 
+    def after_frame(self, view: Any) -> None:
+        """Update widgets beside the figure (a table) from ``view``, after the frame has been sent: the browser
+        handles messages in order, so a large HTML update sent first would hold the new pixels back."""
+
     def dynamic_artists(self) -> Sequence[Artist]:
         """The artists :meth:`draw` changes while the frame stays; anything else it changes must show in
         :func:`frame_state` or :meth:`frame_key`. Default: none (every update renders the whole figure)."""
@@ -142,6 +152,7 @@ class Explorer:
         self.fig.set_layout_engine("none")
         self._needs_layout = False
         self._layout_version += 1
+        self._frames.clear()  # drawn at the old positions: their keys can never match again
 
     def update(self) -> None:
         """Recompute and redraw; on a ``SurveyError`` show its line and keep the last valid plot."""
@@ -159,6 +170,7 @@ class Explorer:
             self.relayout()
         self.updates += 1
         self._refresh()
+        self.after_frame(view)
 
     def render_frame(self) -> bool:
         """Render the figure into its (Agg) canvas: the frame from its cached pixels when its state is
@@ -166,9 +178,11 @@ class Explorer:
         canvas = self.fig.canvas
         dynamic = sorted(self.dynamic_artists(), key=lambda a: a.get_zorder())
         key = (self._layout_version, self.frame_key(), frame_state(self.fig, dynamic))
-        blit = self._background is not None and key == self._background_key
+        background = self._frames.get(key)
+        blit = background is not None
         if blit:
-            canvas.restore_region(self._background)
+            self._frames.move_to_end(key)
+            canvas.restore_region(background)
         else:
             shown = [a for a in dynamic if a.get_visible()]
             for artist in shown:
@@ -178,14 +192,19 @@ class Explorer:
             finally:
                 for artist in shown:
                     artist.set_visible(True)
-            self._background = canvas.copy_from_bbox(self.fig.bbox)
-            self._background_key = key
+            self._frames[key] = canvas.copy_from_bbox(self.fig.bbox)
+            while len(self._frames) > FRAMES_KEPT:
+                self._frames.popitem(last=False)
         renderer = canvas.get_renderer()
         for artist in dynamic:
             if artist.get_visible():
                 artist.draw(renderer)
         self.blits += blit
         return blit
+
+    def forget_frames(self) -> None:
+        """Drop the kept frames: the next :meth:`render_frame` renders in full (tests compare the two)."""
+        self._frames.clear()
 
     def _refresh(self) -> None:
         if self._output is None:

@@ -15,13 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import ipywidgets as W
+import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.transforms import offset_copy
 
 from survey_utils.errors import SurveyError
 from survey_utils.experiments.ch09_lab import LabResults, chance, chapter_colors, check_choice
 from survey_utils.lab.models import PRETRAINING, Pretraining
 from survey_utils.lab.tasks import LABEL_TOKENS, TASKS
-from survey_utils.plotting import nice_log_bounds
+from survey_utils.plotting import human, nice_log_bounds
 from survey_utils.widgets.base import TITLE_Y, Explorer
 
 _STYLE = {"description_width": "initial"}
@@ -64,7 +67,12 @@ class LabExplorer(Explorer):
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("trainable parameters (% of the model)")
         self.chance_line = ax.axhline(0.5, color="0.4", ls="--", lw=1)
-        self.points: list[Any] = []  # one scatter per chapter (family), with the methods' names beside the dots
+        # One collection for every shown method's dot (coloured by its chapter) and a pool of name labels, moved in
+        # place: a move of the size slider redraws them over the kept frame (base.py). The legend (the chapters
+        # of the shown methods at any size, and chance) depends on the task and the methods, not on the size:
+        # it sits in the frame, below the axes.
+        self.dots = ax.scatter(np.empty(0), np.empty(0), s=26)
+        self._name_offset = offset_copy(ax.transData, fig=ax.figure, x=3, y=2, units="points")
         self.names: list[Any] = []
         self.legend: Any = None
         self._scale_key: tuple | None = None
@@ -74,43 +82,54 @@ class LabExplorer(Explorer):
         check_choice(size, self.results.sizes, "size")
         if not methods:
             raise SurveyError("no method selected: pick at least one in 'methods shown'")
-        rows = {r["method"]: r for r in self.results.grid(size, task)}
+        task_rows = self.results.grid(task=task)  # one pass over the runs: a move answers in a few ms
+        rows = {r["method"]: r for r in task_rows if r["size"] == size}
         points = [(m, rows[m]["chapter"], float(rows[m]["trainable_pct"]), float(rows[m]["test_accuracy"]))
                   for m in methods if m in rows]
         reasons = {r["method"]: r["status"] for r in self.results.runs if r["size"] == size and r["task"] == task
                    and r["status"] != "ok"}
         missing = [f"{m} ({reasons.get(m, 'not in the grid at this size')})" for m in methods if m not in rows]
-        scale: dict[str, list[tuple[int, float]]] = {}
-        for m in methods:
-            by_size = {r["size"]: float(r["test_accuracy"]) for r in self.results.grid(task=task)
-                       if r["method"] == m}
-            scale[m] = [(self.parameters[s], by_size[s]) for s in self.results.sizes if s in by_size]
+        accuracy = {(r["method"], r["size"]): float(r["test_accuracy"]) for r in task_rows}
+        scale = {m: [(self.parameters[s], accuracy[m, s]) for s in self.results.sizes if (m, s) in accuracy]
+                 for m in methods}
         return LabView(task, size, tuple(methods), points, scale, missing)
 
     def draw(self, view: LabView) -> None:
         ax = self.ax_tradeoff
-        for artist in [*self.points, *self.names]:
-            artist.remove()
-        chapters = list(dict.fromkeys(chapter for _, chapter, _, _ in view.points))
-        self.points = [ax.scatter([p[2] for p in view.points if p[1] == chapter],
-                                  [p[3] for p in view.points if p[1] == chapter], color=self.colors[chapter], s=26,
-                                  label=chapter.replace("_", " ")) for chapter in chapters]
-        self.names = [ax.annotate(method, (pct, accuracy), fontsize=6, xytext=(3, 2), textcoords="offset points")
-                      for method, _, pct, accuracy in view.points]
-        self.chance_line.set_ydata([chance(view.task)] * 2)
-        self.legend = ax.legend([*self.points, self.chance_line],
-                                [*(p.get_label() for p in self.points),
-                                 f"chance (1 in {len(LABEL_TOKENS[view.task])})"], fontsize=6, loc="lower right")
+        self.dots.set_offsets(np.array([(p[2], p[3]) for p in view.points]).reshape(-1, 2))
+        self.dots.set_facecolor([self.colors[chapter] for _, chapter, _, _ in view.points])
+        while len(self.names) < len(view.points):
+            self.names.append(ax.text(0, 0, "", fontsize=6, transform=self._name_offset))
+        for i, text in enumerate(self.names):
+            shown = i < len(view.points)
+            text.set_visible(shown)
+            if shown:
+                method, _, pct, accuracy = view.points[i]
+                text.set_text(method)
+                text.set_position((pct, accuracy))
         # The x axis covers the shown methods at every size (whole half decades): moving the size slider keeps
-        # the frame (axes, ticks) and redraws only the dots, their names, the legend and the title (base.py).
-        every = [float(r["trainable_pct"]) for r in self.results.grid(task=view.task) if r["method"] in view.methods]
+        # the frame (axes, ticks, legend) and redraws only the dots, their names and the title (base.py).
+        task_rows = [r for r in self.results.grid(task=view.task) if r["method"] in view.methods]
+        every = [float(r["trainable_pct"]) for r in task_rows]
         every = [p for p in every if p > 0] or [p[2] for p in view.points if p[2] > 0] or [1.0]
         ax.set_xlim(*nice_log_bounds(min(every) / 1.5, max(every) * 3, per_decade=2))
         ax.set_ylabel(f"{view.task}: test accuracy")
         note = f"; not shown: {', '.join(view.missing)}" if view.missing else ""
         ax.set_title(f"{view.size}, {view.task} (data/lab/runs.csv){note}"[:160], fontsize=8, y=TITLE_Y)
-        if self._scale_key != self.frame_key():  # the right panel does not depend on the size
+        if self._scale_key != self.frame_key():  # the legend and the right panel do not depend on the size
+            self._draw_legend(view, list(dict.fromkeys(r["chapter"] for r in task_rows)))
             self._draw_scale(view)
+
+    def _draw_legend(self, view: LabView, chapters: list[str]) -> None:
+        self.chance_line.set_ydata([chance(view.task)] * 2)
+        handles = [Line2D([], [], marker="o", ls="", ms=5, color=self.colors[c]) for c in chapters]
+        if self.legend is not None:
+            self.legend.remove()
+        self.legend = self.ax_tradeoff.legend(
+            [*handles, self.chance_line], [*(c.replace("_", " ") for c in chapters),
+                                           f"chance (1 in {len(LABEL_TOKENS[view.task])})"],
+            fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncols=4, frameon=False)
+        self._needs_layout = True  # the legend's rows follow the chapters shown: lay the figure out again
 
     def _draw_scale(self, view: LabView) -> None:
         ax = self.ax_scale
@@ -120,18 +139,21 @@ class LabExplorer(Explorer):
                 ax.plot([p[0] for p in points], [p[1] for p in points], "o-", lw=1.2, ms=3, label=method)
         ax.axhline(chance(view.task), color="0.4", ls="--", lw=1)
         ax.set_xscale("log")
+        # one tick per lab size, named: the sizes span about one decade, where a log axis would label its minor
+        # ticks (2x10^5, 3x10^5, ...) on top of each other
+        ax.set_xticks([self.parameters[s] for s in self.results.sizes],
+                      [f"{s}\n{human(self.parameters[s])}" for s in self.results.sizes])
+        ax.minorticks_off()
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("model parameters")
         ax.set_ylabel("test accuracy")
         ax.set_title("the shown methods across sizes", fontsize=8)
-        if len(view.scale) <= 8:
-            ax.legend(fontsize=6, loc="lower right")
+        if len(view.scale) <= 8:  # below the axes, as the left panel's: a legend never covers a line
+            ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.33), ncols=4, frameon=False)
         self._scale_key = self.frame_key()
 
     def dynamic_artists(self) -> list[Any]:
-        # the legend sits over the data area: drawn after the dots, as a full render does
-        return [*self.points, *self.names, *([self.legend] if self.legend is not None else []),
-                self.ax_tradeoff.title]
+        return [self.dots, *self.names, self.ax_tradeoff.title]
 
     def frame_key(self) -> tuple:
         # the chance line and the right panel's lines follow the task and the methods shown, not the size

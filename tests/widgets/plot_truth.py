@@ -36,7 +36,7 @@ def check_frame(explorer: Any) -> bool:
     blitted = explorer.render_frame()
     if blitted:
         fast = np.asarray(canvas.buffer_rgba()).copy()
-        explorer._background = None  # force the full render
+        explorer.forget_frames()  # force the full render
         assert explorer.render_frame() is False
         full = np.asarray(canvas.buffer_rgba())
         changed = np.argwhere((fast != full).any(axis=2))
