@@ -79,7 +79,8 @@ print("x @ W.T with 2 outlier features:", int8_matmul)
 # %% [markdown]
 # The explorer quantizes a real-shaped weight with the settings you choose: the histogram of the
 # reconstruction shows the few values each block can take; the bars give its error and its bytes per
-# weight. A block size that does not divide the tensor is refused in the message line.
+# weight. Its block sizes are those bitsandbytes' kernels accept that divide every weight it offers (a block
+# size that does not divide the tensor cannot be quantized blockwise).
 
 # %%
 QuantizationExplorer()

@@ -1,7 +1,8 @@
 """Chapter 06's explorers: what quantization does to a weight, and what a quantized base saves in a training step.
 
-- :class:`QuantizationExplorer`: bits (4: NF4, 8: absmax int8), block size and double quantization -> the
-  histogram of a real-shaped weight beside its reconstruction's, the relative error and the bytes per weight.
+- :class:`QuantizationExplorer`: bits (4: NF4, 8: absmax int8), block size (:data:`BLOCKSIZES`: those
+  bitsandbytes' kernels accept that divide every weight offered) and double quantization -> the histogram of a
+  real-shaped weight beside its reconstruction's, the relative error and the bytes per weight.
 - :class:`QLoRAMemoryExplorer`: model (the zoo and LLaMA-65B), base storage (bf16, int8, nf4), rank, optimizer
   and gradient checkpointing -> the stacked memory terms of one QLoRA step (chapter 00's memory model), with
   the 48 GB of QLoRA's claim marked.
@@ -30,6 +31,14 @@ SHAPES = {"Qwen2.5-0.5B q_proj (896 x 896)": (896, 896), "Qwen2.5-0.5B MLP up (4
           "tiny-llama MLP down (128 x 344)": (128, 344)}
 """Real models' weight shapes (Gaussian values at the zoo's init std 0.02: no weights are downloaded)."""
 BINS = 80
+BNB_BLOCKSIZES = tuple(2**k for k in range(5, 13))
+"""The block sizes bitsandbytes' blockwise kernels accept, 32 to 4096 (bitsandbytes 0.50, ``_ops.py``: every
+``quantize_4bit``, ``dequantize_4bit`` and ``quantize_blockwise`` checks ``blocksize in (32, 64, ..., 4096)``;
+tests/widgets/test_quantization_widget.py asks bitsandbytes itself)."""
+BLOCKSIZES = tuple(b for b in BNB_BLOCKSIZES if all(rows * cols % b == 0 for rows, cols in SHAPES.values()))
+"""The block sizes the explorer offers: bitsandbytes' that divide every weight of :data:`SHAPES` (a block size
+that does not divide the tensor is refused by :mod:`survey_utils.quantization`), so no choice a reader can make
+is refused, whichever weight is picked."""
 
 
 @dataclass
@@ -84,13 +93,17 @@ class QuantizationExplorer(Explorer):
 
     relayout_on = ()
 
-    def __init__(self, weight_shape: str = next(iter(SHAPES)), bits: int = 4, blocksize: int = 64,
+    def __init__(self, weight_shape: str = next(iter(SHAPES)), bits: int = 4, blocksize: int = Q.NF4_BLOCKSIZE,
                  double_quant: bool = True) -> None:
+        if blocksize not in BLOCKSIZES:  # a Dropdown would raise a TraitError with a traceback
+            raise SurveyError(f"blocksize={blocksize!r} is not one of the explorer's block sizes "
+                              f"({', '.join(map(str, BLOCKSIZES))}: bitsandbytes' that divide every weight offered)")
         controls = {
             "weight_shape": W.Dropdown(options=list(SHAPES), value=weight_shape, description="weight"),
-            "bits": W.Dropdown(options=[4, 8], value=bits, description="bits"),
-            "blocksize": W.IntSlider(value=blocksize, min=16, max=512, step=16, description="block size",
-                                     continuous_update=False),
+            "bits": W.Dropdown(options=list(Q.BITS), value=bits, description="bits"),
+            # Only sizes that every weight accepts: a slider over a range offered sizes the explorer then refused
+            # (80 does not divide 128 x 344). A Dropdown, not a SelectionSlider: tests/fuzz drives Dropdowns.
+            "blocksize": W.Dropdown(options=list(BLOCKSIZES), value=blocksize, description="block size"),
             "double_quant": W.Checkbox(value=double_quant, description="double quantization (4 bits)"),
         }
         super().__init__(controls, figsize=(10, 3.6), title="Quantization explorer")

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 
 from survey_utils import quantization as Q
+from survey_utils.errors import SurveyError
 from survey_utils.experiments.ch06_quantized import claim_configs, read_claims
 from survey_utils.memory import estimate
-from survey_utils.widgets.quantization import SHAPES, QLoRAMemoryExplorer, QuantizationExplorer, _weight
+from survey_utils.widgets.quantization import (
+    BLOCKSIZES,
+    BNB_BLOCKSIZES,
+    SHAPES,
+    QLoRAMemoryExplorer,
+    QuantizationExplorer,
+    _weight,
+)
+from tests.widgets.plot_truth import check_quantization
 
 SHAPE = "tiny-llama MLP down (128 x 344)"
 
@@ -30,9 +41,45 @@ def test_settings_redraw_and_a_bad_block_size_is_one_line() -> None:
     first = explorer.bars[0].get_height()
     explorer.controls["bits"].value = 8
     assert explorer.error is None and explorer.bars[0].get_height() < first / 5
-    explorer.controls["blocksize"].value = 48  # 128 x 344 = 44032 is not a multiple of 48
-    assert explorer.error == "blocksize=48 does not divide the tensor's 44032 elements"
-    assert explorer.bars[0].get_height() < first / 5  # the last valid plot stays
+    state = {**explorer.state, "blocksize": 48}  # 128 x 344 = 44032 is not a multiple of 48: no control offers it
+    with pytest.raises(SurveyError, match="^blocksize=48 does not divide the tensor's 44032 elements$"):
+        explorer.compute(**state)
+    with pytest.raises(SurveyError, match="blocksize=80 is not one of the explorer's block sizes"):
+        QuantizationExplorer(weight_shape=SHAPE, blocksize=80)
+
+
+def test_every_offered_block_size_is_accepted_and_plotted() -> None:
+    """The control offers no size the explorer then refuses (a slider of step 16 reached 80, which does not divide
+    128 x 344): every offered size divides every weight, and each one, picked on the weight with the fewest
+    elements, draws its own title, histograms and bars (read back by plot_truth.check_quantization)."""
+    offered = list(QuantizationExplorer(weight_shape=SHAPE).controls["blocksize"].options)
+    assert offered == list(BLOCKSIZES) and Q.NF4_BLOCKSIZE in offered and len(offered) > 1
+    for rows, cols in SHAPES.values():
+        assert all(rows * cols % size == 0 for size in offered), (rows, cols)
+    explorer = QuantizationExplorer(weight_shape=SHAPE)
+    for bits in Q.BITS:
+        explorer.controls["bits"].value = bits
+        for size in offered:
+            explorer.controls["blocksize"].value = size
+            assert explorer.error is None and explorer.message.value == ""
+            assert f"block {size}" in explorer.ax_hist.get_title()
+            check_quantization(explorer)
+
+
+def test_the_offered_block_sizes_are_the_ones_bitsandbytes_accepts() -> None:
+    """BNB_BLOCKSIZES is bitsandbytes' own rule: it quantizes a tensor in blocks of each, and refuses the powers of
+    two on either side."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    weight = torch.randn(2 * max(BNB_BLOCKSIZES))
+    accepted = []
+    for size in [min(BNB_BLOCKSIZES) // 2, *BNB_BLOCKSIZES, 2 * max(BNB_BLOCKSIZES)]:
+        try:
+            functional.quantize_4bit(weight, blocksize=size, quant_type="nf4")
+        except (RuntimeError, ValueError, AssertionError):
+            continue
+        accepted.append(size)
+    assert accepted == list(BNB_BLOCKSIZES)
+    assert set(BLOCKSIZES) <= set(accepted)
 
 
 def test_qlora_memory_explorer_stacks_the_memory_models_terms() -> None:
