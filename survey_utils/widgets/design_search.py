@@ -15,7 +15,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import ipywidgets as W
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from survey_utils.architecture import total_params
 from survey_utils.errors import SurveyError
@@ -25,6 +27,17 @@ from survey_utils.units import format_bytes
 from survey_utils.widgets.base import TITLE_Y, Explorer
 
 GIB = 2**30
+FRONT_CMAP = "viridis"
+"""The Pareto front's colours: its points' inference overhead."""
+POINTS: dict[str, dict[str, Any]] = {
+    "feasible": {"s": 6, "marker": "o", "facecolors": "0.8", "edgecolors": "0.8"},
+    "Pareto front": {"s": 18, "marker": "o"},  # coloured by FRONT_CMAP
+    "named (defaults)": {"s": 70, "marker": "*", "facecolors": "#d62728", "edgecolors": "#d62728"},
+    "chosen": {"s": 140, "marker": "o", "facecolors": "none", "edgecolors": "black"},
+}
+"""Each kind of point's size (points^2), marker and colours: the scatter and its legend handle read the same."""
+PARTS_XLABEL = "trainable parameters of the\nchosen point, by part"
+"""On two lines: on one it ran past the figure's right edge (the panel is a third of the figure wide)."""
 
 
 @dataclass
@@ -71,16 +84,25 @@ class DesignSearchExplorer(Explorer):
 
     def setup(self, fig: Figure) -> None:
         self.ax, self.ax_parts = fig.subplots(1, 2, width_ratios=(2, 1))
-        self.all_points = self.ax.scatter([], [], s=6, color="0.8", label="feasible")
-        self.front_points = self.ax.scatter([], [], s=18, c=[], cmap="viridis", label="Pareto front")
-        self.named_points = self.ax.scatter([], [], s=70, marker="*", color="#d62728", label="named (defaults)")
-        self.chosen_point = self.ax.scatter([], [], s=140, facecolors="none", edgecolors="black", label="chosen")
+        self.all_points = self.ax.scatter([], [], label="feasible", **POINTS["feasible"])
+        self.front_points = self.ax.scatter([], [], c=[], cmap=FRONT_CMAP, label="Pareto front",
+                                            **POINTS["Pareto front"])
+        self.named_points = self.ax.scatter([], [], label="named (defaults)", **POINTS["named (defaults)"])
+        self.chosen_point = self.ax.scatter([], [], label="chosen", **POINTS["chosen"])
         self.named_labels: list[Any] = []
         self.ax.set_xscale("log")
         self.ax.set_xlabel("trainable parameters")
         self.ax.set_ylabel("peak memory of one training step (GiB)")
-        self.legend = self.ax.legend(fontsize=7, loc="lower right")
-        self.ax_parts.set_xlabel("trainable parameters of the chosen point, by part")
+        # Below the figure, under the left panel: inside the axes (lower right) it covered candidates; "outside"
+        # makes the layout keep room for it under the axis labels. Its handles are markers of their own: the
+        # front's collection starts empty, and a handle taken from it had no colour (an invisible dot).
+        front = colormaps[FRONT_CMAP](0.5)  # the middle of the front's overhead colours
+        handles = [Line2D([], [], linestyle="", marker=style["marker"], markersize=math.sqrt(style["s"]),
+                          markerfacecolor=style.get("facecolors", front),
+                          markeredgecolor=style.get("edgecolors", front), label=label)
+                   for label, style in POINTS.items()]
+        self.legend = fig.legend(handles=handles, fontsize=7, loc="outside lower left", ncols=4, frameon=False)
+        self.ax_parts.set_xlabel(PARTS_XLABEL)
         self._parts_key: tuple | None = None
 
     def compute(self, model: str, trainable: float, memory: float, point: int) -> SearchView:
@@ -133,15 +155,15 @@ class DesignSearchExplorer(Explorer):
         labels = [label for label, _ in view.by_part]
         self.ax_parts.barh(range(len(labels)), [n for _, n in view.by_part], color="#1f77b4")
         self.ax_parts.set_yticks(range(len(labels)), labels, fontsize=8)
-        self.ax_parts.set_xlabel("trainable parameters of the chosen point, by part")
+        self.ax_parts.set_xlabel(PARTS_XLABEL)
         self.ax_parts.set_title(f"{view.chosen.label}\n{format_bytes(view.chosen.peak)} peak, "
                                 f"+{view.chosen.overhead:.2f}% inference FLOPs", fontsize=8)
         self._parts_key = self.frame_key()
 
     def dynamic_artists(self) -> list[Any]:
-        # the legend sits over the data area: drawn after the points, as a full render does
+        # the legend is outside the axes, in the frame: it shows each kind of point, not the points themselves
         return [self.all_points, self.front_points, self.named_points, self.chosen_point, *self.named_labels,
-                self.ax.title, self.legend]
+                self.ax.title]
 
     def frame_key(self) -> tuple:
         # the right panel (the chosen point's parts) is in the frame: its bars' widths are not in frame_state

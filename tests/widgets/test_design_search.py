@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pytest
+from matplotlib.transforms import Bbox
 
 from survey_utils.architecture import total_params
 from survey_utils.experiments.ch05_hybrid import as_method, search
@@ -59,3 +62,37 @@ def test_the_named_stars_are_the_registered_hybrids_at_their_defaults() -> None:
             expected.append(point)
     assert "s4" in NAMED and len(expected) >= 3
     assert np.allclose(np.asarray(explorer.named_points.get_offsets()), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("trainable", "memory"), [(1.0, 1.3), (10.0, 2.0), (10 ** -1.5, 1.05)])
+def test_the_legend_covers_no_point_and_lies_outside_the_axes(trainable: float, memory: float) -> None:
+    """The legend sat inside the axes (lower right) over the feasible candidates: read back in display coordinates,
+    its box must miss the box of every plotted point (candidates, front, stars, the chosen ring), the axes and the x
+    axis' labels, and lie inside the figure."""
+    explorer = DesignSearchExplorer(["roberta-base"], model="roberta-base")
+    try:
+        explorer.controls["trainable"].value = trainable
+        explorer.controls["memory"].value = memory
+        assert explorer.error is None
+        explorer.fig.canvas.draw()
+        renderer = explorer.fig.canvas.get_renderer()
+        legend = explorer.legend.get_window_extent(renderer)
+        collections = (explorer.all_points, explorer.front_points, explorer.named_points, explorer.chosen_point)
+        points = np.vstack([np.asarray(c.get_offsets(), dtype=float).reshape(-1, 2) for c in collections])
+        shown = explorer.ax.transData.transform(points[np.isfinite(points).all(axis=1)])
+        assert len(shown) >= len(explorer.view.result.feasible)
+        data = Bbox.from_extents(*shown.min(axis=0), *shown.max(axis=0))
+        assert not legend.overlaps(data), f"the legend {legend.extents} covers points in {data.extents}"
+        assert not legend.overlaps(explorer.ax.get_window_extent(renderer)), "the legend is inside the axes"
+        for text in (explorer.ax.xaxis.label, *explorer.ax.get_xticklabels()):
+            if text.get_text():
+                assert not legend.overlaps(text.get_window_extent(renderer)), f"the legend covers '{text.get_text()}'"
+        figure = explorer.fig.bbox
+        for text in (explorer.legend, explorer.ax_parts.xaxis.label, explorer.ax_parts.title, explorer.ax.title):
+            box = text.get_window_extent(renderer)  # the parts panel's label ran past the right edge too
+            assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1, \
+                f"{text} spans {box.extents}, outside the figure's {figure.extents}"
+        labels = [t.get_text() for t in explorer.legend.get_texts()]
+        assert labels == [c.get_label() for c in collections], "every kind of point is in the legend"
+    finally:
+        plt.close(explorer.fig)
