@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+
+import matplotlib.pyplot as plt
 import pytest
 
 from survey_utils.counting import closed_form
+from survey_utils.errors import SurveyError
 from survey_utils.memory import estimate
 from survey_utils.widgets.density import MEMORY_SETTING, DensityExplorer
 
@@ -25,7 +29,7 @@ def test_bars_show_the_closed_form_and_the_estimate(explorer: DensityExplorer) -
     assert widths == [pytest.approx(100 * trained / view.total)] * 2
     peak = estimate("roberta-base", "partial", {"top_k": 3, "components": "block"}, **MEMORY_SETTING).total
     assert explorer.byte_bars["method"][1].get_width() == peak
-    lora = closed_form("roberta-base", "lora", r=view.lora_rank).trainable
+    lora = closed_form("roberta-base", "lora", r=view.reference_rank).trainable
     assert explorer.param_bars["LoRA"][0].get_width() == pytest.approx(100 * lora / view.total)
 
 
@@ -82,3 +86,82 @@ def test_diff_pruning_is_small_to_store_and_large_in_memory(explorer: DensityExp
     before = fish.trained["method"]
     explorer.controls["density"].value = 0.05
     assert explorer.view.trained["method"] == pytest.approx(10 * before, rel=0.01)
+
+
+def _inside_figure(explorer: DensityExplorer, text) -> None:
+    """The text, as rendered, lies inside the figure (a title cut at the figure's edge fails)."""
+    box, figure = text.get_window_extent(explorer.fig.canvas.get_renderer()), explorer.fig.bbox
+    assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1, \
+        f"'{text.get_text()}' spans {box.extents} outside the figure's {figure.extents}"
+
+
+def test_both_titles_lie_inside_the_figure_and_apart(explorer: DensityExplorer) -> None:
+    """The bytes panel's title ran 0.4 inch past the figure's right edge (one line, half the figure wide); it now
+    says its setting (MEMORY_SETTING) on two lines. The left title is checked too, at the longest model and
+    selective method names the explorer offers that it accepts."""
+    names = sorted(explorer.controls["model"].options, key=len, reverse=True)
+    methods = sorted(explorer.controls["method"].options, key=len, reverse=True)
+    explorer.controls["method"].value = methods[0]
+    for model in names[:5]:  # the longest name the method accepts
+        explorer.controls["model"].value = model
+        if explorer.error is None:
+            break
+    assert explorer.error is None and explorer.view.model == model
+    explorer.fig.canvas.draw()
+    titles = [explorer.ax_params.title, explorer.ax_bytes.title]
+    for title in titles:
+        _inside_figure(explorer, title)
+    left, right = (t.get_window_extent(explorer.fig.canvas.get_renderer()) for t in titles)
+    assert not left.overlaps(right), "the two titles run into each other"
+    setting = MEMORY_SETTING
+    assert f"batch {setting['batch_size']} x {setting['seq_len']}" in titles[1].get_text()
+    assert all(str(v) in titles[1].get_text() for v in setting.values())
+    explorer.controls["model"].value = "roberta-base"
+
+
+def test_the_reference_is_a_parameter_and_its_bars_are_its_own() -> None:
+    """Another mergeable method with a rank takes LoRA's place: its rank is the one closest to the method's budget,
+    its bars are its closed form, its merged change measured on the model built on meta, and its memory estimate."""
+    from survey_utils.counting import changed_params
+    from survey_utils.methods import get_method
+
+    explorer = DensityExplorer(model="roberta-base", top_k=3, reference="dora")
+    try:
+        view, label = explorer.view, get_method("dora").title
+        assert set(explorer.param_bars) == set(explorer.byte_bars) == {"method", label}
+        per_rank = closed_form("roberta-base", "dora", r=1).trainable
+        assert view.reference_rank == max(1, round(view.trained["method"] / per_rank))
+        rank = view.reference_rank
+        trained = closed_form("roberta-base", "dora", r=rank).trainable
+        changed = changed_params("roberta-base", "dora", (("r", rank),))[0]
+        widths = [bar.get_width() for bar in explorer.param_bars[label]]
+        assert widths == [pytest.approx(100 * trained / view.total), pytest.approx(100 * changed / view.total)]
+        peak = estimate("roberta-base", "dora", {"r": rank}, **MEMORY_SETTING).total
+        assert explorer.byte_bars[label][1].get_width() == peak
+        assert f"vs {label} r={rank}" in explorer.ax_params.get_title()
+        explorer.fig.canvas.draw()  # categorical tick labels are written at draw time
+        assert [t.get_text() for t in explorer.ax_params.get_yticklabels()][2:] == [f"{label}: trained",
+                                                                                  f"{label}: changed"]
+    finally:
+        plt.close(explorer.fig)
+
+
+@pytest.mark.parametrize("reference", ["bitfit", "prompt_tuning"])
+def test_a_reference_without_a_rank_or_a_merge_is_one_line(reference: str) -> None:
+    with pytest.raises(SurveyError, match=f"^reference '{reference}' must be a mergeable method with an integer "
+                                          "rank r") as raised:
+        DensityExplorer(model="roberta-base", reference=reference)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_module_tests_no_method_by_its_name() -> None:
+    """The project's rule: no module tests a method by its name. The only method names written in the density
+    module are the defaults of its parameters (the reference, LoRA, and the method shown first)."""
+    import survey_utils.widgets.density as density
+    from survey_utils.methods import list_methods
+
+    source = inspect.getsource(density)
+    defaults = {density.DEFAULT_REFERENCE, inspect.signature(DensityExplorer).parameters["method"].default}
+    quoted = {m.name: source.count(f'"{m.name}"') + source.count(f"'{m.name}'") for m in list_methods()}
+    assert {name for name, n in quoted.items() if n} == defaults
+    assert all(quoted[name] == 1 for name in defaults), quoted
