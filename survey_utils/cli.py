@@ -118,7 +118,7 @@ def _split_config_settings(settings: Sequence[str]) -> tuple[list[str], dict[str
 
 def _cmd_count(args: argparse.Namespace) -> int:
     from survey_utils.architecture import with_num_labels
-    from survey_utils.counting import count
+    from survey_utils.counting import count, model_name
     from survey_utils.methods import get_method
     from survey_utils.zoo import load_config
 
@@ -134,7 +134,7 @@ def _cmd_count(args: argparse.Namespace) -> int:
         print(json.dumps({"trainable": result.trainable, "total": result.total,
                           "trainable_percent": result.trainable_percent, **active, **result.task_head_dict()}))
     else:
-        print(f"model {args.model}  method {method.name}  ({args.implementation})")
+        print(f"model {model_name(model)}  method {method.name}  ({args.implementation})")
         print(f"trainable  {result.trainable:>18,}")
         print(f"total      {result.total:>18,}")
         print(f"trainable% {result.trainable_percent:>18.4f}")

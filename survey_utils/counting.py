@@ -16,10 +16,12 @@ says that number, and :meth:`ParameterCount.peft_note` why it differs from ours 
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from survey_utils.architecture import (
@@ -306,16 +308,40 @@ def count(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method
     return ParameterCount(trainable, printed - copies, split, **fields)
 
 
+def model_name(model: str | os.PathLike[str] | PretrainedConfig) -> str:
+    """A short name for ``model`` in a printed row or line: a zoo name as given; for a config, or a path to a
+    ``config.json``, its ``_name_or_path`` if set, else its ``model_type``, else the file's name.
+
+    ``str()`` of a transformers config is its whole JSON; and a config the zoo read from a path has that path as its
+    ``name_or_path``, so a name that is a file is read back to what the file says.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        named = str(getattr(model, "name_or_path", "") or "")
+        if not named or not Path(named).is_file():  # a hub id ("meta-llama/Llama-2-7b-hf") is a name, not a path
+            return named or str(getattr(model, "model_type", "") or type(model).__name__)
+        model = named
+    text = str(model)
+    if not (text.endswith(".json") or os.sep in text or Path(text).is_file()):  # zoo.config_path's rule
+        return text  # a zoo name
+    try:
+        raw = json.loads(Path(text).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # count() has already read it, or refused it in one line
+        raw = {}
+    raw = raw if isinstance(raw, dict) else {}
+    return str(raw.get("_name_or_path") or raw.get("model_type") or Path(text).name)
+
+
 def three_way(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method,
               **overrides: Any) -> dict[str, Any]:
     """Trainable parameters by the formula, by counting our built model, and by peft, with ``match``.
 
-    ``peft`` is None for methods peft does not have. Every chapter prints this table.
+    ``peft`` is None for methods peft does not have. ``model`` is the row's :func:`model_name`. Every chapter
+    prints this table.
     """
     method = get_method(method) if isinstance(method, str) else method
     formula = count(model, method, "formula", **overrides)
     scratch = count(model, method, "scratch", **overrides)
-    row: dict[str, Any] = {"model": str(model), "method": method.name, "formula": formula.trainable,
+    row: dict[str, Any] = {"model": model_name(model), "method": method.name, "formula": formula.trainable,
                            "scratch": scratch.trainable, "peft": None, "total": formula.total}
     counts = {formula.trainable, scratch.trainable}
     if method.peft_config is not None:

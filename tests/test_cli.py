@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from survey_utils.cli import main
+from survey_utils.zoo import config_path
 
 REFERENCE = ["count", "--model", "llama-2-7b", "--method", "lora", "--set", "r=8",
              "--set", "target_modules=q_proj,v_proj", "--json"]
@@ -63,6 +64,46 @@ def test_corrupt_config_file_is_one_line(capsys, tmp_path) -> None:
     assert main(["count", "--model", str(bad), "--method", "lora"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: corrupt config file") and err.count("\n") == 1
+
+
+def _config_file(tmp_path, folder: str = "model", **fields) -> str:
+    """The zoo's tiny-llama config with ``fields`` set (a field set to None is left out), as ``folder/config.json``
+    (a new folder for new contents: the zoo caches a config by its path)."""
+    raw = {**json.loads(config_path("tiny-llama").read_text(encoding="utf-8")), **fields}
+    (tmp_path / folder).mkdir()
+    path = tmp_path / folder / "config.json"
+    path.write_text(json.dumps({k: v for k, v in raw.items() if v is not None}), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(("fields", "expected"), [({"_name_or_path": "acme/tiny-llama"}, "acme/tiny-llama"),
+                                                  ({"_name_or_path": None}, "llama"), ({"_name_or_path": ""}, "llama")])
+def test_count_names_a_config_file_by_what_it_says(capsys, tmp_path, fields: dict, expected: str) -> None:
+    """The model's name is the file's _name_or_path, else its model_type: a short name, not a path or JSON."""
+    path = _config_file(tmp_path, **fields)
+    for extra in ([], ["--set", "num_labels=3"]):  # a copy of the config (a task head's outputs), named the same
+        if extra:
+            path = _config_file(tmp_path, "classifier", **fields, architectures=["LlamaForSequenceClassification"])
+        assert main(["count", "--model", path, "--method", "lora", *extra]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == f"model {expected}  method lora  (formula)"
+
+
+def test_three_way_rows_name_a_config_shortly(tmp_path) -> None:
+    """A three_way row printed str(config): transformers' config printed its whole JSON as the model's name."""
+    from survey_utils.counting import format_rows, model_name, three_way
+    from survey_utils.zoo import load_config, to_transformers_config
+
+    path = _config_file(tmp_path, _name_or_path=None)
+    cases = [("tiny-llama", "tiny-llama"), (load_config("tiny-llama"), "tiny-llama"),
+             (to_transformers_config(load_config("tiny-llama")), "tiny-llama"), (path, "llama"),
+             (load_config(path), "llama"), (to_transformers_config(load_config(path)), "llama")]
+    for model, expected in cases:
+        assert model_name(model) == expected, model_name(model)
+    rows = [three_way(model, "lora", r=2) for model, _ in cases[2::3]]
+    assert [row["model"] for row in rows] == ["tiny-llama", "llama"]
+    printed = format_rows(rows).splitlines()
+    assert len(printed) == 4 and all("{" not in line for line in printed)
+    assert printed[2].startswith("tiny-llama ") and printed[3].startswith("llama ")
 
 
 class _no_exit:
