@@ -7,11 +7,15 @@ merged model with the unmerged one. The method maps its parameter names to peft'
 ``Method.peft_param_map``, e.g. ``{"lora_A": "lora_A.default.weight"}``, or, where its modules sit
 elsewhere than peft's (soft prompts), copies peft's values into its own with ``Method.peft_state_sync``.
 A task-head model (``...ForSequenceClassification``) is wrapped with its peft task type (``counting.peft_model``), so
-peft's copy of the head (``modules_to_save``) starts from the same values as ours.
+peft's copy of the head (``modules_to_save``) starts from the same values as ours. A sequence-classification head
+scores each row's last token that is not padding, and transformers refuses a batch of more than one row without a
+``pad_token_id`` to find it: :func:`with_pad_token` gives the check's copy of such a config one (see there why).
 """
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +23,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from survey_utils.counting import apply_method, peft_model
+from survey_utils.architecture import layout
+from survey_utils.counting import apply_method, model_name, peft_model
 from survey_utils.errors import SurveyError
 from survey_utils.methods.common import merge, unmerge
 from survey_utils.methods.registry import Method, get_method
@@ -53,6 +58,26 @@ def example_inputs(config: PretrainedConfig, batch: int = 2, seq_len: int = 12, 
     if getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.randint(0, config.vocab_size, (batch, seq_len // 2), generator=generator)
     return inputs
+
+
+def with_pad_token(config: PretrainedConfig) -> PretrainedConfig:
+    """``config``, or for a sequence-classification head without a ``pad_token_id``, a copy with one: the config's
+    end-of-sequence token (what a tokenizer without a pad token pads with), else its beginning-of-sequence token,
+    else token 0.
+
+    Why a pad token rather than a batch of one: :func:`example_inputs`' two rows are the check's power, a full row
+    beside a left-padded one (prompt methods must extend the attention mask as peft does) and two task ids for
+    multi-task methods; a single row would test neither. Which token pads does not matter here: both models are
+    built from the same copy and read the same inputs, and the head scores each row's last token that is not the pad
+    token (the random ids' last token, but for a 1-in-vocab_size draw).
+    """
+    if layout(config).task_type != "SEQ_CLS" or getattr(config, "pad_token_id", None) is not None:
+        return config
+    candidates = [getattr(config, name, None) for name in ("eos_token_id", "bos_token_id")]
+    ids = [c[0] if isinstance(c, (list, tuple)) and c else c for c in candidates]
+    edited = copy.deepcopy(config)  # the zoo's configs are shared and read-only; the caller's stays as given
+    edited.pad_token_id = next((i for i in ids if isinstance(i, int) and 0 <= i < config.vocab_size), 0)
+    return edited
 
 
 def forward(model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -97,11 +122,12 @@ def copy_into_peft(ours: nn.Module, theirs: nn.Module, method: Method) -> int:
     return copied
 
 
-def parity(model: str, method: str | Method, atol: float = 1e-5,
+def parity(model: str | os.PathLike[str] | PretrainedConfig, method: str | Method, atol: float = 1e-5,
            **overrides: Any) -> ParityReport:
-    """Our method vs peft's on real tensors of a tiny model, with equal adapter values."""
+    """Our method vs peft's on real tensors of a tiny model, with equal adapter values (the report names the model
+    by :func:`~survey_utils.counting.model_name`)."""
     method = get_method(method) if isinstance(method, str) else method
-    config = load_config(model)
+    config = with_pad_token(load_config(model))
     ours = apply_method(build_model(config, device="cpu", seed=0, dtype=torch.float64), method, **overrides)
     theirs = peft_model(build_model(config, device="cpu", seed=0, dtype=torch.float64), method, **overrides)
     if method.peft_state_sync is not None:
@@ -122,4 +148,4 @@ def parity(model: str, method: str | Method, atol: float = 1e-5,
         merged = forward(merge(ours), inputs)
         merged_diff = (reference - merged).abs().max().item()
         unmerge(ours)
-    return ParityReport(model, method.name, copied, diff, merged_diff, atol)
+    return ParityReport(model_name(model), method.name, copied, diff, merged_diff, atol)
