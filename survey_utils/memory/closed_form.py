@@ -29,7 +29,10 @@ its gradients enter the backbone comes from its ``target_modules`` or, for other
 ``Method.gradient_sites`` (the modules its trainable branch joins, or ``"input"``); prefix-like methods set
 ``Method.key_value_positions`` (their virtual positions are keys and values only). Parameters of the base
 model train under methods with ``Method.trains_whole_model``; the adapter dtype applies only to the
-parameters a method adds (as peft's ``autocast_adapter_dtype``).
+parameters a method adds (as peft's ``autocast_adapter_dtype``). A method that searches its numbers without
+gradients (``Method.gradient_free``, LoRAHub) steps by a forward pass under ``no_grad``:
+:math:`M = W + B + \Delta_\text{fwd}`, with :math:`\Delta_\text{fwd}` the logits, their fp32 copy and its
+log-softmax (:math:`(a + 8)\,b\,s\,V`; :math:`2\,a\,b\,s\,V` where the loss takes the model's dtype).
 """
 
 from __future__ import annotations
@@ -225,45 +228,51 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     weights = sum(by_dtype.values())
 
     # Gradients, optimizer states, master weights ---------------------------------------------------
-    held = trainable  # elements holding a gradient and optimizer states
-    if method.mask_kept is not None and method.unfrozen_params is not None:
-        held = head + sum(dict(spec.params)[name] for spec, name in method.unfrozen_params(config, **resolved)
-                          if not spec.tied_to)
-        by_dtype["int64 (mask indices)"] = 8 * own
-        weights += 8 * own
-        assumptions.append(f"gradient mask: {own:,} entries train, but the {held - head:,} elements of the masked "
-                           "tensors hold dense gradients and optimizer states; 8 B per kept index")
-    gradients = held * tb
-    masters = 4 * held if tdtype == "fp16" else 0
-    state_bytes = 4 if tdtype == "fp16" else tb
-    largest = _memo(config, method, "largest", resolved,
-                    lambda: _largest_trainable(shape, method, config, resolved, full, held - head))
-    if head:  # the head's own tensors are trainable too: the optimizer's temporaries may be as big as its largest
-        largest = max(largest, max(dict(m.params)[p] for m, p in shape.task_head_params))
-        assumptions.append(f"task head {', '.join(shape.task_head)} ({shape.task_type}): {head:,} parameters train "
-                           "beside the method (peft's modules_to_save), with their gradients and optimizer states")
-    if optimizer == "adamw8bit" and largest < BNB_MIN_8BIT_SIZE:
-        # Even the biggest trainable tensor is under min_8bit_size: every one keeps fp32 moments, no build needed.
-        optimizer_states, optimizer_transient = 8 * held, 0
-        assumptions.append(f"8-bit AdamW: the biggest trainable tensor has {largest:,} elements, under "
-                           f"{BNB_MIN_8BIT_SIZE}: every tensor keeps fp32 moments (8 B per element)")
-    elif optimizer == "adamw8bit":
-        # bitsandbytes decides 8-bit or 32-bit per tensor: the sizes of the trainable tensors decide the bytes.
-        sizes = trainable_tensor_sizes(config, method, resolved)
-        optimizer_states, optimizer_transient = adamw8bit_state_bytes(sizes), 0
-        small = sum(n for n in sizes if n < BNB_MIN_8BIT_SIZE)
-        assumptions.append(f"8-bit AdamW: {len(sizes)} trainable tensors (sizes from a meta-device build of the "
-                           f"method); {small:,} of their {sum(sizes):,} elements sit in tensors under "
-                           f"{BNB_MIN_8BIT_SIZE} elements and keep fp32 moments")
+    if method.gradient_free:
+        # a search step is forward passes under no_grad: nothing holds a gradient, the optimizer never steps
+        gradients = masters = optimizer_states = optimizer_transient = 0
+        assumptions.append(f"{method.name} searches its {trainable:,} numbers without gradients: a step is a forward "
+                           "pass and its loss under torch.no_grad(), with no gradients and no optimizer states")
     else:
-        optimizer_states, optimizer_transient = _optimizer(optimizer, held, state_bytes, largest, shape, full)
-    if masters:
-        assumptions.append("fp16 trainable parameters: fp32 master copies (4 B/param) are updated by the "
-                           "optimizer, whose states are fp32 too (mixed precision with loss scaling)")
-    elif tdtype == "bf16":
-        assumptions.append("bf16 trainable parameters without fp32 master copies (pure bf16 training); "
-                           "optimizer states in the parameters' dtype, as torch creates them")
-    assumptions.append(_OPTIMIZER_NOTES[optimizer])
+        held = trainable  # elements holding a gradient and optimizer states
+        if method.mask_kept is not None and method.unfrozen_params is not None:
+            held = head + sum(dict(spec.params)[name] for spec, name in method.unfrozen_params(config, **resolved)
+                              if not spec.tied_to)
+            by_dtype["int64 (mask indices)"] = 8 * own
+            weights += 8 * own
+            assumptions.append(f"gradient mask: {own:,} entries train, but the {held - head:,} elements of the masked "
+                               "tensors hold dense gradients and optimizer states; 8 B per kept index")
+        gradients = held * tb
+        masters = 4 * held if tdtype == "fp16" else 0
+        state_bytes = 4 if tdtype == "fp16" else tb
+        largest = _memo(config, method, "largest", resolved,
+                        lambda: _largest_trainable(shape, method, config, resolved, full, held - head))
+        if head:  # the head's own tensors are trainable too: the optimizer's temporaries may be as big as its largest
+            largest = max(largest, max(dict(m.params)[p] for m, p in shape.task_head_params))
+            assumptions.append(f"task head {', '.join(shape.task_head)} ({shape.task_type}): {head:,} parameters train "
+                               "beside the method (peft's modules_to_save), with their gradients and optimizer states")
+        if optimizer == "adamw8bit" and largest < BNB_MIN_8BIT_SIZE:
+            # Even the biggest trainable tensor is under min_8bit_size: every one keeps fp32 moments, no build needed.
+            optimizer_states, optimizer_transient = 8 * held, 0
+            assumptions.append(f"8-bit AdamW: the biggest trainable tensor has {largest:,} elements, under "
+                               f"{BNB_MIN_8BIT_SIZE}: every tensor keeps fp32 moments (8 B per element)")
+        elif optimizer == "adamw8bit":
+            # bitsandbytes decides 8-bit or 32-bit per tensor: the sizes of the trainable tensors decide the bytes.
+            sizes = trainable_tensor_sizes(config, method, resolved)
+            optimizer_states, optimizer_transient = adamw8bit_state_bytes(sizes), 0
+            small = sum(n for n in sizes if n < BNB_MIN_8BIT_SIZE)
+            assumptions.append(f"8-bit AdamW: {len(sizes)} trainable tensors (sizes from a meta-device build of the "
+                               f"method); {small:,} of their {sum(sizes):,} elements sit in tensors under "
+                               f"{BNB_MIN_8BIT_SIZE} elements and keep fp32 moments")
+        else:
+            optimizer_states, optimizer_transient = _optimizer(optimizer, held, state_bytes, largest, shape, full)
+        if masters:
+            assumptions.append("fp16 trainable parameters: fp32 master copies (4 B/param) are updated by the "
+                               "optimizer, whose states are fp32 too (mixed precision with loss scaling)")
+        elif tdtype == "bf16":
+            assumptions.append("bf16 trainable parameters without fp32 master copies (pure bf16 training); "
+                               "optimizer states in the parameters' dtype, as torch creates them")
+        assumptions.append(_OPTIMIZER_NOTES[optimizer])
 
     # Activations -----------------------------------------------------------------------------------
     extra = method.extra_positions(config, **resolved) if method.extra_positions else 0
@@ -282,18 +291,25 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     assumptions.append("model in train mode: dropout is active wherever the config sets a probability "
                        "(as in the simulation and in training)")
     ctx = Ctx(config, shape, batch_size, s, seq_len + extra, a, attention, device, full)
-    if method.backprop_through_backbone:
+    if method.gradient_free and gradient_checkpointing:
+        gradient_checkpointing = False  # it acts in backward only: a forward under no_grad saves nothing to drop
+        assumptions.append("gradient checkpointing changes nothing: the step has no backward pass")
+    if method.backprop_through_backbone and not method.gradient_free:
         start = _memo(config, method, "start", resolved, lambda: trainable_start(method, config, resolved))
         saved = saved_activations(ctx, start)
         if not full and (start.block > 0 or start.stage > INPUT):
             assumptions.append(f"gradients start at block {start.block} ({_stage_name(start.stage)}): the blocks "
                                "below save nothing for backward, and that block only what follows it")
+    elif method.gradient_free:
+        saved = Activations({}, 0, 0, 0)
+        assumptions.append("no backward pass: the forward saves nothing, and each block's tensors are freed as it "
+                           "ends; the loss's transients below are the forward's largest")
     else:
         saved = Activations({}, 0, 0, 0)
         assumptions.append("the method does not back-propagate through the backbone: the backbone saves nothing")
     assumptions.extend(ctx.notes)
     terms = saved.terms
-    method_terms = _method_terms(method, config, batch_size, s, a, tb, resolved)
+    method_terms = {} if method.gradient_free else _method_terms(method, config, batch_size, s, a, tb, resolved)
     recomputed = 0
     if gradient_checkpointing:
         # Each checkpointed block keeps its input (the previous block's output); in backward one block's
@@ -321,6 +337,14 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
         loss_transient = 12 * vocab_positions * width
         assumptions.append(f"{shape.task_type} head: logits {width} wide, at most 12 B x batch x positions x {width} "
                            "for the loss's transients")
+    elif method.gradient_free and shape.family in LOSS_IN_MODEL_DTYPE:
+        loss_transient = 2 * a * vocab_positions * shape.vocab_size
+        assumptions.append(f"{config.model_type}: no backward pass; at the loss the logits and their log-softmax, in "
+                           f"the model's dtype, are alive together: 2 x {a} B x batch x positions x vocab")
+    elif method.gradient_free:
+        loss_transient = (a + 8) * vocab_positions * shape.vocab_size
+        assumptions.append(f"no backward pass; at the loss the logits ({a} B), their fp32 copy and its fp32 "
+                           f"log-softmax are alive together: {a + 8} B x batch x positions x vocab")
     elif shape.family in LOSS_IN_MODEL_DTYPE:
         loss_transient = 3 * a * vocab_positions * shape.vocab_size
         assumptions.append(f"{config.model_type}: CrossEntropyLoss on logits in the model's dtype; at the start of "
@@ -339,7 +363,7 @@ def estimate(model_or_config: str | PretrainedConfig, method: str | Method,
     backward_peak = _backward_peak(activations, recomputed, loss_transient)
     step_peak = gradients + optimizer_transient
     total = fixed + max(backward_peak, step_peak)
-    phase = "backward" if backward_peak >= step_peak else "optimizer step"
+    phase = "forward" if method.gradient_free else "backward" if backward_peak >= step_peak else "optimizer step"
     assumptions.append(f"the peak is reached at the {phase} (steady state: optimizer states already exist)")
     assumptions.append("total: allocated bytes only; `reserved` adds the caching allocator's reserve (below), the "
                        "CUDA context is kept apart")

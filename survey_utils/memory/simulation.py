@@ -236,9 +236,16 @@ class TrainingStep:
     batch: dict[str, torch.Tensor]
     masters: list[tuple[nn.Parameter, nn.Parameter]]
     gradient_checkpointing: bool
+    gradient_free: bool = False
 
     def run(self) -> None:
-        """Forward, backward, (mixed precision: copy grads to fp32 masters), optimizer step, zero grads."""
+        """Forward, backward, (mixed precision: copy grads to fp32 masters), optimizer step, zero grads; for a
+        :attr:`Method.gradient_free` method, one forward pass and its loss under ``torch.no_grad()``."""
+        if self.gradient_free:
+            with torch.no_grad():
+                loss = self.model(**self.batch).loss
+            del loss
+            return
         loss = self.model(**self.batch).loss  # outputs (logits) are dropped before backward, as in Trainer
         loss.backward()
         del loss
@@ -290,7 +297,7 @@ def build_step(config: PretrainedConfig, method: Method, hp: dict[str, Any], bat
     else:
         opt = make_optimizer(optimizer, trainable)
     return TrainingStep(model, opt, make_batch(config, batch_size, seq_len, device), masters,
-                        gradient_checkpointing)
+                        gradient_checkpointing, method.gradient_free)
 
 
 def make_batch(config: PretrainedConfig, batch_size: int, seq_len: int, device: str) -> dict[str, torch.Tensor]:

@@ -445,7 +445,7 @@ def lorahub_frozen_params(config: PretrainedConfig, r: int, num_sources: int, **
 
 register(Method(
     name="lorahub", title="LoRAHub (gradient-free LoRA composition)",
-    composes_trained_sources=True,
+    composes_trained_sources=True, gradient_free=True,
     paper="Huang et al. 2023, LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition (COLM 2024)",
     arxiv_id="2307.13269", taxonomy=MULTI_TASK, chapter=CHAPTER,
     hyperparams=(HyperParam("r", "int", 8, "rank of each composed LoRA module (peft's LoRA default)", minimum=1),

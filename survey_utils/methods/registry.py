@@ -253,6 +253,10 @@ class Method:
     """The forward needs ``task_ids`` (an int64 tensor with one task index per example, passed by keyword to the
     model's forward, as peft's MPT and Polytropon take it); an index outside ``range(hp[tasks_hp])`` is a one-line
     :class:`SurveyError`. Output parity passes them."""
+    gradient_free: bool = False
+    """The method's numbers are searched without gradients (LoRAHub's evolution strategy): a step of its training
+    is a forward pass and a loss under ``torch.no_grad()``. The memory model and the simulation then count no
+    saved activations, no gradients and no optimizer states, only the forward's largest transient."""
     composes_trained_sources: bool = False
     """The method combines modules trained beforehand on other tasks and frozen (AdapterFusion's adapters,
     LoRAHub's LoRAs); what it trains alone, over freshly initialised sources, is not the method. Chapter 09's lab,
