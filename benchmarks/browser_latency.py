@@ -6,14 +6,21 @@ slider (the one named in ``MAIN_SLIDER``, else the first enabled slider with an 
 moves it ``--moves`` times by keyboard (ArrowRight, ArrowLeft, ...; sliders with ``continuous_update=False``
 send the value on the key). Each move is timed in the page: from the keydown to the first animation frame
 whose figure canvas pixels differ from before (a hash of the canvas, polled with ``requestAnimationFrame``),
-then it waits for the figure to settle before the next move.
+then it waits for the figure to settle before the next move. The moves alternate, as a reader nudging a value
+does; an explorer keeps its last four frames (``widgets/base.py``), so after the first two moves a nudge across an
+axis-limit step reuses a kept frame (``benchmarks/explorer_redraw.py`` also times a sweep across the range).
+
+Before the chapters (or when asked with ``floor``) it measures the pipeline's floor: a one-line explorer on the
+same base class, figure size and blit path, whose redraw costs almost nothing in the kernel; the time it takes is
+the round trip through JupyterLab (comm messages, PNG diff, canvas paint) that every chapter pays too.
 
 Prints p50 and p95 per chapter and ends with one line ``slider-to-pixels p95 <N> ms`` (the worst chapter).
 Goal (issue 19): p95 under 150 ms for the closed-form explorers. The machine's load changes the numbers: the
 first line says how loaded it was.
 
-    python benchmarks/browser_latency.py            # every chapter
+    python benchmarks/browser_latency.py            # the floor, then every chapter
     python benchmarks/browser_latency.py 00 04 --moves 20
+    python benchmarks/browser_latency.py floor      # the pipeline alone (see FLOOR)
     PYTHONPATH=/tmp/before python benchmarks/browser_latency.py 00   # the kernels import another survey_utils
 """
 
@@ -46,6 +53,36 @@ from tests.browser.test_chapters_in_browser import _KERNEL_READY, _wait_idle, _w
 MAIN_SLIDER = {"00": "seq len", "01": "bottleneck_size", "02": "r", "03": "top_k", "04": "r", "05": "params %",
                "06": "rank r", "07": "batch", "08": "tasks T", "09": "model size"}
 SETTLE_S = 0.4
+FLOOR = "floor"
+# The pipeline's floor: an explorer (the same base class, blit path and figure size as the chapters) whose slider
+# moves one line and nothing else, so what it measures is the message to the kernel, the callback machinery, the
+# PNG diff, the message back and the canvas paint: no chapter can redraw faster than this on the same machine.
+FLOOR_NOTEBOOK = """# %%
+# %matplotlib widget
+import ipywidgets as W
+import numpy as np
+
+from survey_utils.widgets.base import Explorer
+
+
+class Floor(Explorer):
+    def setup(self, fig):
+        self.ax = fig.subplots()
+        (self.line,) = self.ax.plot(np.arange(50), np.zeros(50))
+        self.ax.set_ylim(0, 51)
+
+    def compute(self, k):
+        return k
+
+    def draw(self, k):
+        self.line.set_ydata(np.full(50, k))
+
+    def dynamic_artists(self):
+        return [self.line]
+
+
+Floor({"k": W.IntSlider(value=10, min=0, max=50, description="k", continuous_update=False)})
+"""
 TIMEOUT_MS = 15_000
 
 _MARK = """([wanted]) => {
@@ -140,17 +177,21 @@ def measure_chapter(browser, server, chapter: Path, moves: int) -> tuple[str, li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("chapters", nargs="*", help="chapter numbers (default: all)")
+    parser.add_argument("chapters", nargs="*", help=f"chapter numbers (default: all), or '{FLOOR}'")
     parser.add_argument("--moves", type=int, default=20)
     args = parser.parse_args(argv)
     chapters = [p for p in chapter_paths() if not args.chapters or p.stem[:2] in args.chapters]
+    if FLOOR in args.chapters or not args.chapters:
+        chapters.insert(0, Path(FLOOR + ".py"))
     from playwright.sync_api import sync_playwright
 
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; {args.moves} moves per chapter; "
           f"kernels' PYTHONPATH={os.environ.get('PYTHONPATH', '(unset: this checkout)')}")
     worst = 0.0
+    floor: tuple[float, float] | None = None
     with tempfile.TemporaryDirectory(prefix="browser-latency-") as tmp, sync_playwright() as manager:
         server = start_lab_server(Path(tmp))
+        (server.root / "notebooks" / f"{FLOOR}.py").write_text(FLOOR_NOTEBOOK, encoding="utf-8")
         try:
             browser = manager.chromium.launch(executable_path=chromium_executable(), args=CHROMIUM_ARGS)
             for chapter in chapters:
@@ -159,14 +200,20 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{chapter.stem:<32} {label}: no redraw measured")
                     continue
                 p50, p95 = statistics.median(values), _percentile(values, 0.95)
-                worst = max(worst, p95)
+                if chapter.stem == FLOOR:
+                    floor = (p50, p95)
+                else:
+                    worst = max(worst, p95)
                 print(f"{chapter.stem:<32} slider '{label}': n={len(values)} p50 {p50:.0f} ms  p95 {p95:.0f} ms  "
                       f"max {max(values):.0f} ms", flush=True)
             browser.close()
         finally:
             _stop(server.process)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"slider-to-pixels p95 {worst:.0f} ms")
+    if floor is not None:
+        print(f"pipeline floor (a one-line explorer): p50 {floor[0]:.0f} ms  p95 {floor[1]:.0f} ms")
+    if worst:
+        print(f"slider-to-pixels p95 {worst:.0f} ms")
     return 0
 
 
