@@ -49,13 +49,24 @@ class ParityReport:
 
 
 def example_inputs(config: PretrainedConfig, batch: int = 2, seq_len: int = 12, seed: int = 0) -> dict[str, Any]:
-    """Random token ids (and decoder ids for encoder-decoder models) for a forward pass."""
+    """Random token ids (and decoder ids for encoder-decoder models) for a forward pass.
+
+    An encoder-decoder sequence classifier (T5's, BART's) builds its decoder ids itself, by shifting the input ids
+    right, and scores each row's decoder state at its last end-of-sequence token, refusing rows with different
+    numbers of them: its rows get one end-of-sequence token each, at the end, and no decoder ids.
+    """
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator)
     mask = torch.ones_like(ids)
     mask[-1, : seq_len // 4] = 0  # a left-padded row: prompt methods must extend the mask as peft does
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-    if getattr(config, "is_encoder_decoder", False):
+    if not getattr(config, "is_encoder_decoder", False):
+        return inputs
+    eos = getattr(config, "eos_token_id", None)
+    if layout(config).task_type == "SEQ_CLS" and isinstance(eos, int):
+        ids[ids == eos] = (eos + 1) % config.vocab_size
+        ids[:, -1] = eos
+    else:
         inputs["decoder_input_ids"] = torch.randint(0, config.vocab_size, (batch, seq_len // 2), generator=generator)
     return inputs
 

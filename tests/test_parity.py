@@ -1,5 +1,6 @@
-"""Output parity on task-head layouts: a sequence classifier whose config has no pad token (transformers refuses a
-batch of more than one row without one) is checked on a copy that has one, with both example rows."""
+"""Output parity on sequence-classification layouts: a classifier whose config has no pad token (transformers refuses
+a batch of more than one row without one) is checked on a copy that has one, with both example rows; an
+encoder-decoder classifier gets rows that end in its end-of-sequence token."""
 
 from __future__ import annotations
 
@@ -37,13 +38,22 @@ def test_transformers_refuses_two_rows_without_a_pad_token(tmp_path: Path) -> No
         model(**inputs)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "ia3"])
-def test_parity_passes_on_a_classifier_without_a_pad_token(tmp_path: Path, method: str) -> None:
-    config = load_config(classifier_config(tmp_path))
+@pytest.mark.parametrize(("name", "architecture", "method"), [
+    ("tiny-llama", "LlamaForSequenceClassification", "lora"),
+    ("tiny-llama", "LlamaForSequenceClassification", "prompt_tuning"),
+    ("tiny-llama", "LlamaForSequenceClassification", "ia3"),
+    ("tiny-gpt2", "GPT2ForSequenceClassification", "lora"),
+    # scores each row's last end-of-sequence token and builds its decoder ids itself (example_inputs' docstring)
+    ("tiny-t5", "T5ForSequenceClassification", "lora"),
+])
+def test_parity_passes_on_a_classifier_without_a_pad_token(tmp_path: Path, name: str, architecture: str,
+                                                           method: str) -> None:
+    config = load_config(classifier_config(tmp_path, name, architecture))
+    pad = getattr(config, "pad_token_id", None)  # None but for T5, whose config class pads with 0
     report = parity(config, method)
     assert report.ok, report
     assert report.model == config.model_type  # a short name, not the config's JSON
-    assert getattr(config, "pad_token_id", None) is None, "the caller's config is left as it was"
+    assert getattr(config, "pad_token_id", None) == pad, "the caller's config is left as it was"
 
 
 def test_three_way_counts_a_classifier_without_a_pad_token(tmp_path: Path) -> None:
