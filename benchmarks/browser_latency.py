@@ -47,9 +47,8 @@ from tests.browser.conftest import (  # noqa: E402  (the repository root is put 
 from tests.browser.test_chapters_in_browser import _KERNEL_READY, _wait_idle, _wait_until_run  # noqa: E402
 
 # The slider a reader moves first in each chapter's main explorer (its label); the first slider with a figure
-# otherwise. Chapter 06's first slider, the quantization explorer's block size (step 16 from 64), cannot be measured
-# by arrow keys: 80 does not divide the weight, so the move is refused in the message line and the plot keeps its
-# pixels, and the move back restores the same image; its closed-form explorer is the QLoRA memory one (rank r).
+# otherwise. Chapter 06's quantization explorer chooses its block size in a dropdown: its slider is the QLoRA
+# memory explorer's rank r.
 MAIN_SLIDER = {"00": "seq len", "01": "bottleneck_size", "02": "r", "03": "top_k", "04": "r", "05": "params %",
                "06": "rank r", "07": "batch", "08": "tasks T", "09": "model size"}
 SETTLE_S = 0.4

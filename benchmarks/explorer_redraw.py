@@ -77,8 +77,8 @@ def _explorers() -> dict[str, Callable[[], tuple[object, object, list[int]]]]:
         from survey_utils.widgets.quantization import QuantizationExplorer
 
         e = QuantizationExplorer()
-        e.controls["blocksize"].step = 64  # every value divides the weight (step 16 reaches 80, which is refused)
-        return e, e.controls["blocksize"], [64, 128, 256, 512, 448, 384, 320, 256, 192, 128, 64]
+        sizes = list(e.controls["blocksize"].options)  # a dropdown of the sizes every weight accepts
+        return e, e.controls["blocksize"], [*sizes, *reversed(sizes)]
 
     def qlora():
         from survey_utils.widgets.quantization import QLoRAMemoryExplorer
@@ -139,7 +139,7 @@ def _nudges(slider: object, moves: int) -> list[object]:
     import ipywidgets as W
 
     start = slider.value
-    if isinstance(slider, W.SelectionSlider):
+    if isinstance(slider, W.SelectionSlider | W.Dropdown):
         options = list(slider.options)
         i = options.index(start)
         up = options[i + 1] if i + 1 < len(options) else options[i - 1]
