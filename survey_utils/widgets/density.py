@@ -53,6 +53,7 @@ class DensityView:
     total: int
     reference_rank: int
     reference_targets: str = ""  # the reference's target modules' names, as the title shows them
+    reference_note: str = ""  # a second title line when the matched rank exceeds the adapted layers' width
     trained: dict[str, int] = field(default_factory=dict)  # "method" or the reference's label -> parameters trained
     changed: dict[str, int] = field(default_factory=dict)
     stored: dict[str, tuple[str, int]] = field(default_factory=dict)  # -> (format, bytes)
@@ -93,11 +94,6 @@ def reference_specs(config: Any, reference: Method, targets: Sequence[str] | Non
 def merged_changed(config: Any, reference: Method, targets: Sequence[str] | None = None, r: int | None = None) -> int:
     """Parameters the merged reference changes: every element of each target weight (``d_in x d_out``)."""
     return sum(s.in_features * s.out_features for s in reference_specs(config, reference, targets, r))
-
-
-def lora_changed(config: Any, targets: Sequence[str] | None = None) -> int:
-    """:func:`merged_changed` for the default reference; kept because tests/widgets/plot_truth.py imports it."""
-    return merged_changed(config, reference_method(), targets)
 
 
 def reference_rank_for(config: Any, reference: Method, budget: int) -> int:
@@ -185,7 +181,10 @@ class DensityExplorer(Explorer):
         rank = reference_rank_for(config, reference, count.trainable)
         specs = reference_specs(config, reference, r=rank)
         targets = ", ".join(dict.fromkeys(s.name.rsplit(".", 1)[-1] for s in specs))
+        width = min(min(s.in_features, s.out_features) for s in specs)
         view = DensityView(model, method, count.total, rank, targets)
+        if rank > width:  # B A is then a full-rank matrix: a bigger rank buys nothing a merge could show
+            view.reference_note = f"r = {rank} is above the layers' width {width}: the update is full rank"
         view.trained = {"method": count.trainable, ref: closed_form(config, reference, r=rank).trainable}
         key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in hp.items()))
         changed = changed_params(model, method, key)[0]
@@ -220,7 +219,8 @@ class DensityExplorer(Explorer):
         sizes = [v for d in (view.peak,) for v in d.values()] + [s for _, s in view.stored.values()]
         self.ax_bytes.set_xlim(*nice_log_bounds(min(sizes) / 3, max(sizes) * 60, per_decade=1))
         self.ax_params.set_title(f"{view.method} on {view.model} vs {self.reference_label} r={view.reference_rank} "
-                                 f"({view.reference_targets})", fontsize=10, y=TITLE_Y)
+                                 f"({view.reference_targets})" + (f"\n{view.reference_note}" if view.reference_note
+                                                                  else ""), fontsize=10, y=TITLE_Y)
 
     def dynamic_artists(self) -> list[Any]:
         bars = [b for group in (self.param_bars, self.byte_bars) for bars in group.values() for b in bars]

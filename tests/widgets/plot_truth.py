@@ -269,35 +269,37 @@ def check_density(explorer: Any) -> None:
         return
     from survey_utils.counting import changed_params
     from survey_utils.experiments.ch03_selective import storage_formats, touched_params
-    from survey_utils.widgets.density import MEMORY_SETTING, lora_changed
+    from survey_utils.widgets.density import MEMORY_SETTING, merged_changed
 
     state = explorer.state
     config = load_config(state["model"])
     method = get_method(state["method"])
+    reference, label = explorer.reference, explorer.reference_label
     hp = explorer.hyperparameters(config, **{k: v for k, v in state.items() if k != "model"})
     count = closed_form(config, method, **hp)
-    per_rank = closed_form(config, "lora", r=1).trainable
-    rank = max(1, round(count.trainable / per_rank))  # LoRA at the rank closest to the method's budget
-    lora = closed_form(config, "lora", r=rank)
+    per_rank = closed_form(config, reference, r=1).trainable
+    rank = max(1, round(count.trainable / per_rank))  # the reference at the rank closest to the method's budget
+    matched = closed_form(config, reference, r=rank)
     key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in hp.items()))
-    changed = {"method": changed_params(state["model"], method.name, key)[0], "LoRA": lora_changed(config)}
-    trained = {"method": count.trainable, "LoRA": lora.trainable}
+    changed = {"method": changed_params(state["model"], method.name, key)[0],
+               label: merged_changed(config, reference, r=rank)}
+    trained = {"method": count.trainable, label: matched.trainable}
     widths = []
     for who, bars in explorer.param_bars.items():
         expected = [100 * trained[who] / count.total, 100 * changed[who] / count.total]
         _close([b.get_width() for b in bars], expected, f"{who}: trained, changed (% of the model)")
         widths += expected
     assert_limits_contain(explorer.ax_params, xs=widths, what="parameter bars")
-    touched = {"method": touched_params(config, method, changed["method"], **hp), "LoRA": changed["LoRA"]}
+    touched = {"method": touched_params(config, method, changed["method"], **hp), label: changed[label]}
     sizes = []
     for who, name, settings, adds in (("method", method.name, hp, method.adds_parameters),
-                                      ("LoRA", "lora", {"r": rank}, True)):
+                                      (label, reference.name, {"r": rank}, True)):
         stored = min(storage_formats(trained[who], changed[who], count.total, adds, touched=touched[who]).values())
         peak = estimate(config, name, settings, **MEMORY_SETTING).total
         _close([b.get_width() for b in explorer.byte_bars[who]], [stored, peak], f"{who}: stored, peak (bytes)")
         sizes += [stored, peak]
     assert_limits_contain(explorer.ax_bytes, xs=sizes, what="byte bars")
-    assert f"LoRA r={rank}" in explorer.ax_params.get_title()
+    assert f"{label} r={rank}" in explorer.ax_params.get_title()
 
 
 # --- chapter 05: the design-search explorer -----------------------------------------------------------------

@@ -165,3 +165,20 @@ def test_the_module_tests_no_method_by_its_name() -> None:
     quoted = {m.name: source.count(f'"{m.name}"') + source.count(f"'{m.name}'") for m in list_methods()}
     assert {name for name, n in quoted.items() if n} == defaults
     assert all(quoted[name] == 1 for name in defaults), quoted
+
+
+def test_a_matched_rank_above_the_layers_width_is_named_in_the_title() -> None:
+    from survey_utils.architecture import layout
+    from survey_utils.zoo import load_config
+
+    explorer = DensityExplorer(model="bert-base-uncased", method="diff_pruning")
+    width = min(min(m.in_features, m.out_features) for m in layout(load_config("bert-base-uncased")).modules
+                if m.name.rsplit(".", 1)[-1] in ("query", "value"))
+    assert explorer.view.reference_rank > width
+    title = explorer.ax_params.get_title()
+    assert f"r = {explorer.view.reference_rank} is above the layers' width {width}" in title
+    renderer = explorer.fig.canvas.get_renderer()
+    box = explorer.ax_params.title.get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= explorer.fig.bbox.x1, f"the two-line title is cut off: {box}"
+    explorer.controls["method"].value = "bitfit"  # a small budget: one line again
+    assert "above the layers' width" not in explorer.ax_params.get_title()
