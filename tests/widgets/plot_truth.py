@@ -402,3 +402,35 @@ def check_qlora_memory(explorer: Any) -> None:
     claim = claims[CLAIM_GB].value
     assert list(explorer.claim_line.get_xdata()) == [claim, claim]
     assert_limits_contain(explorer.ax, xs=[*totals, claim], what="stacks and the claim's line")
+
+
+# --- chapter 09: the lab explorer ----------------------------------------------------------------------------
+def check_lab(explorer: Any) -> None:
+    """Chapter 09's lab explorer: each dot, its name and colour, the right panel's lines, from data/lab/runs.csv."""
+    state = explorer.state
+    if not state["methods"]:
+        assert explorer.error is not None and "no method selected" in explorer.error
+        return
+    assert explorer.error is None
+    expected = sorted((float(r["trainable_pct"]), float(r["test_accuracy"])) for r in explorer.results.runs
+                      if r["size"] == state["size"] and r["task"] == state["task"] and r["phase"] == "grid"
+                      and r["status"] == "ok" and r["method"] in state["methods"])
+    plotted = sorted(tuple(p) for c in explorer.ax_tradeoff.collections for p in c.get_offsets())
+    assert np.allclose(plotted, expected)
+    # each dot's name sits at its dot and names the method whose row it is; the rest of the pool is hidden
+    named = sorted((float(r["trainable_pct"]), float(r["test_accuracy"]), r["method"]) for r in explorer.results.runs
+                   if r["size"] == state["size"] and r["task"] == state["task"] and r["phase"] == "grid"
+                   and r["status"] == "ok" and r["method"] in state["methods"])
+    shown = [t for t in explorer.names if t.get_visible()]
+    assert sorted((*t.get_position(), t.get_text()) for t in shown) == named
+    colours = {tuple(np.round(c, 6)) for c in explorer.dots.get_facecolor()}
+    assert len(colours) == len({explorer.colors[r["chapter"]] for r in explorer.results.grid(state["size"], state["task"])
+                                if r["method"] in state["methods"]})
+    assert_legend_outside(explorer.ax_tradeoff)
+    assert_legend_outside(explorer.ax_scale)
+    check_frame(explorer)
+    assert_limits_contain(explorer.ax_tradeoff, [p[0] for p in plotted], [p[1] for p in plotted], "trade-off dots")
+    for line in explorer.ax_scale.get_lines()[:-1]:  # the last is chance
+        method = line.get_label()
+        rows = [r for r in explorer.results.grid(task=state["task"]) if r["method"] == method]
+        assert list(line.get_ydata()) == [float(r["test_accuracy"]) for r in rows]
