@@ -50,6 +50,12 @@ FRAMES_KEPT = 4
 """Rendered frames an explorer keeps, most recent first: each is a pixel copy of the whole figure (about 3 MB for
 a 10 x 7 in figure at 100 dpi), and four cover a slider nudged both ways across two limit steps."""
 
+RENDER_LOCK = threading.RLock()
+"""Held while an explorer changes or renders its figure, and around its ipympl canvas's own draws: FreeType's
+rasterizer and matplotlib's font cache are shared by every figure and are not thread-safe. In JupyterLab with
+ipykernel 7 a slider's callback and the canvas's draw request (after a resize) can run on different threads; two
+renders at once failed with FT_Render_Glyph "raster overflow" (chapter 07 in the browser test)."""
+
 WORKER_THREAD = "explorer-worker"
 """The name prefix of the threads explorers start for slow work (a simulation); a frame drawn there is left to
 the browser's draw request."""
@@ -84,6 +90,7 @@ class Explorer:
         self.fig.stale_callback = None
         self._output: W.Output | None = None
         if isinstance(self.fig.canvas, W.DOMWidget):
+            _draw_under_render_lock(self.fig.canvas)
             self.fig.canvas.header_visible = False
             self.fig.canvas.toolbar_visible = False
             self.fig.canvas.resizable = False
@@ -164,17 +171,22 @@ class Explorer:
             return
         self.error = None
         self.message.value = ""
-        self.view = view
-        self.draw(view)
-        if self._needs_layout:
-            self.relayout()
-        self.updates += 1
-        self._refresh()
+        with RENDER_LOCK:
+            self.view = view
+            self.draw(view)
+            if self._needs_layout:
+                self.relayout()
+            self.updates += 1
+            self._refresh()
         self.after_frame(view)
 
     def render_frame(self) -> bool:
         """Render the figure into its (Agg) canvas: the frame from its cached pixels when its state is
         unchanged (returns True), else in full (returns False), then the dynamic artists over it."""
+        with RENDER_LOCK:
+            return self._render_frame()
+
+    def _render_frame(self) -> bool:
         canvas = self.fig.canvas
         dynamic = sorted(self.dynamic_artists(), key=lambda a: a.get_zorder())
         key = (self._layout_version, self.frame_key(), frame_state(self.fig, dynamic))
@@ -232,6 +244,17 @@ class Explorer:
         from IPython.display import display
 
         display(self.widget)
+
+
+def _draw_under_render_lock(canvas: Any) -> None:
+    """Make ``canvas.draw`` (what ipympl runs for the browser's draw request) hold :data:`RENDER_LOCK`."""
+    unlocked = canvas.draw
+
+    def draw(*args: Any, **kwargs: Any) -> Any:
+        with RENDER_LOCK:
+            return unlocked(*args, **kwargs)
+
+    canvas.draw = draw
 
 
 def _axis_state(axis: Axis) -> tuple:
