@@ -71,9 +71,13 @@ class LabServer:
         return json.loads(body) if body else None
 
     def shutdown_sessions(self) -> None:
-        """Close every notebook session (and its kernel), so chapters do not share memory or CPU."""
+        """Close every notebook session (and its kernel), so chapters do not share memory or CPU; raise
+        ``RuntimeError`` if a kernel still runs afterwards."""
         for session in self.api("/api/sessions") or []:  # type: ignore[union-attr]
             self.api(f"/api/sessions/{session['id']}", method="DELETE")
+        left = [kernel["id"] for kernel in self.api("/api/kernels") or []]  # type: ignore[union-attr]
+        if left:
+            raise RuntimeError(f"kernels still running after every session was closed: {left}")
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -137,7 +141,12 @@ def start_lab_server(base: Path) -> LabServer:
                "--ServerApp.password=", "--ServerApp.open_browser=False", "--allow-root", "--no-browser",
                f"--LabApp.app_settings_dir={settings}", f"--LabApp.user_settings_dir={base / 'user_settings'}",
                f"--LabApp.workspaces_dir={base / 'workspaces'}", "--LabApp.news_url=None",
-               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+               # LabServer.api's calls come without the page's _xsrf cookie: with the check on, every DELETE of a
+               # session was refused (403) and each chapter's kernel kept running, ten of them by the last chapter
+               "--ServerApp.disable_check_xsrf=True",
+               # window.jupyterapp: the browser test reads the executed notebook (outputs and all) from the page
+               "--LabApp.expose_app_in_browser=True"]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)

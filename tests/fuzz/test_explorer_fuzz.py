@@ -13,7 +13,7 @@ step:
   plot_truth.py``), and where the explorer reuses its frame, a reused frame equals a full render.
 
 These explorers compute more per state (searches, meta-device builds, 65B estimates) than the closed-form ones,
-so they run a tenth of ``FUZZ_EXAMPLES`` each (20 by default; ``FUZZ_EXAMPLES=1000`` gives 100).
+so they run a tenth of ``FUZZ_EXAMPLES`` each, at least 5 (5 by default; ``FUZZ_EXAMPLES=1000`` gives 100).
 
 Found by this fuzz: the design-search explorer's ``compute`` let a NaN, an infinity or ``None`` budget escape as
 ValueError / OverflowError / TypeError; it now refuses them in one line (tested below).
@@ -141,6 +141,7 @@ def test_equal_budget_explorer_fuzz() -> None:
         truth.check_budget)
 
 
+@pytest.mark.xdist_group("comparison_rows")  # beside tests/figures' comparison tests: see SHARES_COMPARISON_ROWS there
 def test_comparison_explorer_fuzz() -> None:
     from survey_utils.figures.explorer import ComparisonExplorer
 

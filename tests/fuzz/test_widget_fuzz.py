@@ -136,7 +136,8 @@ def test_method_explorer_fuzz() -> None:
     def fuzz(counter: Counter, data: st.DataObject) -> None:
         counter()
         # A few methods per explorer, drawn: one with all ~50 took ~6 s to build and lay out per example (its
-        # comparison panel has a bar each), 10 CPU minutes at 100 examples. Across examples every method is drawn.
+        # comparison panel has a bar each), 10 CPU minutes at 100 examples. Across a run's examples most methods are
+        # shown, and the compute() steps draw from all of them.
         shown = data.draw(st.lists(st.sampled_from(METHODS), max_size=5, unique=True), label="methods shown")
         shown = ["lora", *(m for m in shown if m != "lora")]
         with fresh(MethodExplorer, shown, models=MODELS, model="llama-2-7b", method="lora") as explorer:

@@ -1,4 +1,5 @@
-"""Hybrids (chapter 05): every composition in the registry is its parts plus its own extras, on the whole zoo.
+"""Hybrids (chapter 05): every composition in the registry is its parts plus its own extras, on the zoo
+(less the bigger configs of walked families, ``tests/conftest.py``'s ``SAME_FAMILY_AS``).
 
 The registry drives these tests: a method built by ``compose`` (``Method.parts`` not empty) joins them by
 registering. Its extras (gates, learned scales) are measured as the built hybrid minus the same parts composed
@@ -20,8 +21,8 @@ from survey_utils.methods.composition import Part, compose
 from survey_utils.methods.hybrid import S4, S4_STRATEGIES, s4_groups, spindle_sizes
 from survey_utils.methods.registry import NOT_PLACED, Method, Taxonomy
 from survey_utils.parity import example_inputs, forward
-from survey_utils.zoo import build_model, list_models, load_config
-from tests.conftest import TINY
+from survey_utils.zoo import build_model, load_config
+from tests.conftest import MATRIX_MODELS, TINY
 
 HYBRIDS = [m for m in list_methods() if m.parts]
 CHECKED = HYBRIDS  # every composition (S4 included) registered by chapter 05
@@ -56,7 +57,7 @@ def test_the_chapter_registers_hybrids() -> None:
     assert {m.chapter for m in HYBRIDS} >= {"05_hybrid_unified"} and len(HYBRIDS) >= 4
 
 
-@pytest.mark.parametrize("model", list_models())
+@pytest.mark.parametrize("model", MATRIX_MODELS)
 @pytest.mark.parametrize("method", CHECKED, ids=_ids(CHECKED))
 def test_count_is_the_parts_plus_the_extras(method: Method, model: str) -> None:
     config = load_config(model)

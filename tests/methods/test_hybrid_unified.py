@@ -1,9 +1,10 @@
 """Xu et al.'s unified methods of chapter 05: ProPETL, AdaMix, SparseAdapter.
 
-Neither peft nor AdapterHub has them, so the count is checked two ways (closed form, built model) on the whole zoo;
-the real-tensor checks are the issue's: identity at init, AdaMix's averaged module is the mean of its experts,
-ProPETL's layers share one prototype's storage (stored bytes counted, not just parameters), SparseAdapter's pruned
-entries stay zero; and the memory estimate against the fake-tensor simulation.
+Neither peft nor AdapterHub has them, so the count is checked two ways (closed form, built model) on the zoo (less
+the bigger configs of walked families, ``tests/conftest.py``'s ``SAME_FAMILY_AS``); the real-tensor checks are
+the issue's: identity at init, AdaMix's averaged module is the mean of its experts, ProPETL's layers share one
+prototype's storage (stored bytes counted, not just parameters), SparseAdapter's pruned entries stay zero; and the memory
+estimate against the fake-tensor simulation.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from survey_utils.methods import get_method
 from survey_utils.methods.hybrid import ADAMIX, PROPETL, SPARSE_ADAPTER, propetl_stored_bytes, sparse_kept
 from survey_utils.methods.registry import Method
 from survey_utils.parity import example_inputs, forward
-from survey_utils.zoo import build_model, list_models, load_config
-from tests.conftest import TINY
+from survey_utils.zoo import build_model, load_config
+from tests.conftest import MATRIX_MODELS, TINY
 
 UNIFIED = [PROPETL, ADAMIX, SPARSE_ADAPTER]
 
@@ -42,7 +43,7 @@ def test_registered_in_chapter_05() -> None:
         assert method.taxonomy.xu == "unified" and method.peft_config is None
 
 
-@pytest.mark.parametrize("model", list_models())
+@pytest.mark.parametrize("model", MATRIX_MODELS)
 @pytest.mark.parametrize("method", UNIFIED, ids=_ids(UNIFIED))
 def test_closed_form_equals_the_built_model(method: Method, model: str) -> None:
     config = load_config(model)

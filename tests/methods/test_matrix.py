@@ -8,39 +8,27 @@ method's own HyperParam specs.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from survey_utils.architecture import layout
+from survey_utils.architecture import layout, total_params
 from survey_utils.counting import closed_form, count, count_parameters, peft_model
 from survey_utils.errors import SurveyError
 from survey_utils.methods import list_methods
 from survey_utils.methods.registry import HyperParam, Method
 from survey_utils.targeting import num_blocks
 from survey_utils.zoo import build_model, list_models, load_config
-from tests.conftest import REPRESENTATIVES, TINY
+from tests.conftest import MATRIX_MODELS, REPRESENTATIVES, SAME_FAMILY_AS, TINY
 
 METHODS = list_methods()
 PEFT_METHODS = [m for m in METHODS if m.peft_config is not None]
 
-# Zoo configs the per-method matrix leaves out: each is a bigger config of a family another zoo model already walks
-# here (the same transformers class, so the same module names and the same code in every method's apply and closed
-# form; what differs is sizes, which the layout reads from the config). Building each on meta once per registered
-# method is what costs: issue 12's six added configs took 288 cases and 45 s of CPU (52.7 s with collection, load
-# average 4.8 on 2 cores), against a CI budget of 20 minutes that is nearly spent. They are still counted exactly:
-# tests/test_zoo.py (total against the published one), tests/test_generic_layout.py and tests/test_snapshots.py
-# (layout against the meta build, module by module), tests/test_architecture.py (names and shapes). The tiny MoE
-# (tiny-mixtral) does walk the matrix, and peft parity too: real tensors, a router and fused experts (15 s of CPU).
-SAME_FAMILY_AS = {
-    "llama-3.2-1b": "llama-2-7b",  # llama: head_dim and tied embeddings are config values the hand layout reads
-    "llama-3.2-3b": "llama-2-7b",
-    "gemma-2-9b": "gemma-2-2b",
-    "qwen3-8b": "qwen3-0.6b",
-    "mt5-base": "mt0-large",
-    "gpt-neox-20b": "pythia-1b",
-}
-MATRIX_MODELS = [m for m in list_models() if m not in SAME_FAMILY_AS]
+# MATRIX_MODELS: the zoo less the bigger configs of families walked here (tests/conftest.py's SAME_FAMILY_AS says why
+# and where they are counted instead). The tiny MoE (tiny-mixtral) does walk the matrix, and peft parity too: real
+# tensors, a router and fused experts (15 s of CPU).
 # peft parity on the tiny real-tensor configs, the mixture-of-experts one included (routers and fused experts).
 PEFT_MODELS = [*REPRESENTATIVES, "tiny-mixtral"]
 
@@ -88,12 +76,38 @@ def test_closed_form_equals_peft(method: Method, model: str) -> None:
     assert (formula.trainable, _peft_total(formula.total, method, model)) == (peft_count.trainable, peft_count.total)
 
 
-def test_each_config_left_out_has_its_family_in_the_matrix() -> None:
-    """``SAME_FAMILY_AS``: a config left out of the matrix names a walked zoo model of its model type and class."""
+def structure(model: str) -> tuple:
+    """What a method's apply and closed form see of a config, sizes aside: its class, and each module (layer index
+    replaced by ``*``) with its kind, component, parameter names, tying, mixture-of-experts part and, for a linear,
+    which of the config's named sizes its in and out features equal."""
+    config = load_config(model)
+    shape = layout(config)
+    named = {"hidden": shape.hidden_size, "heads x head_dim": shape.num_heads * shape.head_dim,
+             "kv heads x head_dim": shape.num_kv_heads * shape.head_dim, "intermediate": shape.intermediate_size,
+             "vocab": shape.vocab_size}
+
+    def size(n: int) -> tuple[str, ...]:
+        return tuple(sorted(k for k, v in named.items() if v == n)) or ("none",)
+
+    def unnumbered(name: str | None) -> str | None:
+        return re.sub(r"\.\d+\.", ".*.", name) if name else name
+
+    modules = frozenset(
+        (unnumbered(m.name), m.kind, m.component, tuple(p for p, _ in m.params), unnumbered(m.tied_to), m.moe,
+         *((size(m.in_features), size(m.out_features)) if m.kind in ("linear", "conv1d") else ()))
+        for m in shape.modules)
+    return config.model_type, tuple(config.architectures or ()), shape.is_encoder_decoder, modules
+
+
+def test_each_config_left_out_has_its_twin_in_the_matrix() -> None:
+    """``SAME_FAMILY_AS``: a config left out of the matrix names a walked zoo config of the same structure (see
+    :func:`structure`) to which the same registered methods apply, and no smaller config of it is left out instead."""
     for name, walked in SAME_FAMILY_AS.items():
-        left_out, kept = load_config(name), load_config(walked)
         assert name in list_models() and walked in MATRIX_MODELS, name
-        assert (left_out.model_type, left_out.architectures) == (kept.model_type, kept.architectures), name
+        assert structure(name) == structure(walked), f"{name} and {walked} differ in structure"
+        differ = [m.name for m in METHODS if _succeeds(m, name) != _succeeds(m, walked)]
+        assert not differ, f"{name} and {walked}: these methods apply to one and not the other: {differ}"
+        assert total_params(load_config(walked)) <= total_params(load_config(name)), f"{walked} is the bigger"
 
 
 def test_every_method_applies_somewhere() -> None:

@@ -193,21 +193,30 @@ def test_ia3_default_targets_are_peft_s() -> None:
         "survey_utils/methods/peft_mappings.py")
 
 
+# Hyper-parameters that only size a scoring pass inside ``apply`` (FISH mask's and Child-tuning's Fisher examples,
+# LT-SFT's first full fine-tuning): the layers it leaves behind are the same whatever the size, and at the defaults
+# (1024 backward passes each, 100 AdamW steps) fish_mask and child_tuning took 60 s each here, a tenth of the suite's
+# CPU. tests/methods/test_selective.py checks what the scores select.
+SCORING_PASS_SIZES = {"num_samples": 4, "full_ft_steps": 4}
+
+
 @pytest.mark.parametrize("method", [m.name for m in list_methods()])
 def test_every_method_runs_forward_and_merged_on_the_odd_tiny_models(method: str) -> None:
     """Applied at its defaults with real tensors, a method's model runs a forward pass, and again after merging
     where it merges, on the two architectures whose layers are odd (T5 reads ``wo.weight``'s dtype, GPT-2 has
-    Conv1D): wrappers must behave like the layers they wrap. Llama and BERT are run by the parity tests."""
+    Conv1D): wrappers must behave like the layers they wrap. Llama and BERT are run by the parity tests. A scoring
+    pass run inside ``apply`` gets a few examples or steps (``SCORING_PASS_SIZES``), not its default."""
     from survey_utils.counting import apply_method
     from survey_utils.methods.common import merge
     from survey_utils.parity import example_inputs, forward
     from survey_utils.zoo import build_model
 
     registered = get_method(method)
+    scoring = {k: v for k, v in SCORING_PASS_SIZES.items() if k in {h.name for h in registered.hyperparams}}
     ran = 0
     for model in ("tiny-gpt2", "tiny-t5"):
         try:
-            built = apply_method(build_model(model, device="cpu", seed=0), registered)
+            built = apply_method(build_model(model, device="cpu", seed=0), registered, **scoring)
         except SurveyError:
             continue
         built.eval()
