@@ -4,10 +4,12 @@ For each chapter's explorer (00 to 09; chapter 06 has two) this moves its main s
 and down by one step, as the browser benchmark does, then across its range) and times, per move:
 
 - ``update``: the callback's compute and artist updates (``Explorer.update`` without sending the frame);
-- ``full``: a full Agg render of the figure plus the PNG diff ipympl sends (what every move cost before
-  issue 19's change, and what a move that changes the frame, e.g. an axis limit, still costs);
+- ``full``: a full Agg render of the figure plus the PNG diff ipympl sends, at matplotlib's zlib level 6 (what
+  every move cost before issue 19's changes; a move that changes the frame, e.g. an axis limit, still renders
+  in full);
 - ``frame``: what a move costs now (``Explorer.render_frame``: the cached frame restored and the dynamic
-  artists drawn, or a full render when the frame changed) plus the PNG diff;
+  artists drawn, or a full render when the frame changed) plus the PNG diff at ``FRAME_PNG_LEVEL``;
+- ``png 6 -> 1``: that PNG diff's encoding alone, at matplotlib's level and at ours;
 
 and prints p50 / p95 of each, and how many moves reused the frame. It runs on Agg, without a browser: the
 browser's share (message round trips, PNG decode, canvas paint) is in ``benchmarks/browser_latency.py``. The
@@ -36,6 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402  (after the backend is chosen)
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from survey_utils.widgets.base import FRAME_PNG_LEVEL  # noqa: E402
+
+MATPLOTLIB_PNG_LEVEL = 6  # PIL's default zlib level, which matplotlib's web canvas encodes at
 
 
 def _explorers() -> dict[str, Callable[[], tuple[object, object, list[int]]]]:
@@ -114,17 +120,22 @@ def _explorers() -> dict[str, Callable[[], tuple[object, object, list[int]]]]:
 
 
 class _Png:
-    """ipympl's diff PNG (webagg's get_diff_image): changed pixels against the last frame sent."""
+    """ipympl's diff PNG (webagg's get_diff_image): changed pixels against the last frame sent, at zlib ``level``."""
 
-    def __init__(self) -> None:
+    def __init__(self, level: int) -> None:
         self.last = None
+        self.level = level
+        self.seconds: list[float] = []  # the encoding alone, per frame
 
     def __call__(self, canvas: FigureCanvasAgg) -> int:
         buff = np.asarray(canvas.get_renderer().buffer_rgba()).view(np.uint32).squeeze(2)
         output = buff if self.last is None or self.last.shape != buff.shape else np.where(buff != self.last, buff, 0)
         self.last = buff.copy()
+        start = time.perf_counter()
         with io.BytesIO() as png:
-            Image.fromarray(output.view(np.uint8).reshape((*output.shape, 4))).save(png, format="png")
+            Image.fromarray(output.view(np.uint8).reshape((*output.shape, 4))).save(png, format="png",
+                                                                                   compress_level=self.level)
+            self.seconds.append(time.perf_counter() - start)
             return len(png.getvalue())
 
 
@@ -157,7 +168,7 @@ def measure(make: Callable[[], tuple[object, object, list[int]]], moves: int) ->
     explorer.render_frame()
     values = _nudges(slider, moves) + sweep[:moves]
     times: dict[str, list[float]] = {"update": [], "full": [], "frame": []}
-    blits, png_full, png_frame = 0, _Png(), _Png()
+    blits, png_full, png_frame, png_old = 0, _Png(MATPLOTLIB_PNG_LEVEL), _Png(FRAME_PNG_LEVEL), _Png(MATPLOTLIB_PNG_LEVEL)
     for value in values:
         t0 = time.perf_counter()
         slider.value = value
@@ -168,10 +179,12 @@ def measure(make: Callable[[], tuple[object, object, list[int]]], moves: int) ->
         blits += explorer.render_frame()  # the new path (its cache follows the moves as in a session)
         png_frame(canvas)
         t3 = time.perf_counter()
+        png_old(canvas)
         times["update"].append(t1 - t0)
         times["full"].append(t2 - t1)
         times["frame"].append(t3 - t2)
-    return {**times, "blits": blits, "moves": len(values)}
+    return {**times, "png matplotlib": png_old.seconds, "png ours": png_frame.seconds, "blits": blits,
+            "moves": len(values)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         result = measure(make, args.moves)
         print(f"{name:<30} update {_ms(result['update'])} | full render {_ms(result['full'])} | "
-              f"frame reused or rendered {_ms(result['frame'])} | reused {result['blits']}/{result['moves']}",
+              f"frame reused or rendered {_ms(result['frame'])} | reused {result['blits']}/{result['moves']} | "
+              f"png level {MATPLOTLIB_PNG_LEVEL} {_ms(result['png matplotlib'])} -> level {FRAME_PNG_LEVEL} "
+              f"{_ms(result['png ours'])}",
               flush=True)
     return 0
 

@@ -28,15 +28,18 @@ import html
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from io import BytesIO
 from typing import Any
 
 import ipywidgets as W
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.artist import Artist
 from matplotlib.axis import Axis
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator
+from PIL import Image
 
 from survey_utils.errors import SurveyError
 from survey_utils.plotting import apply_style
@@ -55,6 +58,12 @@ RENDER_LOCK = threading.RLock()
 rasterizer and matplotlib's font cache are shared by every figure and are not thread-safe. In JupyterLab with
 ipykernel 7 a slider's callback and the canvas's draw request (after a resize) can run on different threads; two
 renders at once failed with FT_Render_Glyph "raster overflow" (chapter 07 in the browser test)."""
+
+FRAME_PNG_LEVEL = 1
+"""zlib level of the PNG frames an ipympl canvas sends the browser. matplotlib's web canvas encodes at PIL's default,
+6, where most of the cost is zlib's search: a 1000 x 380 px diff with no pixel changed took 25 ms at level 6 and
+10 ms at 1 (a changed full frame 58 ms and 39 ms; ``benchmarks/explorer_redraw.py`` prints both per chapter). The
+image is lossless either way; level 1's is a few KB larger, sent over a local socket."""
 
 WORKER_THREAD = "explorer-worker"
 """The name prefix of the threads explorers start for slow work (a simulation); a frame drawn there is left to
@@ -91,6 +100,7 @@ class Explorer:
         self._output: W.Output | None = None
         if isinstance(self.fig.canvas, W.DOMWidget):
             _draw_under_render_lock(self.fig.canvas)
+            self.fig.canvas.get_diff_image = lambda: frame_png(self.fig.canvas)
             self.fig.canvas.header_visible = False
             self.fig.canvas.toolbar_visible = False
             self.fig.canvas.resizable = False
@@ -255,6 +265,31 @@ def _draw_under_render_lock(canvas: Any) -> None:
             return unlocked(*args, **kwargs)
 
     canvas.draw = draw
+
+
+def frame_png(canvas: Any, level: int = FRAME_PNG_LEVEL) -> bytes | None:
+    """The PNG an ipympl canvas sends for its current buffer: matplotlib's ``get_diff_image`` (webagg), encoded at
+    zlib ``level`` (:data:`FRAME_PNG_LEVEL`). As there, it is ``None`` while the last image sent is current;
+    otherwise the full buffer (first frame, new size, a transparent pixel, or a forced full frame: image mode
+    "full") or the buffer where it differs from the last one sent and transparent black elsewhere (image mode
+    "diff", which the browser draws over its last frame); the buffer is kept for the next diff.
+    ``tests/widgets/test_frame_png.py`` checks it decodes to matplotlib's own image, in the same mode."""
+    if not canvas._png_is_old:
+        return None
+    pixels = np.asarray(canvas.get_renderer().buffer_rgba())
+    buffer = pixels.view(np.uint32).squeeze(2)  # one uint32 a pixel: the whole pixel compares in one operation
+    if canvas._force_full or buffer.shape != canvas._last_buff.shape or (pixels[:, :, 3] != 255).any():
+        canvas.set_image_mode("full")
+        output = buffer
+    else:
+        canvas.set_image_mode("diff")
+        output = np.where(buffer != canvas._last_buff, buffer, 0)
+    canvas._last_buff = buffer.copy()
+    canvas._force_full = False
+    canvas._png_is_old = False
+    with BytesIO() as png:
+        Image.fromarray(output.view(np.uint8).reshape((*output.shape, 4))).save(png, format="png", compress_level=level)
+        return png.getvalue()
 
 
 def _axis_state(axis: Axis) -> tuple:

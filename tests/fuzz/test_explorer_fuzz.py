@@ -1,10 +1,11 @@
-"""Fuzz the explorers of chapters 01, 03, 05, 06, 07 and 08 with their plot-truth checks (issue 19).
+"""Fuzz the explorers of chapters 01, 03, 05, 06, 07, 08 and 09 with their plot-truth checks (issue 19).
 
 tests/fuzz/test_widget_fuzz.py and test_prompt_widget_fuzz.py cover the method, memory and prompt-length
 explorers; this file covers every other explorer. One explorer per test lives through all examples, as a
 reader's does. Each example moves one to three of its controls to random values (sliders and boxes in range,
-at the ends and far outside, which ipywidgets clamps; dropdowns over their options; the feasibility map's
-memory box with valid and invalid texts), or calls ``compute(...)`` with a value no control offers. After each
+at the ends and far outside, which ipywidgets clamps; dropdowns and selection sliders over their options; a
+multiple selection over its subsets, the empty one included; the feasibility map's memory box with valid and
+invalid texts), or calls ``compute(...)`` with a value no control offers. After each
 step:
 
 - nothing escapes but a one-line ``SurveyError``, shown in the message area, and an invalid setting keeps the
@@ -61,6 +62,11 @@ def control_value(data: st.DataObject, control: W.Widget) -> Any:
         return data.draw(st.one_of(st.floats(control.min, control.max), st.floats(-1e6, 1e6)), label="float")
     if isinstance(control, W.Checkbox):
         return data.draw(st.booleans(), label="bool")
+    if isinstance(control, W.SelectMultiple):  # any subset, in any order, the empty one included
+        return tuple(data.draw(st.lists(st.sampled_from(control.options), unique=True, max_size=len(control.options)),
+                               label="selection"))
+    if isinstance(control, W.SelectionSlider):
+        return data.draw(st.sampled_from(control.options), label="stop")
     if isinstance(control, W.Dropdown):
         values = [o[1] if isinstance(o, tuple) else o for o in control.options]
         return data.draw(st.sampled_from(values), label="choice")
@@ -194,6 +200,32 @@ def test_qlora_memory_explorer_fuzz() -> None:
 
     fuzz_explorer("QLoRAMemoryExplorer", lambda: QLoRAMemoryExplorer(["llama-65b", "llama-2-7b", "tiny-llama"]),
                   truth.check_qlora_memory)
+
+
+def test_lab_explorer_fuzz() -> None:
+    """Chapter 09: a state costs a few ms (the committed runs, read once), but a new explorer and its full
+    renders about 2 s an example (99 s at 50), so it runs the slow explorers' count like the others here."""
+    from survey_utils.experiments import ch09_lab
+    from survey_utils.widgets.lab import LabExplorer
+
+    results = ch09_lab.load()
+    fuzz_explorer("LabExplorer", lambda: LabExplorer(results), truth.check_lab)
+
+
+@pytest.mark.parametrize("key, value, named", [("size", "lab-xl", "lab-xl"), ("task", "sentiments", "sentiments"),
+                                               ("methods", (), "no method selected")])
+def test_lab_explorer_compute_refuses_in_one_line(key: str, value: Any, named: str) -> None:
+    """The lab explorer's state has no number for the fuzz's wild values: its text values are tried here."""
+    from survey_utils.experiments import ch09_lab
+    from survey_utils.widgets.lab import LabExplorer
+
+    explorer = LabExplorer(ch09_lab.load())
+    try:
+        with pytest.raises(SurveyError, match=named) as refused:
+            explorer.compute(**{**explorer.state, key: value})
+        assert "\n" not in str(refused.value)
+    finally:
+        plt.close(explorer.fig)
 
 
 def test_task_scaling_explorer_fuzz() -> None:

@@ -108,7 +108,8 @@ def test_poly_refuses_conv1d_and_splits_that_do_not_divide() -> None:
     ("tiny-bert", "attempt", {"num_sources": 3, "num_virtual_tokens": 20}),
     ("tiny-llama", "xlora", {}),
     ("tiny-gpt2", "xlora", {"num_adapters": 4, "layerwise_scalings": True}),
-])  # not LoRAHub: the simulation runs a backward pass, and LoRAHub's gradient-free search never does
+    ("tiny-llama", "lorahub", {}),  # gradient-free: both sides model a forward-only step (Method.gradient_free)
+])
 def test_estimate_within_five_percent_of_the_simulation(model: str, method: str, hp: dict) -> None:
     est = estimate(model, method, hp, device="cpu", batch_size=2, seq_len=128)
     sim = simulate(model, method, hp, batch_size=2, seq_len=128)
