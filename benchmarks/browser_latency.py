@@ -92,10 +92,12 @@ _MARK = """([wanted]) => {
   const label = s => (s.querySelector('.widget-label')?.textContent || '').trim();
   const ordered = [...sliders.filter(s => wanted && label(s).startsWith(wanted)), ...sliders];
   for (const slider of ordered) {
-    // the first figure after the slider that has drawn (a canvas of width 0 has received no image yet)
-    const figure = figures.find(f => (slider.compareDocumentPosition(f) & Node.DOCUMENT_POSITION_FOLLOWING)
-        && f.querySelector('canvas')?.width > 0);
+    // the slider's own figure: the first after it. Until it has drawn (a canvas of width 0 has received no image
+    // yet) the caller asks again; taking the next figure that has drawn instead timed a figure the slider does not
+    // change (chapter 06: 'no redraw measured' once in three runs)
+    const figure = figures.find(f => slider.compareDocumentPosition(f) & Node.DOCUMENT_POSITION_FOLLOWING);
     if (!figure) continue;
+    if (!(figure.querySelector('canvas')?.width > 0)) return null;
     document.querySelectorAll('[data-latency]').forEach(e => e.removeAttribute('data-latency'));
     slider.querySelector('.noUi-handle').setAttribute('data-latency', 'slider');
     figure.querySelector('canvas').setAttribute('data-latency', 'canvas');
