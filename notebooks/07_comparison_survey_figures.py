@@ -109,7 +109,10 @@ side_by_side("lialin_venn")
 # - **backprop**: whether gradients flow through the backbone (`Method.backprop_through_backbone`);
 # - **inference overhead**: extra FLOPs of a forward pass *after merging*, counted by torch's `FlopCounterMode`
 #   on the tiny model of the same architecture, and the extra latency from `benchmarks/inference_overhead.py`
-#   (`data/inference_overhead.csv`; latency is noisy, so it is measured by the benchmark, never in the figure);
+#   (`data/inference_overhead.csv`; latency is noisy, so it is measured by the benchmark, never in the figure).
+#   The column is shown when the methods whose merged model is the base model itself (no extra FLOPs, base
+#   weights unquantized) agree within 5%: that spread is the noise. A quantized base (QLoRA, LoftQ, QA-LoRA,
+#   PEQA) adds no counted FLOPs yet is slower, because it dequantizes its weights at every forward pass;
 # - **% trainable** and **% changed**, both of the base model's parameters.
 #
 # The % changed comes from the model built on `meta`: apply the method, call `merge()`, and see which base

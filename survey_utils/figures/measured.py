@@ -79,6 +79,7 @@ class ComparisonRow:
     backprop_through_backbone: bool | None = None
     extra_flops_pct: float | None = None
     extra_latency_pct: float | None = None
+    base_quantized: bool = False  # Method.base_quantization: the merged model dequantizes its base at every forward
     trainable_pct: float | None = None
     changed_pct: float | None = None
     error: str | None = None
@@ -278,6 +279,7 @@ def comparison_rows(setting: Setting = TABLE_SETTING, flops: str = "measure") ->
             method=method.name, type=kind, storage_bytes=trainable * DTYPE_BYTES[setting.dtype],
             memory_bytes=memory, backprop_through_backbone=method.backprop_through_backbone,
             extra_flops_pct=extra_flops, extra_latency_pct=bench.get((tiny, method.name), {}).get("latency_overhead_pct"),
+            base_quantized=method.base_quantization is not None,
             trainable_pct=100.0 * trainable / base_total, changed_pct=100.0 * changed / base_total,
             memory_error=memory_error, flops_error=flops_error))
     if full_memory:
@@ -300,8 +302,12 @@ LATENCY_NOISE_LIMIT_PCT = 5.0
 
 
 def latency_noise(rows: list[ComparisonRow]) -> tuple[float, float] | None:
-    """The spread of latency overheads among methods with no extra FLOPs, or None if none was measured."""
-    floor = [r.extra_latency_pct for r in rows if r.extra_flops_pct == 0 and r.extra_latency_pct is not None]
+    """The spread of latency overheads among methods whose merged model runs the base model's graph on the base
+    model's weights (no extra FLOPs, base not quantized), or None if none was measured. A quantized base (QLoRA,
+    LoftQ, QA-LoRA, PEQA) counts no extra FLOPs (FlopCounterMode counts matrix products, not dequantization) but
+    dequantizes its weights at every forward: its overhead (+12% to +88% in the CSV) is real, not noise."""
+    floor = [r.extra_latency_pct for r in rows
+             if r.extra_flops_pct == 0 and not r.base_quantized and r.extra_latency_pct is not None]
     return (min(floor), max(floor)) if floor else None
 
 
@@ -327,7 +333,7 @@ def table_cells(rows: list[ComparisonRow]) -> tuple[list[str], list[list[str]]]:
             "yes" if r.backprop_through_backbone else "no",
             "n/a (note)" if r.extra_flops_pct is None else ("none" if abs(r.extra_flops_pct) < 1e-9
                                                      else f"+{r.extra_flops_pct:.2f}%"),
-            ("not measured" if r.extra_latency_pct is None else f"{r.extra_latency_pct:+.1f}%")
+            ("not measured (note)" if r.extra_latency_pct is None else f"{r.extra_latency_pct:+.1f}%")
             if show_latency else "noisy (note)",
             _pct(r.trainable_pct), _pct(r.changed_pct)])
     return header, cells
@@ -350,9 +356,15 @@ def table_notes(rows: list[ComparisonRow]) -> list[str]:
         notes.append("extra latency: not measured for this architecture's tiny model "
                      "(python benchmarks/inference_overhead.py writes data/inference_overhead.csv)")
     elif not latency_trustworthy(rows):
-        notes.append(f"extra latency 'noisy': methods with no extra FLOPs (the base model's graph) measured "
+        notes.append(f"extra latency 'noisy': methods with no extra FLOPs and an unquantized base (the base model's "
+                     f"graph on its own weights) measured "
                      f"{noise[0]:+.0f}% to {noise[1]:+.0f}%, beyond the {LATENCY_NOISE_LIMIT_PCT:.0f}% noise limit; "
                      "rerun benchmarks/inference_overhead.py on a quiet machine")
+    else:
+        unmeasured = [r.method for r in rows if not r.error and r.extra_latency_pct is None]
+        if unmeasured:
+            notes.append(f"extra latency 'not measured' ({', '.join(unmeasured)}): no row in "
+                         "data/inference_overhead.csv (the benchmark skips a method its tiny model rejects)")
     return notes
 
 
@@ -393,11 +405,16 @@ def lialin_comparison(out_dir: Path, setting: Setting = TABLE_SETTING) -> list[P
     errors = " ".join(f"{r.method}: {r.error}." for r in rows if r.error)
     noise = latency_noise(rows)
     if noise is not None and not latency_trustworthy(rows):
-        errors += (f" Latency not shown: methods with no extra FLOPs (same graph as the base model) measured "
+        errors += (f" Latency not shown: methods with no extra FLOPs and an unquantized base (the base model's graph "
+                   f"on its own weights) measured "
                    f"{noise[0]:+.0f}% to {noise[1]:+.0f}%, beyond the {LATENCY_NOISE_LIMIT_PCT:.0f}% noise limit; "
                    "rerun benchmarks/inference_overhead.py on a quiet machine (raw values in the CSV).")
     elif noise is not None:
-        errors += f" Latency noise floor: {noise[0]:+.1f}% to {noise[1]:+.1f}%."
+        errors += (f" Latency noise floor (methods with no extra FLOPs and an unquantized base): {noise[0]:+.1f}% to "
+                   f"{noise[1]:+.1f}%; a quantized base dequantizes at every forward.")
+        unmeasured = [r.method for r in rows if not r.error and r.extra_latency_pct is None]
+        if unmeasured:
+            errors += f" Latency not measured: {', '.join(unmeasured)} (no row for {tiny}: rejected at its defaults)."
     flops_na = [r.method for r in rows if not r.error and r.extra_flops_pct is None]
     if flops_na:
         errors += f" Extra FLOPs n/a: {', '.join(flops_na)} rejects {tiny} at its defaults."

@@ -139,3 +139,18 @@ def test_comparison_explorer_redraws_when_a_control_changes() -> None:
     lora_bar = explorer.pct_bars[explorer.methods.index("lora")]
     assert lora_bar.get_width() == pytest.approx(after["lora"].trainable_pct)
     assert "<table" in explorer.table.value and "lora" in explorer.table.value
+
+
+def test_a_quantized_base_is_not_latency_noise() -> None:
+    """The noise floor is read from merged models that run the base graph on the base weights: a quantized base
+    (no extra FLOPs counted, but dequantized at every forward) has a real overhead and stays out of it."""
+    plain = measured.ComparisonRow("a", "R", extra_flops_pct=0.0, extra_latency_pct=2.0)
+    quantized = measured.ComparisonRow("b", "-", extra_flops_pct=0.0, extra_latency_pct=85.0, base_quantized=True)
+    adapter = measured.ComparisonRow("c", "A", extra_flops_pct=1.0, extra_latency_pct=12.0)
+    assert measured.latency_noise([plain, quantized, adapter]) == (2.0, 2.0)
+    assert measured.latency_trustworthy([plain, quantized, adapter])
+    unflagged = measured.ComparisonRow("b", "-", extra_flops_pct=0.0, extra_latency_pct=85.0)
+    assert not measured.latency_trustworthy([plain, unflagged])
+    rows = measured.comparison_rows(measured.Setting(model="roberta-base"), flops="csv")
+    assert {r.method for r in rows if r.base_quantized} == {m.name for m in list_methods()
+                                                            if m.base_quantization is not None}
