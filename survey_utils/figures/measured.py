@@ -311,6 +311,11 @@ def latency_noise(rows: list[ComparisonRow]) -> tuple[float, float] | None:
     return (min(floor), max(floor)) if floor else None
 
 
+def latency_unmeasured(rows: list[ComparisonRow]) -> list[str]:
+    """Methods with a row but no latency: ``data/inference_overhead.csv`` has no line for them on the tiny model."""
+    return [r.method for r in rows if not r.error and r.extra_latency_pct is None]
+
+
 def latency_trustworthy(rows: list[ComparisonRow]) -> bool:
     noise = latency_noise(rows)
     return noise is not None and max(abs(noise[0]), abs(noise[1])) <= LATENCY_NOISE_LIMIT_PCT
@@ -360,11 +365,9 @@ def table_notes(rows: list[ComparisonRow]) -> list[str]:
                      f"graph on its own weights) measured "
                      f"{noise[0]:+.0f}% to {noise[1]:+.0f}%, beyond the {LATENCY_NOISE_LIMIT_PCT:.0f}% noise limit; "
                      "rerun benchmarks/inference_overhead.py on a quiet machine")
-    else:
-        unmeasured = [r.method for r in rows if not r.error and r.extra_latency_pct is None]
-        if unmeasured:
-            notes.append(f"extra latency 'not measured' ({', '.join(unmeasured)}): no row in "
-                         "data/inference_overhead.csv (the benchmark skips a method its tiny model rejects)")
+    elif unmeasured := latency_unmeasured(rows):
+        notes.append(f"extra latency 'not measured' ({', '.join(unmeasured)}): no row in "
+                     "data/inference_overhead.csv (the benchmark skips a method its tiny model rejects)")
     return notes
 
 
@@ -412,8 +415,7 @@ def lialin_comparison(out_dir: Path, setting: Setting = TABLE_SETTING) -> list[P
     elif noise is not None:
         errors += (f" Latency noise floor (methods with no extra FLOPs and an unquantized base): {noise[0]:+.1f}% to "
                    f"{noise[1]:+.1f}%; a quantized base dequantizes at every forward.")
-        unmeasured = [r.method for r in rows if not r.error and r.extra_latency_pct is None]
-        if unmeasured:
+        if unmeasured := latency_unmeasured(rows):
             errors += f" Latency not measured: {', '.join(unmeasured)} (no row for {tiny}: rejected at its defaults)."
     flops_na = [r.method for r in rows if not r.error and r.extra_flops_pct is None]
     if flops_na:

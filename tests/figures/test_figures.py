@@ -151,6 +151,9 @@ def test_a_quantized_base_is_not_latency_noise() -> None:
     assert measured.latency_trustworthy([plain, quantized, adapter])
     unflagged = measured.ComparisonRow("b", "-", extra_flops_pct=0.0, extra_latency_pct=85.0)
     assert not measured.latency_trustworthy([plain, unflagged])
+    missing = measured.ComparisonRow("d", "A", extra_flops_pct=1.0)  # no line in the CSV: its cell says why
+    assert measured.latency_unmeasured([plain, missing]) == ["d"]
+    assert any(note.startswith("extra latency 'not measured' (d)") for note in measured.table_notes([plain, missing]))
     rows = measured.comparison_rows(measured.Setting(model="roberta-base"), flops="csv")
     assert {r.method for r in rows if r.base_quantized} == {m.name for m in list_methods()
                                                             if m.base_quantization is not None}
